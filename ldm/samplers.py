@@ -1,0 +1,218 @@
+"""Samplers: short functions over a denoiser ``model(x, sigma) -> x0`` and a descending sigma list.
+
+Every function has the form ``sample_x(model, x, sigmas, generator=None, callback=None, **options) -> x`` where
+``x`` ``(B, C, H, W)`` is the VE latent at ``sigmas[0]`` and ``sigmas`` ``(n + 1,)`` ends at the level to stop at.
+All noise comes from ``generator``: one ``torch.Generator`` for the batch, or a list with one per batch element
+(so image k of a batch equals the image generated alone from its own seed). ``callback(step, sigma, x, x0)``
+runs after every step; it may return a replacement ``x`` (inpainting re-blends the known region this way).
+The shape follows k-diffusion's ``sampling.py`` (Crowson), the maths the papers cited per function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn from one generator or one generator per batch element."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else x.device
+        return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.cat([randn_like(x[i:i + 1], g) for i, g in enumerate(generator)])
+
+
+def _step_callback(callback, i, sigma, x, x0):
+    """Run the per-step callback; it may hand back a replacement x."""
+    if callback is None:
+        return x
+    replaced = callback(i, sigma, x, x0)
+    return x if replaced is None else replaced
+
+
+def _sigma(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return s.to(x.device).expand(x.shape[0])  # (B,)
+
+
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0):
+    """Split a step from ``sigma`` to ``sigma_next`` into a deterministic part down to ``sigma_down`` and fresh
+    noise of std ``sigma_up``: ``sigma_up = eta * sigma_next * sqrt(sigma^2 - sigma_next^2) / sigma``. This is the
+    DDIM noise level ``sigma_t(eta)`` (Song et al. 2021, eq. 16) seen in VE variables."""
+    if sigma_next == 0 or eta == 0:
+        return sigma_next, torch.zeros_like(sigma_next)
+    sigma_up = torch.minimum(sigma_next, eta * sigma_next * (sigma**2 - sigma_next**2).sqrt() / sigma)
+    return (sigma_next**2 - sigma_up**2).sqrt(), sigma_up
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, generator=None, callback=None):
+    """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma``
+    (Karras et al. 2022, Algorithm 2 without the second-order correction). First order."""
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, _sigma(sigmas[i], x))
+        d = (x - x0) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+        x = _step_callback(callback, i, sigmas[i], x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model, x, sigmas, generator=None, callback=None, eta: float = 0.0):
+    """DDIM (Song et al. 2021, eq. 12): ``x' = x0 + sqrt(sigma'^2 - sigma_up^2) * eps + sigma_up * z`` with
+    ``eps = (x - x0) / sigma`` and ``sigma_up`` from eq. 16 scaled by ``eta``. With ``eta = 0`` this is the
+    deterministic DDIM update, which in VE variables equals an Euler step; ``eta = 1`` is ancestral DDPM."""
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, _sigma(sigmas[i], x))
+        eps = (x - x0) / sigmas[i]
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x0 + eps * sigma_down
+        if sigma_up > 0:
+            x = x + randn_like(x, generator) * sigma_up
+        x = _step_callback(callback, i, sigmas[i], x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(model, x, sigmas, generator=None, callback=None):
+    """Ancestral DDPM sampling from the posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020, eq. 6-7), strided over
+    the sigma list. In VP variables with ``a = alpha_bar_t, a' = alpha_bar_{t-1}``:
+    mean = sqrt(a') (1 - a/a') / (1 - a) x0 + sqrt(a/a') (1 - a') / (1 - a) x_t,
+    variance = (1 - a') / (1 - a) * (1 - a/a'). Equal in law to ``sample_ddim(eta=1)``."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        a, a_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+        beta = 1 - a / a_next
+        x_vp = x * a.sqrt()
+        mean = (a_next.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - a_next) * x_vp) / (1 - a)
+        x_vp_next = mean
+        if sigma_next > 0:
+            x_vp_next = mean + randn_like(x, generator) * ((1 - a_next) / (1 - a) * beta).sqrt()
+        x = x_vp_next / a_next.sqrt()
+        x = _step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """Ancestral Euler (k-diffusion's ``sample_euler_ancestral``): an Euler step down to ``sigma_down``, then
+    fresh noise of std ``sigma_up`` (see :func:`ancestral_step`)."""
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, _sigma(sigmas[i], x))
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x + (x - x0) / sigmas[i] * (sigma_down - sigmas[i])
+        if sigma_up > 0:
+            x = x + randn_like(x, generator) * sigma_up
+        x = _step_callback(callback, i, sigmas[i], x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, generator=None, callback=None):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1): Euler predictor, trapezoidal corrector;
+    the last step to sigma = 0 is plain Euler."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        d = (x - x0) / sigma
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_pred = x + d * dt
+            d_next = (x_pred - model(x_pred, _sigma(sigma_next, x))) / sigma_next
+            x = x + (d + d_next) / 2 * dt
+        x = _step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, generator=None, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in ``lambda = -log(sigma)``: multistep second order,
+    first order on the first step and on the final step to sigma = 0."""
+    x0_prev, h_prev = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        if sigma_next == 0:
+            x = x0
+        else:
+            h = sigma.log() - sigma_next.log()
+            x0_combined = x0
+            if x0_prev is not None:
+                r = h_prev / h
+                x0_combined = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * x0_combined
+            h_prev = h
+        x0_prev = x0
+        x = _step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 5; k-diffusion's midpoint variant): the data-prediction SDE
+    solver, injecting noise ``sigma' * sqrt(1 - exp(-2 eta h))`` each step."""
+    x0_prev, h_prev = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        if sigma_next == 0:
+            x = x0
+        else:
+            h = sigma.log() - sigma_next.log()
+            eta_h = eta * h
+            x = sigma_next / sigma * torch.exp(-eta_h) * x - torch.expm1(-h - eta_h) * x0
+            if x0_prev is not None:
+                r = h_prev / h
+                x = x - 0.5 * torch.expm1(-h - eta_h) * (1 / r) * (x0 - x0_prev)
+            if eta > 0:
+                x = x + randn_like(x, generator) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt()
+            h_prev = h
+        x0_prev = x0
+        x = _step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
+    """Euler on the rectified-flow ODE ``dx_t/dt = v = noise - x0`` (Liu et al. 2022; SD3's sampler). With
+    ``x_t = x / (1 + sigma)`` and ``t = sigma / (1 + sigma)`` the step ``x_t' = x_t + (t' - t) v`` lands on
+    ``x0 + sigma' (x - x0) / sigma``: the same update as :func:`sample_euler` in VE variables, so it is that."""
+    return sample_euler(model, x, sigmas, generator, callback)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: its function, order, whether it draws noise, how many network calls per step,
+    and whether the network gets integer timesteps for Karras sigmas (diffusers' DPM-Solver rounds them)."""
+
+    fn: Callable
+    order: int
+    stochastic: bool
+    calls_per_step: int = 1
+    quantize_karras_timesteps: bool = False
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, 1, True),
+    "ddim": SamplerSpec(sample_ddim, 1, False),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, 2, False, quantize_karras_timesteps=True),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, 2, True, quantize_karras_timesteps=True),
+    "euler": SamplerSpec(sample_euler, 1, False),
+    "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
+    "heun": SamplerSpec(sample_heun, 2, False, calls_per_step=2),
+    "flow_euler": SamplerSpec(sample_flow_euler, 1, False),
+}
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """Look up a sampler by name; an unknown name lists the known ones."""
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

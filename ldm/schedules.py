@@ -1,0 +1,204 @@
+"""Noise schedules and the sigma lists that samplers walk.
+
+Everything here is in the variance-exploding (VE) view used across the engine: a noisy latent is
+``x = x0 + sigma * noise``. A variance-preserving (VP) DDPM step t with cumulative product
+``alpha_bar_t`` has ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` (Karras et al. 2022, eq. 4 / table 1);
+a rectified-flow time t (``x_t = (1 - t) x0 + t noise``) has ``sigma = t / (1 - t)``.
+
+A sampler gets a descending tensor of sigmas, ``(steps + 1,)``, whose last entry is the level it ends at
+(0 for a clean sample). This module builds those lists the way diffusers' schedulers define them so that
+our samplers can be held to diffusers' numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras")
+
+# diffusers clips the terminal alpha_bar of a zero-terminal-SNR schedule to this value so that the first
+# sigma is finite (fp16's smallest subnormal); we do the same, so the first sigma is ~4096.
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
+def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+               beta_end: float = 0.012) -> torch.Tensor:
+    """Per-step betas, ``(T,)`` float32.
+
+    - ``linear``: DDPM (Ho et al. 2020, sec. 4), betas linear in t.
+    - ``scaled_linear``: Stable Diffusion's, sqrt(beta) linear in t.
+    - ``squaredcos_cap_v2``: improved DDPM cosine schedule (Nichol & Dhariwal 2021, eq. 17), betas capped at 0.999.
+    """
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if schedule == "squaredcos_cap_v2":
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = [min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), 0.999)
+                 for i in range(num_train_timesteps)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(f"unknown beta schedule {schedule!r}; known: {', '.join(BETA_SCHEDULES)}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas so the last step has zero SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", Algorithm 1): shift and scale sqrt(alpha_bar) so it ends at exactly 0 while
+    keeping its first value."""
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()  # (T,)
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * first / (first - last)
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alphas
+
+
+@dataclass(frozen=True)
+class DiscreteSchedule:
+    """A VP schedule trained on integer timesteps 0..T-1, seen as sigmas (Karras et al. 2022, table 1)."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float32, decreasing
+
+    @classmethod
+    def from_config(cls, config: dict) -> "DiscreteSchedule":
+        """Build from a diffusers scheduler config (``beta_schedule``, ``beta_start``, ``beta_end``,
+        ``num_train_timesteps``, ``rescale_betas_zero_snr``, ``trained_betas``)."""
+        if config.get("trained_betas") is not None:
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+        else:
+            betas = make_betas(config.get("beta_schedule", "linear"), config.get("num_train_timesteps", 1000),
+                               config.get("beta_start", 0.0001), config.get("beta_end", 0.02))
+        zero_snr = bool(config.get("rescale_betas_zero_snr", False))
+        if zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if zero_snr:
+            alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+        return cls(alphas_cumprod)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` for t = 0..T-1, increasing, ``(T,)``."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous timestep for a sigma, interpolating linearly in log-sigma between the two nearest
+        training steps (as k-diffusion and diffusers' ``_sigma_to_t`` do); exact at training sigmas."""
+        log_sigmas = self.sigmas.log().to(sigma.device)  # (T,)
+        log_sigma = sigma.float().clamp(min=1e-10).log()
+        low = (log_sigma[..., None] >= log_sigmas).sum(-1).sub(1).clamp(0, len(log_sigmas) - 2)
+        w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
+        return low + w
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Sigma at a (possibly fractional) timestep, interpolating linearly in sigma (diffusers' Euler family)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
+        return torch.from_numpy(np.interp(t.numpy(), grid.numpy(), self.sigmas.double().numpy())).float()
+
+    def timesteps(self, steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
+        """The ``steps`` timesteps a sampler visits, descending, as diffusers' DDIM/Euler schedulers define them
+        (Lin et al. 2023, table 2): ``leading`` = k * (T // n) + offset, ``trailing`` = round(T - k * T / n) - 1,
+        ``linspace`` = linspace(0, T - 1, n) (fractional, interpolated)."""
+        T = self.num_train_timesteps
+        if spacing == "leading":
+            return (np.arange(steps) * (T // steps)).round()[::-1].astype(np.float64) + steps_offset
+        if spacing == "trailing":
+            return np.round(np.arange(T, 0, -T / steps)).astype(np.float64) - 1
+        if spacing == "linspace":
+            return np.linspace(0, T - 1, steps, dtype=np.float64)[::-1].copy()
+        raise ValueError(f"unknown timestep spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
+
+    def sigma_list(self, steps: int, spacing: str = "leading", steps_offset: int = 0,
+                   final_sigma: str = "zero", rho: float = 7.0) -> torch.Tensor:
+        """Descending sigmas ``(steps + 1,)`` for a sampler. ``spacing="karras"`` gives Karras et al. 2022
+        eq. 5 between the schedule's sigma_max and sigma_min with ``rho``. ``final_sigma`` is ``"zero"`` (end on
+        a clean sample) or ``"sigma_min"`` (end at the schedule's smallest sigma, like DDIM with
+        ``set_alpha_to_one=False``)."""
+        if spacing == "karras":
+            sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
+        else:
+            sigmas = self.t_to_sigma(torch.from_numpy(self.timesteps(steps, spacing, steps_offset)))
+        return append_final_sigma(sigmas, final_sigma, self.sigma_min)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, eq. 5: ``(sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``,
+    ``(steps,)`` descending, without the final zero."""
+    ramp = np.linspace(0, 1, steps)
+    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return torch.from_numpy((inv_max + ramp * (inv_min - inv_max)) ** rho).float()
+
+
+def append_final_sigma(sigmas: torch.Tensor, final_sigma: str, sigma_min: float) -> torch.Tensor:
+    """Append the level sampling ends at: 0 or ``sigma_min``; ``(n,) -> (n + 1,)`` float32."""
+    if final_sigma not in ("zero", "sigma_min"):
+        raise ValueError(f"final_sigma must be 'zero' or 'sigma_min', got {final_sigma!r}")
+    last = 0.0 if final_sigma == "zero" else sigma_min
+    return torch.cat([sigmas.float(), torch.tensor([last], dtype=torch.float32)])
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Rectified flow ``x_t = (1 - t) x0 + t noise`` (Liu et al. 2022; Esser et al. 2024, SD3), with SD3's
+    timestep shift ``t' = s t / (1 + (s - 1) t)`` (Esser et al. 2024, sec. 5.3.2). Seen as sigmas,
+    ``sigma = t / (1 - t)``; t = 1 is clipped to ``1 - 2^-24`` so the first sigma (~1.7e7) is finite."""
+
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+
+    T_MAX = 1.0 - 2.0**-24
+
+    def shifted(self, t: np.ndarray) -> np.ndarray:
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    @staticmethod
+    def t_to_sigma(t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(max=FlowSchedule.T_MAX)
+        return (t / (1 - t)).float()
+
+    @staticmethod
+    def sigma_to_t(sigma: torch.Tensor) -> torch.Tensor:
+        return sigma / (1 + sigma)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.t_to_sigma(torch.tensor(self.shifted(np.float64(1 / self.num_train_timesteps)))))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.t_to_sigma(torch.tensor(1.0)))
+
+    def flow_times(self, steps: int) -> np.ndarray:
+        """The ``steps`` flow times visited, as diffusers' FlowMatchEulerDiscreteScheduler makes them:
+        linspace from 1 to the shifted smallest training time, then shifted (so the low end is shifted twice)."""
+        t_min = self.shifted(np.float64(1 / self.num_train_timesteps))
+        return self.shifted(np.linspace(1.0, t_min, steps))
+
+    def sigma_list(self, steps: int, spacing: str = "linspace", steps_offset: int = 0,
+                   final_sigma: str = "zero", rho: float = 7.0) -> torch.Tensor:
+        """Descending sigmas ``(steps + 1,)``; ``spacing`` is ``"linspace"`` (in t, shifted) or ``"karras"``."""
+        if spacing == "karras":
+            sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
+        elif spacing in ("linspace", "leading", "trailing"):
+            sigmas = self.t_to_sigma(torch.from_numpy(self.flow_times(steps)))
+        else:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
+        return append_final_sigma(sigmas, final_sigma, self.sigma_min)

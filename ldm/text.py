@@ -1,0 +1,112 @@
+"""Offline CLIP tokenization and prompt encoding.
+
+The tokenizer is transformers' ``CLIPTokenizer``. A model folder's own ``tokenizer/`` is used when present;
+otherwise the vocabulary is rebuilt from the BPE merges file that open-clip-torch ships
+(``bpe_simple_vocab_16e6.txt.gz``, the same file OpenAI's CLIP uses), so tokenization never needs the network.
+
+Prompts longer than the encoder's window (77 tokens = BOS + 75 + EOS) are never cut silently: the tokens are
+split into windows of 75, each window is wrapped in BOS/EOS, padded and encoded on its own, and the hidden states
+are concatenated along the sequence (the A1111 web UI's rule). The negative prompt is padded to the same number
+of windows.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+OPENCLIP_PAD = "!"  # OpenCLIP-based encoders (SD 2.x, SDXL's second encoder) pad with token 0, which is "!"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table (Radford et al. 2019)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def open_clip_bpe_path() -> Path:
+    """The BPE merges file shipped inside open-clip-torch, found without importing the package."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("no tokenizer/ in the model folder and open-clip-torch is not installed; "
+                                "install it (`pip install --no-deps open-clip-torch`) for the CLIP vocabulary")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"open-clip-torch is installed but lacks its vocabulary file {path}")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocab_files() -> tuple[str, str]:
+    """Write ``vocab.json`` and ``merges.txt`` for transformers' CLIPTokenizer from open-clip's merges: the
+    vocabulary is the 256 byte symbols, the same with ``</w>``, one token per merge (48 894), then BOS, EOS
+    (49 408 in all, ids identical to openai/clip-vit-large-patch14)."""
+    lines = gzip.open(open_clip_bpe_path()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    folder = Path(tempfile.mkdtemp(prefix="ldm-clip-vocab-"))
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return str(folder / "vocab.json"), str(folder / "merges.txt")
+
+
+def load_tokenizer(folder: str | os.PathLike | None = None, pad_token: str = EOS):
+    """A CLIPTokenizer from ``folder`` (a diffusers ``tokenizer/`` folder) if given and present, else the
+    standard CLIP BPE from open-clip-torch with ``pad_token`` (``<|endoftext|>`` as SD 1.x, ``!`` as OpenCLIP)."""
+    from transformers import CLIPTokenizer
+
+    if folder is not None and Path(folder).is_dir():
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    vocab, merges = clip_vocab_files()
+    return CLIPTokenizer(vocab, merges, pad_token=pad_token, model_max_length=77)
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """Save a tokenizer in the layout diffusers' pipelines load (``vocab.json``, ``merges.txt``, configs)."""
+    tokenizer.save_pretrained(str(folder))
+
+
+def token_windows(tokenizer, prompt: str, window: int | None = None) -> list[list[int]]:
+    """Token ids of ``prompt`` split into windows of ``model_max_length - 2`` tokens, each wrapped as
+    ``[BOS] + tokens + [EOS] + pad`` to the full length. An empty prompt gives one window."""
+    length = window or tokenizer.model_max_length
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    body = length - 2
+    chunks = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
+    pad = tokenizer.pad_token_id
+    return [[tokenizer.bos_token_id] + c + [tokenizer.eos_token_id] + [pad] * (body - len(c)) for c in chunks]
+
+
+def tokenize_batch(tokenizer, prompts: list[str], min_windows: int = 1) -> torch.Tensor:
+    """Token ids ``(B, W, L)`` for a list of prompts, all padded to the same number of windows W (padding
+    windows are empty prompts)."""
+    windows = [token_windows(tokenizer, p) for p in prompts]
+    count = max(min_windows, *(len(w) for w in windows))
+    empty = token_windows(tokenizer, "")[0]
+    return torch.tensor([w + [empty] * (count - len(w)) for w in windows])  # (B, W, L)
+
+
+@torch.no_grad()
+def encode_tokens(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
+    """Encode ``(B, W, L)`` token windows with a CLIP text model and concatenate the windows' last hidden
+    states: ``(B, W * L, D)``."""
+    batch, windows, length = token_ids.shape
+    flat = token_ids.reshape(batch * windows, length).to(text_encoder.device)
+    hidden = text_encoder(flat)[0]  # (B * W, L, D)
+    return hidden.reshape(batch, windows * length, hidden.shape[-1])
