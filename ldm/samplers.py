@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ldm.schedules import ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT
+
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -190,18 +192,20 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
 @dataclass(frozen=True)
 class SamplerSpec:
     """A registered sampler: its function, order, whether it draws noise, how many network calls per step,
-    and whether the network gets integer timesteps for Karras sigmas (diffusers' DPM-Solver rounds them)."""
+    whether the network gets integer timesteps for Karras sigmas (diffusers' DPM-Solver rounds them), and the
+    alpha_bar standing for zero at the end of a zero-terminal-SNR schedule (see ``ldm.schedules``)."""
 
     fn: Callable
     order: int
     stochastic: bool
     calls_per_step: int = 1
     quantize_karras_timesteps: bool = False
+    terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(sample_ddpm, 1, True),
-    "ddim": SamplerSpec(sample_ddim, 1, False),
+    "ddpm": SamplerSpec(sample_ddpm, 1, True, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT),
+    "ddim": SamplerSpec(sample_ddim, 1, False, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, 2, False, quantize_karras_timesteps=True),
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, 2, True, quantize_karras_timesteps=True),
     "euler": SamplerSpec(sample_euler, 1, False),

@@ -20,9 +20,11 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras")
 
-# diffusers clips the terminal alpha_bar of a zero-terminal-SNR schedule to this value so that the first
-# sigma is finite (fp16's smallest subnormal); we do the same, so the first sigma is ~4096.
+# A zero-terminal-SNR schedule puts the first sigma at infinity; the VE view needs it finite. diffusers' Euler,
+# Heun and DPM-Solver clip the terminal alpha_bar to 2^-24 (sigma ~ 4096); its DDIM and DDPM keep alpha_bar = 0
+# in VP variables, which 2^-64 (sigma ~ 4.3e9, still exact in float32 ratios) reproduces to float precision.
 ZERO_SNR_ALPHA_BAR = 2.0**-24
+ZERO_SNR_ALPHA_BAR_EXACT = 2.0**-64
 
 
 def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -65,9 +67,10 @@ class DiscreteSchedule:
     alphas_cumprod: torch.Tensor  # (T,) float32, decreasing
 
     @classmethod
-    def from_config(cls, config: dict) -> "DiscreteSchedule":
+    def from_config(cls, config: dict, terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR) -> "DiscreteSchedule":
         """Build from a diffusers scheduler config (``beta_schedule``, ``beta_start``, ``beta_end``,
-        ``num_train_timesteps``, ``rescale_betas_zero_snr``, ``trained_betas``)."""
+        ``num_train_timesteps``, ``rescale_betas_zero_snr``, ``trained_betas``); a zero-SNR schedule's last
+        alpha_bar is set to ``terminal_alpha_bar``."""
         if config.get("trained_betas") is not None:
             betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
         else:
@@ -78,7 +81,7 @@ class DiscreteSchedule:
             betas = rescale_zero_terminal_snr(betas)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         if zero_snr:
-            alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+            alphas_cumprod[-1] = terminal_alpha_bar
         return cls(alphas_cumprod)
 
     @property

@@ -57,7 +57,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
     for column in range(3)
 }
 """Position name -> (row, column) on the 3x3 grid, e.g. "top left" -> (0, 0), "center" -> (1, 1)."""
-SIZE_RADIUS_FRACTIONS: dict[str, float] = {"small": 0.09, "large": 0.15}
+SIZE_RADIUS_FRACTIONS: dict[str, float] = {"small": 0.1, "large": 0.17}
 """Nominal circumradius of each size as a fraction of the image size."""
 RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
@@ -98,7 +98,11 @@ class ShapeObject:
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """A background plus objects; with two objects, ``objects[0] <relation> objects[1]``."""
+    """A background plus objects; with two objects, ``objects[0] <relation> objects[1]``.
+
+    Object geometry is in pixels of an ``image_size`` x ``image_size`` image; ``render``
+    rescales it to other sizes.
+    """
 
     background: str
     objects: tuple[ShapeObject, ...]
@@ -196,7 +200,8 @@ def _jittered_object(
 def _random_object(rng: np.random.Generator, position: str, image_size: int, color: str | None = None) -> ShapeObject:
     """A base-world object at ``position`` with random shape, size and (unless given) colour."""
     color = _pick(rng, tuple(OBJECT_COLORS)) if color is None else color
-    return _jittered_object(rng, color, _pick(rng, BASE_SHAPES), position, _pick(rng, tuple(SIZE_RADIUS_FRACTIONS)), image_size)
+    shape, size = _pick(rng, BASE_SHAPES), _pick(rng, tuple(SIZE_RADIUS_FRACTIONS))
+    return _jittered_object(rng, color, shape, position, size, image_size)
 
 
 def _relation_positions(rng: np.random.Generator, relation: str) -> tuple[str, str]:
@@ -269,6 +274,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train", image_size: int
 # --------------------------------------------------------------------------- captions
 
 _SHAPE_SYNONYMS = {"circle": ("circle", "circle", "disc"), "square": ("square", "box"), "triangle": ("triangle",)}
+"""Words for each shape, repeated to weight them; other shapes are called by their name."""
 _SIZE_SYNONYMS = {"small": ("small", "little"), "large": ("large", "big")}
 _BACKGROUND_SYNONYMS = {"white": ("white",), "black": ("black",), "gray": ("gray", "grey")}
 _BACKGROUND_CLAUSES = ("on a {} background", "on {}", "against a {} background")
@@ -277,6 +283,8 @@ SIZE_WORD_PROBABILITY = 0.35
 POSITION_WORD_PROBABILITY = 0.9
 BACKGROUND_CLAUSE_PROBABILITY = 0.7
 ONE_PROBABILITY = 0.2
+SHAPE_FIRST_PROBABILITY = 0.15
+BACKGROUND_FIRST_PROBABILITY = 0.3
 
 
 def _with_article(rng: np.random.Generator, phrase: str) -> str:
@@ -319,20 +327,19 @@ def _join(*parts: str) -> str:
 
 
 def _single_object_caption(rng: np.random.Generator, scene: Scene) -> str:
-    """Caption one object with a random word order and optional position/background clauses."""
+    """Caption one object in one of several word orders, with optional position and background."""
     obj = scene.objects[0]
-    noun = _noun_phrase(rng, obj, shape_first=rng.random() < 0.15)
+    noun = _noun_phrase(rng, obj, shape_first=rng.random() < SHAPE_FIRST_PROBABILITY)
     where = _position_phrase(rng, obj.position) if rng.random() < POSITION_WORD_PROBABILITY else ""
-    background = _background_clause(rng, scene.background) if rng.random() < BACKGROUND_CLAUSE_PROBABILITY else ""
-    order = int(rng.integers(4))
-    if order == 0:
-        return _join(noun, where, background)
-    if order == 1:
-        return _join(where, ",", noun, background)
-    if order == 2:
-        return _join(noun, background, ",", where)
-    backdrop = _pick(rng, _BACKGROUND_SYNONYMS[scene.background])
-    return _join(_with_article(rng, f"{backdrop} background"), "with", noun, where)
+    if rng.random() >= BACKGROUND_CLAUSE_PROBABILITY:
+        background = ""
+    elif rng.random() < BACKGROUND_FIRST_PROBABILITY:
+        backdrop = _pick(rng, _BACKGROUND_SYNONYMS[scene.background])
+        return _join(f"a {backdrop} background with", noun, where)
+    else:
+        background = _background_clause(rng, scene.background)
+    orders = ((noun, where, background), (where, ",", noun, background), (noun, background, ",", where))
+    return _join(*_pick(rng, orders))
 
 
 def _two_object_caption(rng: np.random.Generator, scene: Scene) -> str:
@@ -342,15 +349,16 @@ def _two_object_caption(rng: np.random.Generator, scene: Scene) -> str:
     if rng.random() >= BACKGROUND_CLAUSE_PROBABILITY:
         return body
     background = _background_clause(rng, scene.background)
-    return _join(background, ",", body) if rng.random() < 0.3 else _join(body, background)
+    return _join(background, ",", body) if rng.random() < BACKGROUND_FIRST_PROBABILITY else _join(body, background)
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A randomly worded caption of ``scene`` that ``parse_prompt`` reads back exactly."""
+    """A randomly worded caption of ``scene``; ``parse_prompt`` recovers every attribute it states."""
     if len(scene.objects) not in (1, 2):
         raise ValueError(f"can caption scenes of one or two objects, got {len(scene.objects)}")
     describe = _single_object_caption if len(scene.objects) == 1 else _two_object_caption
-    return _pick(rng, _PREFIXES) + describe(rng, scene)
+    text = describe(rng, scene)
+    return _pick(rng, _PREFIXES) + text if text.startswith(("a ", "an ", "one ")) else text
 
 
 # --------------------------------------------------------------------------- parsing
@@ -572,7 +580,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, int(index)])
         scene = sample_scene(rng, self.split, self.size)
         text = caption(scene, rng)
-        pixels = torch.from_numpy(np.asarray(render(scene))).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.array(render(scene))).permute(2, 0, 1)
         return {"image": pixels.float() / 127.5 - 1.0, "caption": text, "scene": scene}
 
 

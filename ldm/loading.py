@@ -1,0 +1,106 @@
+"""Loading diffusers-format model folders, offline, with clear errors.
+
+A folder holds ``model_index.json`` and the subfolders ``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``
+(``tokenizer/`` is optional: the standard CLIP BPE is used when it is missing). Nothing here touches the network:
+every load is from a local path with ``local_files_only=True``. Weights must be safetensors unless the caller
+passes ``allow_pickle=True``; pickle files are then read with ``torch.load(weights_only=True)`` (diffusers' and
+transformers' loaders do so).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+
+
+class ModelLoadError(ValueError):
+    """A model folder or file that cannot be loaded; the message says which file and why."""
+
+
+@dataclass
+class Components:
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    scheduler_config: dict
+    path: Path
+
+
+def refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    """Pickle checkpoints can run code when loaded: refuse them unless explicitly allowed."""
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
+                             "safetensors, or pass allow_pickle=True (--allow-pickle) to load it with weights_only=True")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def component_weights(folder: Path, allow_pickle: bool) -> bool:
+    """Check that a component folder has a config and weights; return whether they are safetensors."""
+    for name in ("config.json",):
+        if not (folder / name).is_file():
+            raise ModelLoadError(f"missing file: {folder / name}")
+    if any(folder.glob("*.safetensors")):
+        return True
+    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not pickles:
+        raise ModelLoadError(f"missing weights: no .safetensors file in {folder}")
+    refuse_pickle(pickles[0], allow_pickle)
+    return False
+
+
+def check_model_folder(path: str | Path, allow_pickle: bool = False) -> Path:
+    """Validate a model folder before loading anything; raise :class:`ModelLoadError` naming what is missing."""
+    path = Path(path)
+    if path.is_file():
+        refuse_pickle(path, allow_pickle)
+        raise ModelLoadError(f"{path} is a single file; this version loads diffusers-format folders "
+                             "(model_index.json + unet/ vae/ text_encoder/ scheduler/)")
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    read_json(path / "model_index.json")
+    for name in REQUIRED_COMPONENTS:
+        if not (path / name).is_dir():
+            raise ModelLoadError(f"missing folder: {path / name}")
+    read_json(path / "scheduler" / "scheduler_config.json")
+    for name in ("unet", "vae", "text_encoder"):
+        component_weights(path / name, allow_pickle)
+    return path
+
+
+def load_components(path: str | Path, allow_pickle: bool = False) -> Components:
+    """Load UNet, VAE, CLIP text encoder, tokenizer and scheduler config from a diffusers folder, offline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ldm.text import OPENCLIP_PAD, load_tokenizer
+
+    path = check_model_folder(path, allow_pickle)
+
+    def load(cls, name):
+        safetensors = component_weights(path / name, allow_pickle)
+        try:
+            return cls.from_pretrained(str(path / name), local_files_only=True, use_safetensors=safetensors)
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"cannot load {path / name}: {first_line}") from None
+
+    unet = load(UNet2DConditionModel, "unet")
+    vae = load(AutoencoderKL, "vae")
+    text_encoder = load(CLIPTextModel, "text_encoder")
+    # Without a tokenizer/ folder, the pad token follows the encoder family: OpenCLIP ViT-H / bigG pad with "!".
+    pad = OPENCLIP_PAD if text_encoder.config.hidden_size in (1024, 1280) else "<|endoftext|>"
+    tokenizer = load_tokenizer(path / "tokenizer", pad_token=pad)
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
+    return Components(unet, vae, text_encoder, tokenizer, scheduler_config, path)

@@ -1,0 +1,272 @@
+"""TextToImagePipeline: prompt -> CLIP embedding -> guided denoiser -> sampler over sigmas -> VAE decode.
+
+The diffusion maths lives in ``ldm/``; this module wires it to the networks, validates user input before any
+work starts, and turns latents into images.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.attention import install_attention_hook
+from ldm.denoiser import Denoiser
+from ldm.guidance import CFGDenoiser, check_guidance_scale
+from ldm.loading import Components, load_components
+from ldm.samplers import get_sampler, randn_like
+from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
+from ldm.text import encode_tokens, tokenize_batch
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-unet"
+
+
+@dataclass
+class GenerationOutput:
+    """``images``: PIL images (``"pil"``), a float array ``(B, H, W, 3)`` in [0, 1] (``"np"``), a tensor
+    ``(B, 3, H, W)`` in [0, 1] (``"pt"``) or the final latents ``(B, C, h, w)`` (``"latent"``);
+    ``seeds``: the seed of each image (None when the caller passed generators); ``parameters``: one dict per
+    image with everything needed to regenerate it."""
+
+    images: list | np.ndarray | torch.Tensor
+    seeds: list[int | None]
+    parameters: list[dict] = field(default_factory=list)
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_prompts(prompt, name: str = "prompt") -> list[str]:
+    """A prompt is a string or a non-empty list of strings (the empty string means unconditional)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+
+
+def check_finite(name: str, value, low: float = 0.0, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+class TextToImagePipeline:
+    """Text-to-image generation with any loaded UNet model (ε, v or x0 prediction; VP or zero-SNR schedules)."""
+
+    def __init__(self, components: Components, name: str | None = None):
+        self.unet = components.unet.eval()
+        self.vae = components.vae.eval()
+        self.text_encoder = components.text_encoder.eval()
+        self.tokenizer = components.tokenizer
+        self.scheduler_config = dict(components.scheduler_config)
+        self.name = name or components.path.name
+        self.path = components.path
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        self.attention = install_attention_hook(self.unet)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.dtype = torch.float32
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """Load a diffusers-format folder (no argument: the shipped default model), offline."""
+        components = load_components(DEFAULT_MODEL if path is None else path, allow_pickle=allow_pickle)
+        return cls(components).to(device, dtype)
+
+    @property
+    def is_flow(self) -> bool:
+        return "FlowMatch" in self.scheduler_config.get("_class_name", "")
+
+    def schedule(self, sampler: str = "euler") -> DiscreteSchedule | FlowSchedule:
+        """The folder's noise schedule; a zero-terminal-SNR schedule ends at the sampler's stand-in for
+        alpha_bar = 0 (see ``ldm.schedules``)."""
+        config = self.scheduler_config
+        if self.is_flow:
+            return FlowSchedule(shift=config.get("shift", 1.0),
+                                num_train_timesteps=config.get("num_train_timesteps", 1000))
+        return DiscreteSchedule.from_config(config, get_sampler(sampler).terminal_alpha_bar)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """Move networks to ``device`` and cast them to ``dtype`` (float32, bfloat16, float16). In float16 the VAE
+        stays float32 so decoding never overflows into NaN/black images; sampling maths is always float32."""
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.dtype = dtype or self.dtype
+        self.unet.to(device=device, dtype=self.dtype)
+        self.text_encoder.to(device=device, dtype=self.dtype)
+        self.vae.to(device=device, dtype=torch.float32 if self.dtype == torch.float16 else self.dtype)
+        return self
+
+    # -- conditioning -------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str], negative: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings ``(B, W * 77, D)`` of prompts and negative prompts, padded to the same window count W."""
+        ids = tokenize_batch(self.tokenizer, prompts + negative)  # (2B, W, L)
+        hidden = encode_tokens(self.text_encoder, ids).float()
+        return hidden[:len(prompts)], hidden[len(prompts):]
+
+    # -- sampling set-up ---------------------------------------------------------------------------------------
+    def default_spacing(self) -> str:
+        """The model folder's spacing: ``karras`` if it asks for Karras sigmas, else its ``timestep_spacing``."""
+        if self.scheduler_config.get("use_karras_sigmas"):
+            return "karras"
+        if self.is_flow:
+            return "linspace"
+        return self.scheduler_config.get("timestep_spacing", "leading")
+
+    def sigmas(self, steps: int, sampler: str, spacing: str) -> torch.Tensor:
+        """The sigma list ``(steps + 1,)`` for a sampler. DDIM ends at the schedule's sigma_min when the folder
+        sets ``set_alpha_to_one: false`` (Stable Diffusion's configs), as diffusers' DDIMScheduler does."""
+        final = self.scheduler_config.get("final_sigmas_type", "zero")
+        if sampler == "ddim" and not self.scheduler_config.get("set_alpha_to_one", True):
+            final = "sigma_min"
+        return self.schedule(sampler).sigma_list(steps, spacing, self.scheduler_config.get("steps_offset", 0), final)
+
+    def denoiser(self, sampler: str = "euler", spacing: str = "leading") -> Denoiser:
+        """The network as ``D(x, sigma, cond) -> x0``."""
+        quantize = spacing == "karras" and get_sampler(sampler).quantize_karras_timesteps \
+            and self.scheduler_config.get("beta_schedule") != "squaredcos_cap_v2"
+
+        def unet(x_in, timestep, cond):
+            return self.unet(x_in.to(self.dtype), timestep, encoder_hidden_states=cond.to(self.dtype)).sample
+
+        prediction = "flow" if self.is_flow else self.prediction_type
+        return Denoiser(unet, self.schedule(sampler), prediction, quantize_timesteps=quantize)
+
+    def seeds_and_generators(self, batch: int, seed, generator):
+        """Per-image seeds ``seed + k`` and one CPU generator each; or the caller's generator(s)."""
+        if generator is not None:
+            if seed is not None:
+                raise ValueError("pass either seed or generator, not both")
+            if isinstance(generator, (list, tuple)) and len(generator) != batch:
+                raise ValueError(f"got {len(generator)} generators for {batch} images")
+            return [None] * batch, generator
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        seeds = [int(seed) + k for k in range(batch)]
+        return seeds, [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+    # -- decoding ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, C, h, w)`` to images ``(B, 3, H, W)`` in [0, 1], float32. Latents larger than the VAE's
+        native size are decoded in overlapping tiles (diffusers' ``tiled_decode``)."""
+        config = self.vae.config
+        z = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None):
+            z = z + config.shift_factor
+        z = z.to(device=self.vae.device, dtype=self.vae.dtype)
+        native = config.sample_size // self.vae_scale_factor
+        tiled = max(z.shape[-2:]) > native
+        images = self.vae.tiled_decode(z).sample if tiled else self.vae.decode(z).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list[Image.Image]:
+        array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
+        return [Image.fromarray(a) for a in array]
+
+    # -- generation --------------------------------------------------------------------------------------------
+    def validate(self, prompts, negative, steps, sampler, guidance_scale, height, width, eta, guidance_rescale,
+                 spacing, output_type):
+        """Check every user setting before any work; raise ValueError with one line on the first bad one."""
+        check_positive_int("num_inference_steps", steps)
+        get_sampler(sampler)
+        check_guidance_scale(guidance_scale)
+        for name, size in (("height", height), ("width", width)):
+            check_positive_int(name, size)
+            if size % self.vae_scale_factor:
+                raise ValueError(f"{name} must be a multiple of {self.vae_scale_factor}, got {size}")
+        check_finite("eta", eta, 0.0, 1.0)
+        check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        if spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; known: {', '.join(OUTPUT_TYPES)}")
+        if len(negative) not in (1, len(prompts)):
+            raise ValueError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
+
+    def initial_latents(self, shape, generators, latents: torch.Tensor | None) -> torch.Tensor:
+        """Unit-variance starting noise ``(B, C, h, w)`` in the network's input space (diffusers' ``latents=``)."""
+        if latents is None:
+            return randn_like(torch.empty(shape), generators)
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+        return latents.float().cpu()
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                 num_inference_steps: int = 30, guidance_scale: float = 7.5, sampler: str = "dpmpp_2m",
+                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                 seed: int | None = None, generator=None, latents: torch.Tensor | None = None,
+                 guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
+                 output_type: str = "pil", callback: Callable | None = None, progress: bool = True
+                 ) -> GenerationOutput:
+        """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
+        and the current x0 estimate; ``eta`` applies to ``ddim``. See README for every argument."""
+        prompts = check_prompts(prompt)
+        negatives = check_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or native, width or native
+        spacing = timestep_spacing or self.default_spacing()
+        self.validate(prompts, negatives, num_inference_steps, sampler, guidance_scale, height, width, eta,
+                      guidance_rescale, spacing, output_type)
+        per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+        prompts = [p for p in prompts for _ in range(per_prompt)]  # prompt-major, as diffusers orders a batch
+        negatives = [n for n in negatives for _ in range(per_prompt)]
+        batch = len(prompts)
+        seeds, generators = self.seeds_and_generators(batch, seed, generator)
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = self.initial_latents(shape, generators, latents)
+
+        spec = get_sampler(sampler)
+        sigmas = self.sigmas(num_inference_steps, sampler, spacing)
+        denoiser = self.denoiser(sampler, spacing)
+        cond, uncond = self.encode_prompt(prompts, negatives)
+        model = CFGDenoiser(denoiser, cond, uncond, guidance_scale, guidance_rescale)
+        x = noise.to(self.device) * denoiser.noise_scale(sigmas[0])
+        options = {"eta": eta} if sampler == "ddim" else {}
+        bar = tqdm(total=num_inference_steps, desc="sampling", disable=not progress, leave=False)
+
+        def on_step(i, sigma, x_i, x0):
+            self.attention.step = i + 1
+            bar.update(1)
+            return callback(i, sigma, x_i, x0) if callback is not None else None
+
+        self.attention.step = 0
+        x = spec.fn(model, x, sigmas.to(self.device), generator=generators, callback=on_step, **options)
+        bar.close()
+        final = denoiser.to_model_space(x, float(sigmas[-1]))
+        parameters = [dict(prompt=p, negative_prompt=n, steps=num_inference_steps, sampler=sampler,
+                           cfg_scale=guidance_scale, seed=s, width=width, height=height, model=self.name,
+                           timestep_spacing=spacing, eta=eta, guidance_rescale=guidance_rescale)
+                      for p, n, s in zip(prompts, negatives, seeds)]
+        return GenerationOutput(self.postprocess(final, output_type), seeds, parameters)
+
+    def postprocess(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = self.decode(latents)
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).cpu().numpy()
+        return self.to_pil(images)

@@ -1,0 +1,101 @@
+"""Our pipeline equals diffusers' StableDiffusionPipeline on the same tiny weights and initial noise."""
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       StableDiffusionPipeline)
+
+from pipelines.text_to_image import TextToImagePipeline
+
+PROMPT = "a red circle at the top left"
+ZERO_SNR_V = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                  steps_offset=0)
+
+CASES = [
+    # (id, our sampler, diffusers scheduler class, scheduler overrides, extra diffusers config, steps)
+    ("ddim-eps-leading", "ddim", DDIMScheduler, {}, {}, 10),
+    ("euler-eps-leading", "euler", EulerDiscreteScheduler, {}, {}, 10),
+    ("heun-eps-leading", "heun", HeunDiscreteScheduler, {}, {}, 8),
+    ("dpmpp_2m-eps-trailing", "dpmpp_2m", DPMSolverMultistepScheduler, {"timestep_spacing": "trailing"},
+     {"algorithm_type": "dpmsolver++"}, 10),
+    ("dpmpp_2m-eps-karras", "dpmpp_2m", DPMSolverMultistepScheduler, {"use_karras_sigmas": True},
+     {"algorithm_type": "dpmsolver++"}, 12),
+    ("ddim-v-leading", "ddim", DDIMScheduler, {"prediction_type": "v_prediction"}, {}, 10),
+    ("euler-v-leading", "euler", EulerDiscreteScheduler, {"prediction_type": "v_prediction"}, {}, 10),
+    ("ddim-v-zerosnr-trailing", "ddim", DDIMScheduler, ZERO_SNR_V, {}, 10),
+    ("euler-v-zerosnr-trailing", "euler", EulerDiscreteScheduler, ZERO_SNR_V, {}, 10),
+    ("dpmpp_2m-v-zerosnr-trailing", "dpmpp_2m", DPMSolverMultistepScheduler, ZERO_SNR_V,
+     {"algorithm_type": "dpmsolver++"}, 10),
+    # diffusers' HeunDiscreteScheduler has no zero-terminal-SNR option, so Heun is compared with v-prediction only.
+    ("heun-v-leading", "heun", HeunDiscreteScheduler, {"prediction_type": "v_prediction"}, {}, 6),
+]
+
+
+def diffusers_pipeline(folder, scheduler_cls, extra):
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def noise(shape=(1, 4, 8, 8), seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_latents_match_diffusers(tiny_model_factory, case):
+    _, sampler, scheduler_cls, overrides, extra, steps = case
+    folder = tiny_model_factory(**overrides)
+    latents = noise()
+    ours = TextToImagePipeline.from_pretrained(folder)(
+        PROMPT, latents=latents, num_inference_steps=steps, guidance_scale=7.5, sampler=sampler,
+        output_type="latent", progress=False).images
+    theirs = diffusers_pipeline(folder, scheduler_cls, extra)(
+        PROMPT, latents=latents, num_inference_steps=steps, guidance_scale=7.5, output_type="latent").images
+    scale = theirs.abs().max()
+    assert scale > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(scale)), rtol=0)
+
+
+def test_images_match_diffusers_with_negative_prompt_and_batch(tiny_model_factory):
+    """Decoded uint8 images agree within 1 level; batch of two prompts with a negative prompt."""
+    folder = tiny_model_factory()
+    latents = noise((2, 4, 8, 8), seed=3)
+    prompts = [PROMPT, "a blue square"]
+    ours = TextToImagePipeline.from_pretrained(folder)(
+        prompts, negative_prompt="green", latents=latents, num_inference_steps=10, guidance_scale=5.0,
+        sampler="euler", output_type="np", progress=False).images
+    theirs = diffusers_pipeline(folder, EulerDiscreteScheduler, {})(
+        prompts, negative_prompt=["green", "green"], latents=latents, num_inference_steps=10, guidance_scale=5.0,
+        output_type="np").images
+    ours_u8, theirs_u8 = (np.round(a * 255).astype(int) for a in (ours, theirs))
+    assert ours_u8.shape == (2, 16, 16, 3)
+    assert np.abs(ours_u8 - theirs_u8).max() <= 1
+
+
+def test_guidance_rescale_matches_diffusers(tiny_model_factory):
+    folder = tiny_model_factory(**ZERO_SNR_V)
+    latents = noise(seed=5)
+    kwargs = dict(latents=latents, num_inference_steps=10, guidance_scale=7.5, guidance_rescale=0.7,
+                  output_type="latent")
+    ours = TextToImagePipeline.from_pretrained(folder)(PROMPT, sampler="ddim", progress=False, **kwargs).images
+    theirs = diffusers_pipeline(folder, DDIMScheduler, {})(PROMPT, **kwargs).images
+    plain = TextToImagePipeline.from_pretrained(folder)(
+        PROMPT, sampler="ddim", progress=False, **{**kwargs, "guidance_rescale": 0.0}).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+    assert (ours - plain).abs().max() > 1e-2  # the rescale really acted
+
+
+def test_guidance_scale_one_is_the_conditional_model(tiny_model_factory):
+    """CFG at scale 1 equals the conditional prediction: same as diffusers (which then skips the
+    unconditional pass) and independent of the negative prompt."""
+    folder = tiny_model_factory()
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    kwargs = dict(latents=noise(seed=7), num_inference_steps=10, guidance_scale=1.0, sampler="ddim",
+                  output_type="latent", progress=False)
+    a = pipe(PROMPT, negative_prompt="", **kwargs).images
+    b = pipe(PROMPT, negative_prompt="something else entirely", **kwargs).images
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    theirs = diffusers_pipeline(folder, DDIMScheduler, {})(
+        PROMPT, latents=kwargs["latents"], num_inference_steps=10, guidance_scale=1.0, output_type="latent").images
+    torch.testing.assert_close(a, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
