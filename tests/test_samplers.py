@@ -1,0 +1,118 @@
+"""Samplers against known answers: with Gaussian data x0 ~ N(mu, s^2) the optimal denoiser is
+D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu), and the probability-flow ODE has the exact solution
+x(sigma) = mu + (x(sigma_T) - mu) * sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_T^2)."""
+import math
+
+import pytest
+import torch
+
+from ldm.samplers import SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_euler_ancestral
+from ldm.schedules import DiscreteSchedule, karras_sigmas
+
+MU, S = 0.3, 0.5
+
+
+def gaussian_denoiser(x, sigma):
+    sigma = sigma.view(-1, 1, 1, 1)
+    return MU + S**2 / (S**2 + sigma**2) * (x - MU)
+
+
+def exact_ode(x_start, sigma_start, sigma_end):
+    return MU + (x_start - MU) * math.sqrt(S**2 + sigma_end**2) / math.sqrt(S**2 + sigma_start**2)
+
+
+def start_noise(sigma_max, shape=(2, 4, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return MU + torch.randn(shape, generator=g) * math.sqrt(S**2 + sigma_max**2)
+
+
+DETERMINISTIC = {name: spec for name, spec in SAMPLERS.items() if not spec.stochastic}
+
+
+def ode_error(name, steps, sigma_min=0.05, sigma_max=20.0):
+    """Max error against the exact ODE solution, stopping at sigma_min (no final jump to zero)."""
+    sigmas = karras_sigmas(steps + 1, sigma_min, sigma_max)
+    x = start_noise(sigma_max)
+    out = SAMPLERS[name].fn(gaussian_denoiser, x, sigmas)
+    return (out - exact_ode(x, sigma_max, sigma_min)).abs().max().item()
+
+
+@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+def test_ode_samplers_converge_at_their_order(name):
+    errors = [ode_error(name, n) for n in (8, 16, 32, 64)]
+    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    order = SAMPLERS[name].order
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    # doubling the steps divides the error by ~2^order
+    assert 2 ** order * 0.75 < ratios[-1] < 2 ** order * 1.35, (errors, ratios)
+
+
+@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+def test_ode_samplers_land_on_the_data_mean_and_scale(name):
+    """Ending at sigma = 0 with many steps reproduces the exact transport map to the data distribution."""
+    sigmas = torch.cat([karras_sigmas(200, 0.002, 20.0), torch.zeros(1)])
+    x = start_noise(20.0)
+    out = SAMPLERS[name].fn(gaussian_denoiser, x, sigmas)
+    tolerance = 0.05 if SAMPLERS[name].order == 1 else 2e-3  # |x| ~ 20 at the start
+    assert (out - exact_ode(x, 20.0, 0.0)).abs().max() < tolerance
+
+
+STOCHASTIC = {name: spec for name, spec in SAMPLERS.items() if spec.stochastic} | {"ddim_eta1": None}
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC))
+def test_stochastic_samplers_sample_the_data_distribution(name):
+    sigmas = torch.cat([karras_sigmas(300, 0.01, 40.0), torch.zeros(1)])
+    x = start_noise(40.0, shape=(16, 4, 32, 32), seed=1)
+    g = torch.Generator().manual_seed(2)
+    if name == "ddim_eta1":
+        out = sample_ddim(gaussian_denoiser, x, sigmas, generator=g, eta=1.0)
+    else:
+        out = SAMPLERS[name].fn(gaussian_denoiser, x, sigmas, generator=g)
+    assert abs(out.mean().item() - MU) < 0.01
+    assert abs(out.std().item() / S - 1) < 0.03
+    # the result is not the deterministic transport map: fresh noise really entered
+    assert (out - exact_ode(x, 40.0, 0.0)).abs().mean() > 0.05
+
+
+def test_ddpm_posterior_equals_ddim_eta_one_and_euler_ancestral():
+    """Song et al. 2021: DDIM with eta = 1 is the DDPM posterior; in VE variables it is ancestral Euler."""
+    schedule = DiscreteSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                             "beta_end": 0.012})
+    sigmas = schedule.sigma_list(20, "trailing")
+    x = start_noise(float(sigmas[0]))
+    runs = [fn(gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(9), **kw)
+            for fn, kw in ((sample_ddpm, {}), (sample_ddim, {"eta": 1.0}), (sample_euler_ancestral, {}))]
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(runs[1], runs[2], atol=1e-4, rtol=1e-4)
+
+
+def test_per_element_generators_make_batch_items_independent_of_the_batch():
+    sigmas = torch.cat([karras_sigmas(10, 0.01, 10.0), torch.zeros(1)])
+    x = start_noise(10.0, shape=(3, 4, 8, 8))
+    batch = sample_euler_ancestral(gaussian_denoiser, x, sigmas,
+                                   generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    alone = sample_euler_ancestral(gaussian_denoiser, x[1:2], sigmas, generator=[torch.Generator().manual_seed(6)])
+    torch.testing.assert_close(batch[1:2], alone)
+
+
+def test_callback_can_replace_the_state():
+    """The per-step callback's return value replaces x (the inpainting hook)."""
+    sigmas = torch.cat([karras_sigmas(5, 0.01, 10.0), torch.zeros(1)])
+    x = start_noise(10.0)
+    seen = []
+
+    def pin_first_channel(i, sigma, x_i, x0):
+        seen.append(i)
+        x_i = x_i.clone()
+        x_i[:, 0] = 1.0
+        return x_i
+
+    out = SAMPLERS["euler"].fn(gaussian_denoiser, x, sigmas, callback=pin_first_channel)
+    assert seen == [0, 1, 2, 3, 4]
+    assert torch.all(out[:, 0] == 1.0) and not torch.all(out[:, 1] == 1.0)
+
+
+def test_unknown_sampler_lists_known_ones():
+    with pytest.raises(ValueError, match="known: ddpm, ddim, dpmpp_2m"):
+        get_sampler("plms")
