@@ -108,9 +108,9 @@ class TextToImagePipeline:
         if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.dtype = dtype or self.dtype
-        self.unet.to(device=device, dtype=self.dtype)
-        self.text_encoder.to(device=device, dtype=self.dtype)
-        self.vae.to(device=device, dtype=torch.float32 if self.dtype == torch.float16 else self.dtype)
+        vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        for module, module_dtype in ((self.unet, self.dtype), (self.text_encoder, self.dtype), (self.vae, vae_dtype)):
+            module.to(device=device, **({"dtype": module_dtype} if module.dtype != module_dtype else {}))
         return self
 
     # -- conditioning -------------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ class TextToImagePipeline:
         prompts = check_prompts(prompt)
         negatives = check_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
         native = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = height or native, width or native
+        height, width = (native if height is None else height), (native if width is None else width)
         spacing = timestep_spacing or self.default_spacing()
         self.validate(prompts, negatives, num_inference_steps, sampler, guidance_scale, height, width, eta,
                       guidance_rescale, spacing, output_type)

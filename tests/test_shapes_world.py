@@ -258,8 +258,9 @@ def test_score_detects_wrong_attributes():
     assert not missing["object_1"] and not missing["all"]
 
 
-def test_evaluator_accuracy_on_clean_and_degraded_renders():
-    accuracy = validate_evaluator(n=200, seed=5)
+@pytest.mark.parametrize("image_size, count", [(128, 200), (64, 80)])
+def test_evaluator_accuracy_on_clean_and_degraded_renders(image_size, count):
+    accuracy = validate_evaluator(n=count, seed=5, image_size=image_size, blur_sigma=image_size / 128)
     for condition, minimum in (("clean", 0.99), ("degraded", 0.95)):
         for key in ("single/color", "single/shape", "single/position", "single/size", "single/all", "two/all"):
             assert accuracy[condition][key] >= minimum, (condition, key, accuracy[condition][key])

@@ -4,15 +4,18 @@ The reader is analytic, so it also works on generated (blurry, noisy) images:
 
 1. the background is the median colour of the image border, named by the nearest
    background colour;
-2. foreground pixels are those far from that colour; 8-connected components smaller than
-   ``MIN_COMPONENT_FRACTION`` of the image are dropped as noise, holes are filled;
+2. foreground pixels are those of the lightly smoothed image far from that colour;
+   8-connected components smaller than ``MIN_COMPONENT_FRACTION`` of the image are
+   dropped as noise;
 3. a component's colour is the palette colour nearest (in CIELAB) to the median colour of
-   its interior;
-4. its shape comes from its radial profile (largest distance from the centroid in each
-   direction): the magnitudes of the profile's Fourier harmonics are rotation invariant
-   (a triangle has a strong 3rd harmonic, a square a 4th, a circle none); a signature near
-   zero is a circle, others are matched by direction to those of ideal renders; a ring is
-   a disc with a large hole;
+   its interior; its mask is then trimmed to the pixels at least half covered by that
+   colour, which puts blurred edges where they belong whatever the contrast;
+4. its shape comes from the radial profile (largest distance from the centroid in each
+   direction) of its half-coverage outline, traced at sub-pixel resolution. The
+   magnitudes of the profile's Fourier harmonics are rotation invariant (a triangle has a
+   strong 3rd harmonic, a square a 4th, a circle none): a signature near zero is a
+   circle, others are matched by direction to those of ideal renders; a ring is a disc
+   with a large hole;
 5. its position is the nearest of the 3x3 grid centres, its size follows from the
    circumradius implied by its area and shape.
 
@@ -60,6 +63,8 @@ MIN_COMPONENT_FRACTION = 0.002
 RING_HOLE_FRACTION = 0.12
 """A component whose holes cover this fraction of its filled area is a ring candidate."""
 PROFILE_BINS = 32
+SHAPE_UPSAMPLING = 4
+"""The outline used for the shape is traced on a grid this many times finer than the pixels."""
 CIRCLE_MAX_ROUGHNESS = 0.025
 """Largest signature norm of a circle (renders: < 0.01; squares, the roundest polygon: > 0.045)."""
 HARMONICS = 6
@@ -134,13 +139,17 @@ def radial_harmonics(mask: np.ndarray, centroid: tuple[float, float]) -> np.ndar
     """Rotation-invariant shape signature: |harmonic k| / |harmonic 0| of the radial profile, k=1..6.
 
     The profile is the largest distance from ``centroid`` to the mask in each of
-    ``PROFILE_BINS`` directions (pixel centres at ``index + 0.5``).
+    ``PROFILE_BINS`` directions (pixel centres at ``index + 0.5``); directions that no pixel
+    centre falls in (small masks) are interpolated from their neighbours.
     """
     ys, xs = np.nonzero(mask)
     dx, dy = xs + 0.5 - centroid[0], ys + 0.5 - centroid[1]
     directions = ((np.arctan2(dy, dx) + np.pi) / (2.0 * np.pi) * PROFILE_BINS).astype(int) % PROFILE_BINS
     profile = np.zeros(PROFILE_BINS)
     np.maximum.at(profile, directions, np.hypot(dx, dy) + 0.5)
+    filled = np.flatnonzero(profile)
+    empty = np.flatnonzero(profile == 0)
+    profile[empty] = np.interp(empty, filled, profile[filled], period=PROFILE_BINS)
     spectrum = np.abs(np.fft.rfft(profile))
     return spectrum[1 : HARMONICS + 1] / spectrum[0]
 
@@ -204,19 +213,25 @@ def _components(smoothed: np.ndarray, background: np.ndarray) -> list[np.ndarray
     return [labels == label for label in range(1, count + 1) if areas[label] >= min_area]
 
 
-def _half_covered(smoothed: np.ndarray, background: np.ndarray, color: np.ndarray, component: np.ndarray) -> np.ndarray:
-    """The component's pixels that are at least half ``color`` (projected between background and colour).
+def _coverage(pixels: np.ndarray, background: np.ndarray, color: np.ndarray) -> np.ndarray | None:
+    """Per-pixel fraction of ``color`` over the background (projection on their difference).
 
-    This puts the boundary where an anti-aliased or blurred edge is half way, whatever the
-    contrast; it falls back to the whole component if the colour is too close to the background.
+    None if the colour is too close to the background for this to be meaningful.
     """
     direction = color - background
     contrast = float(direction @ direction)
     if contrast < FOREGROUND_DISTANCE**2:
-        return component
-    coverage = (smoothed - background) @ direction / contrast
-    refined = component & (coverage >= 0.5)
-    return refined if refined.any() else component
+        return None
+    return (pixels - background) @ direction / contrast
+
+
+def _subpixel_mask(coverage: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Where ``coverage`` >= 0.5 near ``region``, on a grid ``SHAPE_UPSAMPLING`` times finer, holes filled."""
+    ys, xs = np.nonzero(region)
+    y0, x0 = max(ys.min() - 1, 0), max(xs.min() - 1, 0)
+    crop = np.where(ndimage.binary_dilation(region), coverage, 0.0)[y0 : ys.max() + 2, x0 : xs.max() + 2]
+    fine = ndimage.zoom(crop, SHAPE_UPSAMPLING, order=1, grid_mode=True, mode="nearest") >= 0.5
+    return ndimage.binary_fill_holes(fine)
 
 
 def _interior_color(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -245,14 +260,23 @@ def size_name(area: float, shape: str, image_size: int) -> str:
 def _describe(
     pixels: np.ndarray, smoothed: np.ndarray, background: np.ndarray, component: np.ndarray, shapes: tuple[str, ...]
 ) -> DetectedObject:
-    """Read colour, shape, position and size of one component."""
+    """Read colour, shape, position and size of one component.
+
+    With enough contrast, the component is trimmed to its half-covered pixels (the edge of
+    an anti-aliased or blurred shape, whatever the contrast) and its shape is read from the
+    sub-pixel outline of the coverage, which keeps the corners of small shapes.
+    """
     color = _interior_color(pixels, component)
-    component = _half_covered(smoothed, background, color, component)
+    coverage = _coverage(smoothed, background, color)
+    if coverage is not None and (component & (coverage >= 0.5)).any():
+        component = component & (coverage >= 0.5)
     filled = ndimage.binary_fill_holes(component)
     ys, xs = np.nonzero(filled)
     centroid = (float(xs.mean() + 0.5), float(ys.mean() + 0.5))
-    hole_fraction = 1.0 - component.sum() / len(xs)
-    shape = classify_shape(filled, hole_fraction, centroid, shapes)
+    outline = filled if coverage is None else _subpixel_mask(coverage, filled)
+    outline_ys, outline_xs = np.nonzero(outline)
+    outline_centroid = (outline_xs.mean() + 0.5, outline_ys.mean() + 0.5)
+    shape = classify_shape(outline, 1.0 - component.sum() / len(xs), outline_centroid, shapes)
     height, width = component.shape
     return DetectedObject(
         color=nearest_color_name(color, _OBJECT_PALETTE),

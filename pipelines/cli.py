@@ -1,0 +1,196 @@
+"""The ``ldm`` command line: ``ldm generate``, ``ldm bench``, ``ldm train``.
+
+Errors in what the user typed (bad settings, missing or incomplete model folders, pickle checkpoints) print one
+line, ``ldm: error: ...``, exit with status 2 and write nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+TRAIN_RECIPES = {"vae": "train.train_vae", "text-encoder": "train.train_text_encoder",
+                 "denoiser": "train.train_denoiser", "default": "train.default_model"}
+
+
+class UsageError(ValueError):
+    """An error in what the user asked for."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"512"`` or ``"768x512"`` (width x height)."""
+    width, _, height = text.lower().partition("x")
+    try:
+        return int(width), int(height or width)
+    except ValueError:
+        raise UsageError(f"--size must be N or WxH, got {text!r}") from None
+
+
+def pick_device(name: str):
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UsageError(f"unknown --dtype {name!r}; known: float32, bfloat16, float16")
+    return getattr(torch, DTYPES[name])
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png, out-1.png, ...`` for several."""
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"output must be a .png file, got {output}")
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{k}{output.suffix}") for k in range(count)]
+
+
+def generation_settings(args) -> dict:
+    """The generation parameters from the command line, on top of those read from ``--from`` if given."""
+    from pipelines.metadata import read_parameters
+
+    settings = read_parameters(args.from_image) if args.from_image else {}
+    if args.prompt is not None:
+        settings["prompt"] = args.prompt
+    if "prompt" not in settings:
+        raise UsageError("give a prompt, or --from an image that has generation parameters")
+    explicit = {"negative_prompt": args.negative, "steps": args.steps, "cfg_scale": args.cfg,
+                "sampler": args.sampler, "seed": args.seed, "timestep_spacing": args.spacing, "eta": args.eta,
+                "guidance_rescale": args.rescale}
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    if args.size:
+        settings["width"], settings["height"] = parse_size(args.size)
+    return settings
+
+
+def resolve_model(args, settings: dict) -> Path | None:
+    """``--model``, else the model named in ``--from`` metadata if it is a folder, else the shipped default."""
+    from pipelines.text_to_image import DEFAULT_MODEL
+
+    if args.model:
+        return Path(args.model)
+    named = settings.get("model")
+    if named and Path(named).is_dir():
+        return Path(named)
+    if not DEFAULT_MODEL.is_dir():
+        raise UsageError("no default model is shipped in this version: pass --model PATH (a diffusers folder)")
+    return None
+
+
+def cmd_generate(args) -> int:
+    from pipelines.metadata import save_png
+    from pipelines.text_to_image import TextToImagePipeline
+
+    settings = generation_settings(args)
+    paths = output_paths(Path(args.output), args.n)
+    device, dtype = pick_device(args.device), pick_dtype(args.dtype)
+    pipe = TextToImagePipeline.from_pretrained(resolve_model(args, settings), allow_pickle=args.allow_pickle)
+    pipe.to(device, dtype)
+    if args.model:
+        pipe.name = str(args.model)
+    # settings name -> pipeline argument; unset ones keep the pipeline's defaults
+    names = {"negative_prompt": "negative_prompt", "steps": "num_inference_steps", "cfg_scale": "guidance_scale",
+             "sampler": "sampler", "height": "height", "width": "width", "seed": "seed", "eta": "eta",
+             "guidance_rescale": "guidance_rescale", "timestep_spacing": "timestep_spacing"}
+    kwargs = {arg: settings[key] for key, arg in names.items() if settings.get(key) not in (None, "")}
+    result = pipe(settings["prompt"], num_images_per_prompt=args.n, **kwargs)
+    for image, params, path in zip(result.images, result.parameters, paths):
+        save_png(image, path, params)
+        print(f"{path}  (seed {params['seed']})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pipelines.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_train(args) -> int:
+    module = importlib.import_module(TRAIN_RECIPES[args.recipe])
+    return module.main(args.recipe_args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion, offline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt", nargs="?", help="the prompt ('' for unconditional)")
+    gen.add_argument("-o", "--output", default="out.png", help="output PNG (several images: out-0.png, ...)")
+    gen.add_argument("--from", dest="from_image", help="regenerate from the parameters stored in this PNG")
+    gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--steps", type=int, help="sampling steps (default 30)")
+    gen.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--sampler", help="ddpm, ddim, dpmpp_2m (default), dpmpp_2m_sde, euler, euler_a, heun, flow_euler")
+    gen.add_argument("--spacing", help="timestep spacing: leading, trailing, linspace, karras (default: the model's)")
+    gen.add_argument("--eta", type=float, help="DDIM eta (default 0)")
+    gen.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
+    gen.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k (default: random)")
+    gen.add_argument("--n", type=int, default=1, help="number of images")
+    gen.add_argument("--size", help="N or WxH (default: the model's native size)")
+    gen.add_argument("--model", help="diffusers model folder (default: the shipped model)")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    gen.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
+    gen.add_argument("--allow-pickle", action="store_true",
+                     help="allow pickle checkpoints (.ckpt/.bin/.pt), loaded with weights_only=True")
+    gen.set_defaults(run=cmd_generate)
+
+    bench = commands.add_parser("bench", help="time our pipeline against diffusers' on the same weights")
+    bench.add_argument("--model", help="diffusers model folder (default: the shipped model)")
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--cfg", type=float, default=7.5)
+    bench.add_argument("--sampler", default="dpmpp_2m")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per pipeline (after one warm-up)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="float32")
+    bench.add_argument("--size", help="N or WxH (default: the model's native size)")
+    bench.set_defaults(run=cmd_bench)
+
+    train = commands.add_parser("train", help="training recipes (see train/README.md)")
+    train.add_argument("recipe", choices=sorted(TRAIN_RECIPES))
+    train.add_argument("recipe_args", nargs=argparse.REMAINDER, help="the recipe's own options")
+    train.set_defaults(run=cmd_train)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers' and transformers' loading chatter (and their progress bars) off the terminal."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "train":
+        quiet_libraries()
+    if getattr(args, "n", 1) < 1:
+        print("ldm: error: --n must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ldm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

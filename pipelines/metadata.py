@@ -1,0 +1,90 @@
+"""Generation parameters in PNG metadata, in the A1111 web UI's ``parameters`` text chunk, so any image can be
+regenerated (``ldm generate --from image.png``) and read by the tools users already have:
+
+    a red circle at the top left
+    Negative prompt: blurry
+    Steps: 20, Sampler: dpmpp_2m, CFG scale: 7.5, Seed: 42, Size: 128x128, Model: shapes-unet, Schedule: trailing
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+# (our parameter name, A1111 label, parser)
+FIELDS = (
+    ("steps", "Steps", int),
+    ("sampler", "Sampler", str),
+    ("cfg_scale", "CFG scale", float),
+    ("seed", "Seed", int),
+    ("size", "Size", str),
+    ("model", "Model", str),
+    ("timestep_spacing", "Schedule", str),
+    ("eta", "Eta", float),
+    ("guidance_rescale", "CFG rescale", float),
+)
+
+
+def format_parameters(params: dict) -> str:
+    """A1111-style text for one image's parameters (prompt, negative prompt, then ``Label: value`` pairs)."""
+    params = {**params, "size": f"{params['width']}x{params['height']}"}
+    lines = [params["prompt"]]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    pairs = [f"{label}: {params[key]}" for key, label, _ in FIELDS if params.get(key) is not None]
+    lines.append(", ".join(pairs))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict:
+    """Inverse of :func:`format_parameters`; unknown labels are ignored. Raises ValueError if there is no
+    ``Steps:`` line."""
+    lines = text.strip("\n").split("\n")
+    settings_line = lines[-1]
+    if "Steps: " not in settings_line:
+        raise ValueError("the text has no 'Steps: ...' line of generation parameters")
+    body = lines[:-1]
+    negative_at = next((i for i, line in enumerate(body) if line.startswith("Negative prompt: ")), len(body))
+    params = {"prompt": "\n".join(body[:negative_at]),
+              "negative_prompt": "\n".join(body[negative_at:])[len("Negative prompt: "):]}
+    by_label = {label: (key, parse) for key, label, parse in FIELDS}
+    for pair in settings_line.split(", "):
+        label, _, value = pair.partition(": ")
+        if label in by_label:
+            key, parse = by_label[label]
+            params[key] = parse(value)
+    if "size" in params:
+        width, _, height = params.pop("size").partition("x")
+        params["width"], params["height"] = int(width), int(height)
+    return params
+
+
+def read_parameters(path: str | os.PathLike) -> dict:
+    """Generation parameters stored in a PNG written by :func:`save_png` (or by A1111)."""
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if text is None:
+        raise ValueError(f"{path} has no 'parameters' metadata to regenerate from")
+    return parse_parameters(text)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
+    """Write ``image`` with its parameters; the file appears whole or not at all (temp file + rename)."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", format_parameters(params))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".png.part")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, format="PNG", pnginfo=info)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,172 @@
+"""TextToImagePipeline behaviour on a tiny random model: seeds, prompts, loading, attention hook, dtypes."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.loading import ModelLoadError
+from pipelines.text_to_image import TextToImagePipeline
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_model_factory):
+    return tiny_model_factory()
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return TextToImagePipeline.from_pretrained(folder)
+
+
+def latents_of(pipe, prompt="a red circle", **kwargs):
+    kwargs = {"num_inference_steps": 6, "sampler": "euler", "output_type": "latent", "progress": False, **kwargs}
+    return pipe(prompt, **kwargs)
+
+
+def test_image_k_of_a_batch_equals_the_image_from_its_reported_seed(pipe):
+    batch = latents_of(pipe, seed=10, num_images_per_prompt=3, sampler="euler_a")
+    assert batch.seeds == [10, 11, 12]
+    alone = latents_of(pipe, seed=batch.seeds[2], sampler="euler_a")
+    torch.testing.assert_close(batch.images[2:3], alone.images, atol=1e-4, rtol=1e-4)  # batched BLAS rounding
+    assert (batch.images[0] - batch.images[2]).abs().max() > 1e-2
+
+
+def test_prompt_list_orders_images_prompt_major(pipe):
+    out = latents_of(pipe, prompt=["a red circle", "a blue square"], seed=0, num_images_per_prompt=2)
+    assert [p["prompt"] for p in out.parameters] == ["a red circle"] * 2 + ["a blue square"] * 2
+    single = latents_of(pipe, prompt="a blue square", seed=2)
+    torch.testing.assert_close(out.images[2:3], single.images, atol=1e-4, rtol=1e-4)
+
+
+def test_output_types(pipe):
+    pil = latents_of(pipe, seed=1, output_type="pil").images
+    array = latents_of(pipe, seed=1, output_type="np").images
+    assert pil[0].size == (16, 16) and array.shape == (1, 16, 16, 3)
+    assert np.abs(np.asarray(pil[0]).astype(int) - np.round(array[0] * 255).astype(int)).max() == 0
+
+
+def test_empty_prompt_is_unconditional_generation(pipe):
+    out = latents_of(pipe, prompt="", seed=1, guidance_scale=7.5)
+    assert torch.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompt": 123}, "prompt must be a string"),
+    ({"prompt": ["ok", None]}, "prompt must be a string"),
+    ({"height": 15}, "height must be a multiple of 2"),
+    ({"width": 0}, "width must be an integer >= 1"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+    ({"sampler": "plms"}, "unknown sampler 'plms'; known: ddpm, ddim"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be a finite number"),
+    ({"eta": float("nan")}, "eta must be a finite number"),
+    ({"guidance_rescale": 2.0}, "guidance_rescale must be"),
+    ({"timestep_spacing": "uniform"}, "unknown timestep_spacing"),
+    ({"output_type": "jpeg"}, "unknown output_type"),
+    ({"seed": -3}, "seed must be a non-negative integer"),
+    ({"latents": torch.zeros(1, 4, 4, 4)}, "latents must have shape"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt must be"),
+])
+def test_bad_settings_fail_with_one_clear_line(pipe, kwargs, message):
+    prompt = kwargs.pop("prompt", "a red circle")
+    with pytest.raises(ValueError, match=message) as err:
+        latents_of(pipe, prompt=prompt, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_long_prompts_are_chunked_not_truncated(pipe):
+    """Words past the 75-token window still change the embedding (A1111-style windows of 75 tokens)."""
+    head = "a red circle on a white background " * 11  # 77 tokens
+    cond_a, uncond = pipe.encode_prompt([head + "blue"], [""])
+    cond_b, _ = pipe.encode_prompt([head + "green"], [""])
+    assert cond_a.shape == uncond.shape == (1, 154, 32)
+    torch.testing.assert_close(cond_a[:, :77], cond_b[:, :77])
+    assert (cond_a[:, 77:] - cond_b[:, 77:]).abs().max() > 1e-3
+
+
+def test_missing_and_incomplete_model_folders_name_the_missing_file(folder, tmp_path):
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        TextToImagePipeline.from_pretrained(tmp_path / "nothing")
+    broken = shutil.copytree(folder, tmp_path / "broken")
+    (broken / "unet" / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"missing file: .*unet/config.json"):
+        TextToImagePipeline.from_pretrained(broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ModelLoadError, match="missing folder: .*vae"):
+        TextToImagePipeline.from_pretrained(broken)
+
+
+def test_pickle_weights_are_refused_unless_allowed(pipe, folder, tmp_path):
+    copy = shutil.copytree(folder, tmp_path / "pickled")
+    (copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(pipe.unet.state_dict(), copy / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle checkpoint"):
+        TextToImagePipeline.from_pretrained(copy)
+    loaded = TextToImagePipeline.from_pretrained(copy, allow_pickle=True)
+    torch.testing.assert_close(latents_of(loaded, seed=4).images, latents_of(pipe, seed=4).images)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not really")
+    with pytest.raises(ModelLoadError, match="pickle checkpoint"):
+        TextToImagePipeline.from_pretrained(ckpt)
+
+
+def test_folder_without_tokenizer_uses_the_shipped_clip_vocabulary(pipe, folder, tmp_path):
+    copy = shutil.copytree(folder, tmp_path / "no-tokenizer")
+    shutil.rmtree(copy / "tokenizer")
+    torch.testing.assert_close(latents_of(TextToImagePipeline.from_pretrained(copy), seed=5).images,
+                               latents_of(pipe, seed=5).images)
+
+
+class Recorder:
+    """An attention controller that records what it sees and optionally flattens cross-attention."""
+
+    def __init__(self, flatten_cross=False):
+        self.calls, self.flatten_cross = [], flatten_cross
+
+    def __call__(self, probs, *, is_cross, place, step):
+        self.calls.append((step, is_cross, place, tuple(probs.shape)))
+        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+        if self.flatten_cross and is_cross:
+            return torch.full_like(probs, 1.0 / probs.shape[-1])
+        return probs
+
+
+def test_attention_controller_sees_every_layer_and_step_and_can_edit(pipe):
+    plain = latents_of(pipe, seed=6, sampler="heun", num_inference_steps=3).images
+    recorder = Recorder()
+    pipe.attention.controller = recorder
+    try:
+        observed = latents_of(pipe, seed=6, sampler="heun", num_inference_steps=3).images
+        pipe.attention.controller = Recorder(flatten_cross=True)
+        edited = latents_of(pipe, seed=6, sampler="heun", num_inference_steps=3).images
+    finally:
+        pipe.attention.controller = None
+    torch.testing.assert_close(observed, plain, atol=1e-5, rtol=1e-5)  # observing changes nothing
+    assert (edited - plain).abs().max() > 1e-3  # replacing the probabilities does
+    places = {place for _, _, place, _ in recorder.calls}
+    assert {p.rsplit(".", 1)[-1] for p in places} == {"attn1", "attn2"}
+    # Heun calls the network twice per step except the last; the step index comes from the sampler
+    steps = [step for step, _, _, _ in recorder.calls]
+    per_call = len(recorder.calls) // 5
+    assert steps == [0] * 2 * per_call + [1] * 2 * per_call + [2] * per_call
+    cross_shapes = {shape for _, is_cross, _, shape in recorder.calls if is_cross}
+    assert all(shape[-1] == 77 and shape[0] == 2 for shape in cross_shapes)  # (uncond + cond, heads, HW, tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_stays_finite_and_close(folder, dtype):
+    full = latents_of(TextToImagePipeline.from_pretrained(folder), seed=8, output_type="np").images
+    low_pipe = TextToImagePipeline.from_pretrained(folder, dtype=dtype)
+    assert low_pipe.vae.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    low = latents_of(low_pipe, seed=8, output_type="np").images
+    assert np.isfinite(low).all()
+    assert np.abs(low - full).mean() < 0.05
+
+
+def test_images_larger_than_the_vae_tile_are_decoded_in_tiles(pipe):
+    latents = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))
+    tiled = pipe.decode(latents)
+    assert tiled.shape == (1, 3, 48, 48)
+    whole = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert torch.corrcoef(torch.stack([tiled.flatten(), whole.flatten()]))[0, 1] > 0.9

@@ -1,0 +1,231 @@
+"""Train the KL autoencoder (diffusers ``AutoencoderKL``) on shapes-world renders.
+
+Loss per micro-batch (Rombach et al. 2022, sec. 3 and appendix G, without the GAN and LPIPS terms):
+``l1 * |x - D(z)| + mse * (x - D(z))^2`` averaged over pixels, plus ``kl * KL(q(z|x) || N(0, I))`` where the KL is
+summed over the latent and divided by the number of pixel values, so ``--kl-weight`` means what SD's 1e-6 means
+(their losses are both summed per image). ``z`` is sampled from the posterior with a seeded generator.
+
+The network is fully convolutional, so it trains on random ``--crop-size`` crops of ``--image-size`` renders
+(4x cheaper at 64 of 128) and is evaluated on whole images. After training, the latent scaling factor is
+1 / std of posterior samples over ``--scale-images`` renders (as SD did), stored in the config as
+``scaling_factor``; reconstruction PSNR (posterior mode, float32) on held-out renders goes to ``metrics.json``.
+
+    python -m train.train_vae --output-dir runs/vae --steps 2400 --batch-size 32
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from train import common
+
+PRESETS: dict[str, dict] = {
+    # x8 downsampling to 4 channels: 128x128x3 -> 16x16x4.
+    "default": {
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "norm_num_groups": 32,
+        "sample_size": 128,
+    },
+    # x2 downsampling, for tests.
+    "tiny": {
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 16,
+    },
+}
+
+RECIPE = "vae"
+INFINITE = 2**31 - 1  # dataset length standing for "a fresh render every time"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.train_vae", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p, steps=2400, batch_size=32, lr=5e-4, checkpoint_every=500, sample_every=500,
+                           warmup=100)
+    g = p.add_argument_group("vae")
+    g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model size")
+    g.add_argument("--image-size", type=int, default=128, help="render size")
+    g.add_argument("--crop-size", type=int, default=64, help="random crop trained on; 0 = whole image")
+    g.add_argument("--num-images", type=common.non_negative_int, default=0,
+                   help="train on the first N renders of --data-seed; 0 = a fresh render for every sample")
+    g.add_argument("--data-seed", type=common.non_negative_int, default=None, help="dataset seed (default --seed)")
+    g.add_argument("--split", default="train", choices=("train", "heldout", "all"), help="shapes-world split")
+    g.add_argument("--l1-weight", type=float, default=1.0)
+    g.add_argument("--mse-weight", type=float, default=1.0)
+    g.add_argument("--kl-weight", type=float, default=1e-6, help="relative to per-image summed reconstruction")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--scale-images", type=common.positive_int, default=512,
+                   help="renders used to measure the latent std for scaling_factor")
+    g.add_argument("--eval-images", type=common.non_negative_int, default=256,
+                   help="held-out renders for the final reconstruction PSNR (0 = skip)")
+    return p
+
+
+class VAEWithPosterior(torch.nn.Module):
+    """One forward through encoder and decoder returning ``(reconstruction, mean, logvar)`` (so accelerate's
+    wrappers see the whole computation)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None):
+        moments = self.vae.encoder(x)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean if noise is None else mean + (0.5 * logvar).exp() * noise.to(mean.dtype)
+        return self.vae.decode(z).sample, mean, logvar
+
+
+def build_vae(config: dict, seed: int):
+    from diffusers import AutoencoderKL
+
+    return common.seeded_init(seed, lambda: AutoencoderKL(**config))
+
+
+def downsample_factor(config: dict) -> int:
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def check_args(args: argparse.Namespace, config: dict) -> None:
+    common.check_common_args(args)
+    from train.shapes import check_image_size
+
+    check_image_size(args.image_size)
+    factor = downsample_factor(config)
+    crop = args.crop_size or args.image_size
+    if not 0 < crop <= args.image_size or crop % factor:
+        raise ValueError(f"--crop-size must be 0 or a multiple of {factor} in (0, --image-size={args.image_size}], "
+                         f"got {args.crop_size}")
+    if args.image_size % factor:
+        raise ValueError(f"--image-size must be a multiple of the VAE's downsampling factor {factor}")
+    if args.data_seed is None:
+        args.data_seed = args.seed
+
+
+def batch_indices(rng, num_images: int, batch: int):
+    """Dataset indices of one micro-batch: fresh renders, or draws from the first ``num_images``."""
+    if num_images == 0:
+        return rng.integers(0, INFINITE, size=batch)
+    return rng.choice(num_images, size=batch, replace=num_images < batch)
+
+
+def load_images(dataset, indices) -> torch.Tensor:
+    return torch.stack([dataset[int(i)]["image"] for i in indices])  # (B, 3, H, W)
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, batch: int = 32, autocast=None):
+    """Posterior means and stds ``(N, C, h, w)`` float32 of images in [-1, 1]."""
+    from contextlib import nullcontext
+
+    means, stds = [], []
+    device = next(vae.parameters()).device
+    for i in range(0, len(images), batch):
+        with autocast() if autocast is not None else nullcontext():
+            dist = vae.encode(images[i:i + batch].to(device)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch: int = 32, autocast=None) -> torch.Tensor:
+    from contextlib import nullcontext
+
+    out = []
+    device = next(vae.parameters()).device
+    for i in range(0, len(images), batch):
+        with autocast() if autocast is not None else nullcontext():
+            z = vae.encode(images[i:i + batch].to(device)).latent_dist.mode()
+            out.append(vae.decode(z).sample.float().cpu())
+    return torch.cat(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from train.shapes import ShapesDataset
+
+    args = build_parser().parse_args(argv)
+    config = common.model_config_from_args(args, PRESETS)
+    check_args(args, config)
+    out = common.ensure_output_dir(args)
+    accelerator = common.make_accelerator(args)
+    log = common.RunLog(out, accelerator.is_main_process)
+
+    dataset = ShapesDataset(args.num_images or INFINITE, args.data_seed, args.image_size, args.split)
+    eval_dataset = ShapesDataset(max(args.eval_images, 8), args.data_seed + common.EVAL_SEED_OFFSET,
+                                 args.image_size, args.split)
+    crop = args.crop_size or args.image_size
+
+    vae = build_vae(config, args.seed)
+    model = VAEWithPosterior(vae)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rank = accelerator.process_index
+
+    def loss_fn(step: int, micro: int) -> torch.Tensor:
+        rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, rank)
+        images = load_images(dataset, batch_indices(rng, args.num_images, args.batch_size))
+        offsets = rng.integers(0, args.image_size - crop + 1, size=(len(images), 2))
+        x = torch.stack([img[:, oy:oy + crop, ox:ox + crop] for img, (oy, ox) in zip(images, offsets)])
+        x = x.to(accelerator.device)  # (B, 3, crop, crop)
+        gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, rank)
+        factor = downsample_factor(config)
+        noise = torch.randn((len(x), config["latent_channels"], crop // factor, crop // factor), generator=gen)
+        with accelerator.autocast():
+            rec, mean, logvar = model(x, noise.to(accelerator.device))
+        rec, mean, logvar = rec.float(), mean.float(), logvar.float()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean() / x[0].numel()
+        diff = rec - x
+        return args.l1_weight * diff.abs().mean() + args.mse_weight * diff.pow(2).mean() + args.kl_weight * kl
+
+    val_images = load_images(eval_dataset, range(8))
+
+    def sample_fn(step: int) -> None:
+        unwrapped = accelerator.unwrap_model(model).vae
+        unwrapped.eval()
+        rec = reconstruct(unwrapped, val_images, autocast=accelerator.autocast)
+        common.save_grid(torch.cat([val_images, rec]), out / "samples" / f"step-{step:07d}.png", nrow=8)
+        log.write(step=step, val_psnr=float(common.psnr(val_images, rec).mean()))
+
+    result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
+                               model=model, optimizer=optimizer, loss_fn=loss_fn,
+                               checkpoint_models={"model": model}, log=log, desc="vae", sample_fn=sample_fn)
+    accelerator.wait_for_everyone()
+    vae = accelerator.unwrap_model(model).vae.eval()
+    metrics = {"steps": args.steps, "params": common.count_parameters(vae),
+               "steps_per_second": result["steps_per_second"], "batch_size": args.batch_size,
+               "crop_size": crop}
+    if accelerator.is_main_process:
+        scale_dataset = ShapesDataset(args.scale_images, args.data_seed, args.image_size, args.split)
+        images = load_images(scale_dataset, range(args.scale_images))
+        mean, std = encode_images(vae, images, autocast=accelerator.autocast)
+        gen = common.torch_generator(args.seed, common.STREAM_EVAL)
+        latents = mean + std * torch.randn(mean.shape, generator=gen)
+        scaling_factor = float(1.0 / latents.std())
+        vae.register_to_config(scaling_factor=scaling_factor)
+        metrics["scaling_factor"] = scaling_factor
+        metrics["latent_mean"] = float(latents.mean())
+        if args.eval_images:
+            held_out = load_images(eval_dataset, range(args.eval_images))
+            rec = reconstruct(vae.float(), held_out)  # float32, posterior mode
+            metrics["psnr_heldout"] = float(common.psnr(held_out, rec).mean())
+            metrics["eval_images"] = args.eval_images
+        vae.save_pretrained(out / "final", safe_serialization=True)
+        common.write_json(out / "metrics.json", metrics)
+        log.write(**{k: v for k, v in metrics.items() if k != "steps"}, final=True)
+        accelerator.print(f"vae: saved {out / 'final'}; " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    accelerator.end_training()
+    return {**result, "metrics": metrics, "final_dir": out / "final"}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
