@@ -1,0 +1,66 @@
+"""Schedules and sigma lists equal diffusers' definitions."""
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler)
+
+from ldm.schedules import DiscreteSchedule, FlowSchedule, make_betas, rescale_zero_terminal_snr
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_alphas_cumprod_match_diffusers(beta_schedule, zero_snr):
+    config = {**SD, "beta_schedule": beta_schedule, "rescale_betas_zero_snr": zero_snr}
+    ours = DiscreteSchedule.from_config(config).alphas_cumprod
+    theirs = EulerDiscreteScheduler(**config).alphas_cumprod
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_zero_terminal_snr_rescale_ends_at_zero_and_keeps_the_start():
+    betas = make_betas("scaled_linear", 1000, 0.00085, 0.012)
+    rescaled = torch.cumprod(1 - rescale_zero_terminal_snr(betas), 0)
+    assert rescaled[-1].item() == pytest.approx(0.0, abs=1e-12)
+    assert rescaled[0].item() == pytest.approx(torch.cumprod(1 - betas, 0)[0].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("spacing, offset", [("leading", 1), ("trailing", 0), ("linspace", 0)])
+@pytest.mark.parametrize("steps", [7, 20, 50])
+def test_euler_sigma_lists_match_diffusers(spacing, offset, steps):
+    schedule = DiscreteSchedule.from_config(SD)
+    theirs = EulerDiscreteScheduler(**SD, timestep_spacing=spacing, steps_offset=offset)
+    theirs.set_timesteps(steps)
+    ours = schedule.sigma_list(steps, spacing, offset)
+    torch.testing.assert_close(ours, theirs.sigmas, rtol=1e-5, atol=1e-6)
+    t_ours = schedule.sigma_to_t(ours[:-1])
+    torch.testing.assert_close(t_ours, theirs.timesteps.float(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("steps", [5, 20])
+def test_karras_sigmas_match_diffusers_dpm(steps):
+    schedule = DiscreteSchedule.from_config(SD)
+    theirs = DPMSolverMultistepScheduler(**SD, use_karras_sigmas=True)
+    theirs.set_timesteps(steps)
+    ours = schedule.sigma_list(steps, "karras")
+    torch.testing.assert_close(ours, theirs.sigmas, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(schedule.sigma_to_t(ours[:-1]).round(), theirs.timesteps.float())
+
+
+def test_ddim_timesteps_match_diffusers():
+    for spacing, offset in (("leading", 1), ("trailing", 0)):
+        theirs = DDIMScheduler(**SD, timestep_spacing=spacing, steps_offset=offset)
+        theirs.set_timesteps(20)
+        ours = DiscreteSchedule.from_config(SD).timesteps(20, spacing, offset)
+        np.testing.assert_array_equal(ours, theirs.timesteps.numpy())
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_sigmas_match_diffusers(shift):
+    theirs = FlowMatchEulerDiscreteScheduler(shift=shift)
+    theirs.set_timesteps(12)
+    ours = FlowSchedule(shift=shift).sigma_list(12)
+    # our sigmas are VE (t / (1 - t)); t = 1 is held just below 1 so the first sigma is finite
+    torch.testing.assert_close(FlowSchedule.sigma_to_t(ours), theirs.sigmas, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(ours).all() and ours[0] > 1e6
