@@ -6,8 +6,10 @@ dtype), then each pipeline at its own defaults. A benchmark, never a test.
 """
 from __future__ import annotations
 
+import inspect
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -65,11 +67,23 @@ def time_alternating(runs: dict, repeats: int, device) -> dict[str, float]:
 
 
 def main(args) -> int:
-    from pipelines.cli import parse_size, pick_device, pick_dtype
+    from pipelines.cli import pick_device, pick_dtype
     from pipelines.text_to_image import TextToImagePipeline
 
     device, dtype = pick_device(args.device), pick_dtype(args.dtype)
-    ours = TextToImagePipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch:
+        model = args.model
+        if args.random_model:
+            from pipelines.random_models import save_random_model
+
+            model = save_random_model(scratch, args.random_model)
+        return run_bench(args, TextToImagePipeline.from_pretrained(model, device=device, dtype=dtype), device, dtype)
+
+
+def run_bench(args, ours, device, dtype) -> int:
+    from pipelines.cli import parse_size
+    from pipelines.text_to_image import TextToImagePipeline
+
     native = ours.unet.config.sample_size * ours.vae_scale_factor
     width, height = parse_size(args.size) if args.size else (native, native)
     matched = diffusers_pipeline(ours.path, args.sampler, device, dtype)
@@ -89,12 +103,16 @@ def main(args) -> int:
         "diffusers": lambda: theirs_default(prompt, generator=seeded(), height=height, width=width),
     }, args.repeats, device)
 
-    print(f"model {ours.path} | {width}x{height} | {dtype} | {device_name(device)} | torch {torch.__version__}")
+    name = f"random-weight '{args.random_model}' preset" if args.random_model else str(ours.path)
+    print(f"model {name} | {width}x{height} | {dtype} | {device_name(device)} | torch {torch.__version__}")
     print(f"same settings ({args.sampler}, {args.steps} steps, CFG {args.cfg}): "
           f"ours {same['ours']:.3f} s/image, diffusers {same['diffusers']:.3f} s/image, "
           f"ratio diffusers/ours {same['diffusers'] / same['ours']:.2f}x")
-    scheduler = type(theirs_default.scheduler).__name__
-    print(f"defaults (ours: dpmpp_2m, 30 steps, CFG 7.5 | diffusers: {scheduler}, 50 steps, CFG 7.5): "
+    ours_defaults = {k: p.default for k, p in inspect.signature(TextToImagePipeline.__call__).parameters.items()}
+    theirs_defaults = {k: p.default for k, p in inspect.signature(type(theirs_default).__call__).parameters.items()}
+    print(f"defaults (ours: {ours_defaults['sampler']}, {ours_defaults['num_inference_steps']} steps, "
+          f"CFG {ours_defaults['guidance_scale']} | diffusers: {type(theirs_default.scheduler).__name__}, "
+          f"{theirs_defaults['num_inference_steps']} steps, CFG {theirs_defaults['guidance_scale']}): "
           f"ours {defaults['ours']:.3f} s/image, diffusers {defaults['diffusers']:.3f} s/image, "
           f"ratio diffusers/ours {defaults['diffusers'] / defaults['ours']:.2f}x")
     return 0

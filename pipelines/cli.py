@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time our pipeline against diffusers' on the same weights")
     bench.add_argument("--model", help="diffusers model folder (default: the shipped model)")
+    bench.add_argument("--random-model", choices=["tiny", "shapes", "sd15"],
+                       help="benchmark a random-weight model of this architecture instead of a folder")
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--cfg", type=float, default=7.5)
     bench.add_argument("--sampler", default="dpmpp_2m")

@@ -1,12 +1,8 @@
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny_models import save_tiny_model  # noqa: E402
+from pipelines.random_models import save_random_model
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +24,7 @@ def tiny_model_factory(tmp_path_factory):
         key = tuple(sorted(scheduler.items()))
         if key not in cache:
             folder = tmp_path_factory.mktemp("tiny-model")
-            cache[key] = save_tiny_model(folder, scheduler)
+            cache[key] = save_random_model(folder, "tiny", scheduler)
         return cache[key]
 
     return make

@@ -1,0 +1,106 @@
+"""Random-weight models of named sizes, saved as diffusers folders: for tests (``tiny``) and for benchmarks
+(``shapes``: the shipped default model's architecture; ``sd15``: Stable Diffusion 1.5's). Seeded; nothing is
+downloaded. A small registry of size presets in the manner of DiT's ``DiT_models``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SD_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+}
+
+# preset -> (UNet kwargs, VAE kwargs, CLIP text kwargs)
+PRESETS = {
+    "tiny": (
+        dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
+             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+             attention_head_dim=8),
+        dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16),
+        dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    "shapes": (
+        dict(sample_size=16, layers_per_block=1, block_out_channels=(64, 128, 256), cross_attention_dim=128,
+             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=32),
+        dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, sample_size=128),
+        dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+    ),
+    "sd15": (
+        dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8),
+        dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    ),
+}
+
+
+def random_components(preset: str = "tiny", seed: int = 0):
+    """UNet2DConditionModel, AutoencoderKL and CLIPTextModel of a preset's sizes, from ``torch.manual_seed(seed)``;
+    the text model uses the real CLIP vocabulary (49 408 tokens)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
+    unet_kwargs, vae_kwargs, text_kwargs = PRESETS[preset]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, norm_num_groups=32, **unet_kwargs)
+    blocks = len(vae_kwargs["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+                        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                        **vae_kwargs)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407, **text_kwargs))
+    return unet.eval(), vae.eval(), text_encoder.eval()
+
+
+def save_random_model(folder: str | Path, preset: str = "tiny", scheduler: dict | None = None,
+                      seed: int = 0) -> Path:
+    """Write a complete StableDiffusionPipeline folder; ``scheduler`` overrides SD's scheduler config."""
+    from ldm.text import load_tokenizer, save_tokenizer
+
+    folder = Path(folder)
+    unet, vae, text_encoder = random_components(preset, seed)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    save_tokenizer(load_tokenizer(), folder / "tokenizer")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD_SCHEDULER, **(scheduler or {})}))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False}))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.random_models FOLDER [--preset tiny|shapes|sd15]``: write a random-weight model."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(save_random_model(args.folder, args.preset, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

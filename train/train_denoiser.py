@@ -1,0 +1,368 @@
+"""Train the latent denoiser (diffusers ``UNet2DConditionModel``) on shapes-world renders.
+
+Noise schedule: SD's scaled-linear betas (0.00085 -> 0.012, T = 1000) rescaled to zero terminal SNR, with
+v-prediction (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). The shapes world
+has flat pure-white and pure-black backgrounds; with SD's original schedule the last training step still leaks
+``sqrt(alpha_bar_T) ~ 0.068`` of the image, so a model never learns to produce an image whose mean is far from
+the noise's (mean 0 = mid-gray) and pure white/black backgrounds come out washed out. Zero terminal SNR removes
+the leak; at SNR 0 an epsilon target is degenerate (the input is pure noise), so the target is
+``v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0`` (Salimans & Ho 2022), and samplers start at the last timestep
+("trailing" spacing). ``ab_t`` comes from ``ldm.schedules.DiscreteSchedule`` (its last value clipped to 2^-24,
+as diffusers does).
+
+Data: ``--num-images`` renders are encoded once through the frozen VAE (posterior mean and std are cached in
+``--latent-cache``); every step samples ``z = mean + std * n`` and multiplies it by the VAE's ``scaling_factor``.
+Each image has ``--caption-variants`` captions (freshly worded descriptions of the same scene, pre-tokenized);
+a random one is used per sample, replaced by the empty caption with probability ``--uncond-prob`` (for
+classifier-free guidance). Captions are encoded on the fly by the frozen text encoder (all 77 hidden states).
+An EMA of the weights (``--ema-decay``) is what ``final/unet`` holds. Sample grids use ``ldm.samplers.sample_ddim``
+through ``ldm.denoiser.Denoiser`` and ``ldm.guidance.CFGDenoiser``.
+
+    python -m train.train_denoiser --output-dir runs/unet --vae runs/vae/final \\
+        --text-encoder runs/text/final/text_encoder --tokenizer runs/text/final/tokenizer
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from train import common
+
+SCHEDULE_CONFIG: dict = {
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+}
+
+PRESETS: dict[str, dict] = {
+    # sample_size, in/out_channels and cross_attention_dim are filled in from the VAE and the text encoder.
+    "default": {
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [64, 128, 128], "layers_per_block": 1, "attention_head_dim": 4,
+        "norm_num_groups": 32,
+    },
+    "tiny": {
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 2, "norm_num_groups": 8,
+    },
+}
+
+SAMPLE_PROMPTS = (
+    "a red circle at the top left on a white background",
+    "a blue square in the center on a black background",
+    "a large yellow triangle at the bottom right on gray",
+    "a green circle to the left of a purple square",
+    "a small orange square at the top on white",
+    "a red triangle above a blue circle on a black background",
+    "a purple triangle in the center on a white background",  # a held-out combination
+    "",  # unconditional
+)
+
+RECIPE = "denoiser"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.train_denoiser", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p, steps=6000, batch_size=64, lr=3e-4, checkpoint_every=500, sample_every=1000,
+                           warmup=200)
+    g = p.add_argument_group("denoiser")
+    g.add_argument("--vae", required=True, help="folder of the trained AutoencoderKL (config.json + weights)")
+    g.add_argument("--text-encoder", required=True, help="folder of the trained CLIPTextModel")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (default: <text-encoder>/../tokenizer if present, else standard CLIP BPE)")
+    g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="UNet size")
+    g.add_argument("--image-size", type=int, default=128, help="render size (latents are this / VAE factor)")
+    g.add_argument("--num-images", type=common.positive_int, default=30000, help="renders encoded once")
+    g.add_argument("--caption-variants", type=common.positive_int, default=4, help="captions per image")
+    g.add_argument("--data-seed", type=common.non_negative_int, default=None, help="dataset seed (default --seed)")
+    g.add_argument("--split", default="train", choices=("train", "heldout", "all"), help="shapes-world split")
+    g.add_argument("--latent-cache", default=None,
+                   help="safetensors file of encoded latents (default <output-dir>/latents.safetensors); "
+                        "rebuilt when it does not match the VAE/data flags")
+    g.add_argument("--uncond-prob", type=float, default=0.1, help="probability of training on the empty caption")
+    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights; 0 = no EMA")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--sample-steps", type=common.positive_int, default=25, help="DDIM steps for the sample grids")
+    g.add_argument("--sample-guidance", type=float, default=5.0, help="CFG scale for the sample grids")
+    return p
+
+
+# --------------------------------------------------------------------------- the forward process
+
+
+def alphas_cumprod() -> torch.Tensor:
+    from ldm.schedules import DiscreteSchedule
+
+    return DiscreteSchedule.from_config(SCHEDULE_CONFIG).alphas_cumprod  # (T,)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor):
+    """``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` and the v target ``sqrt(ab) eps - sqrt(1 - ab) x0``
+    (Salimans & Ho 2022, sec. 4); ``alpha_bar`` is ``(B,)``."""
+    a = alpha_bar.sqrt().view(-1, 1, 1, 1)
+    s = (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
+    return a * x0 + s * noise, a * noise - s * x0
+
+
+# --------------------------------------------------------------------------- components
+
+
+def resolve_tokenizer_dir(args: argparse.Namespace) -> Path | None:
+    if args.tokenizer is not None:
+        folder = Path(args.tokenizer)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--tokenizer folder {folder} does not exist")
+        return folder
+    sibling = Path(args.text_encoder).parent / "tokenizer"
+    return sibling if sibling.is_dir() else None
+
+
+def load_components(args: argparse.Namespace):
+    """The frozen VAE, text encoder and tokenizer, with clear errors for missing files."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from ldm.text import load_tokenizer
+
+    vae_dir = common.require_model_folder(args.vae, "--vae")
+    text_dir = common.require_model_folder(args.text_encoder, "--text-encoder")
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, torch_dtype=torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(str(text_dir), local_files_only=True,
+                                                 torch_dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(resolve_tokenizer_dir(args))
+    if len(tokenizer) > text_encoder.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder only "
+                         f"{text_encoder.config.vocab_size}")
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    return vae, text_encoder, tokenizer
+
+
+def unet_config(preset: dict, vae_config, text_config, image_size: int) -> dict:
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    if image_size % factor:
+        raise ValueError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {factor}")
+    levels = len(preset["block_out_channels"]) - 1
+    if (image_size // factor) % (2**levels):
+        raise ValueError(f"latent size {image_size // factor} is not divisible by the UNet's {2**levels}x "
+                         f"downsampling")
+    return {**preset, "sample_size": image_size // factor, "in_channels": vae_config.latent_channels,
+            "out_channels": vae_config.latent_channels, "cross_attention_dim": text_config.hidden_size}
+
+
+def build_unet(config: dict, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    return common.seeded_init(seed, lambda: UNet2DConditionModel(**config))
+
+
+# --------------------------------------------------------------------------- latent cache
+
+
+def _cache_meta(args: argparse.Namespace, vae) -> dict:
+    weights = sum(float(p.double().abs().sum()) for p in vae.parameters())
+    return {"vae_config": {k: v for k, v in dict(vae.config).items() if not k.startswith("_")},
+            "vae_weights_abs_sum": round(weights, 3), "num_images": args.num_images,
+            "caption_variants": args.caption_variants, "data_seed": args.data_seed, "image_size": args.image_size,
+            "split": args.split, "version": 1}
+
+
+@torch.no_grad()
+def build_latent_cache(args: argparse.Namespace, vae, tokenizer, autocast, device) -> dict:
+    """Encode ``--num-images`` renders: posterior mean/std (N, C, h, w) and caption token ids (N, V, 77)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ldm.text import tokenize_batch
+    from train.shapes import ShapesDataset, caption
+
+    dataset = ShapesDataset(args.num_images, args.data_seed, args.image_size, args.split)
+    means, stds, ids = [], [], []
+    batch = 64
+    vae = vae.to(device)
+    for start in tqdm(range(0, args.num_images, batch), desc="encoding renders", dynamic_ncols=True):
+        items = [dataset[i] for i in range(start, min(start + batch, args.num_images))]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        with autocast():
+            dist = vae.encode(images).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+        captions = []
+        for offset, it in enumerate(items):
+            captions.append(it["caption"])
+            for v in range(1, args.caption_variants):
+                rng = np.random.default_rng([args.data_seed, common.STREAM_DATA, start + offset, v])
+                captions.append(caption(it["scene"], rng))
+        tokens = tokenize_batch(tokenizer, captions)  # (n * V, W, 77)
+        if tokens.shape[1] != 1:
+            raise ValueError("a caption is longer than one 77-token window")
+        ids.append(tokens[:, 0].reshape(len(items), args.caption_variants, -1).to(torch.int32))
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "ids": torch.cat(ids)}
+
+
+def load_or_build_cache(args: argparse.Namespace, vae, tokenizer, accelerator, path: Path) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    meta = _cache_meta(args, vae)
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            saved = json.loads((f.metadata() or {}).get("meta", "null"))
+        if saved == json.loads(json.dumps(meta)):
+            return load_file(str(path))
+        accelerator.print(f"latent cache {path} was made with other VAE/data settings; rebuilding it")
+    cache = build_latent_cache(args, vae, tokenizer, accelerator.autocast, accelerator.device)
+    if accelerator.is_main_process:
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in cache.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
+        tmp.replace(path)
+    return cache
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_images(unet, vae, text_encoder, tokenizer, prompts, generator: torch.Generator, steps: int = 25,
+                  guidance: float = 5.0, autocast=None) -> torch.Tensor:
+    """Generate one image per prompt with DDIM (trailing spacing, ends at sigma 0) and CFG; ``(N, 3, H, W)``."""
+    from contextlib import nullcontext
+
+    from ldm.denoiser import Denoiser
+    from ldm.guidance import CFGDenoiser
+    from ldm.samplers import randn_like, sample_ddim
+    from ldm.schedules import DiscreteSchedule
+    from ldm.text import encode_tokens, tokenize_batch
+
+    autocast = autocast or nullcontext
+    device = next(unet.parameters()).device
+    with autocast():
+        cond = encode_tokens(text_encoder, tokenize_batch(tokenizer, list(prompts))).float()
+        uncond = encode_tokens(text_encoder, tokenize_batch(tokenizer, [""] * len(prompts))).float()
+
+    def network(x_in, t, c):
+        with autocast():
+            return unet(x_in, t.to(device), encoder_hidden_states=c).sample
+
+    schedule = DiscreteSchedule.from_config(SCHEDULE_CONFIG)
+    denoiser = Denoiser(network, schedule, "v_prediction")
+    model = CFGDenoiser(denoiser, cond, uncond, scale=guidance)
+    sigmas = schedule.sigma_list(steps, "trailing", final_sigma="zero")
+    size = unet.config.sample_size
+    shape = torch.empty(len(prompts), unet.config.in_channels, size, size, device=device)
+    x = randn_like(shape, generator) * denoiser.noise_scale(float(sigmas[0]))
+    latents = sample_ddim(model, x, sigmas)
+    with autocast():
+        images = vae.decode(latents / vae.config.scaling_factor).sample
+    return images.float().clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ldm.text import token_windows
+    from train.shapes import check_image_size
+
+    args = build_parser().parse_args(argv)
+    common.check_common_args(args)
+    if not 0.0 <= args.uncond_prob <= 1.0:
+        raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    check_image_size(args.image_size)
+    if args.data_seed is None:
+        args.data_seed = args.seed
+    vae, text_encoder, tokenizer = load_components(args)
+    preset = common.model_config_from_args(args, PRESETS)
+    config = unet_config(preset, vae.config, text_encoder.config, args.image_size)
+    out = common.ensure_output_dir(args)
+    accelerator = common.make_accelerator(args)
+    log = common.RunLog(out, accelerator.is_main_process)
+    device = accelerator.device
+
+    cache = load_or_build_cache(args, vae, tokenizer, accelerator, Path(args.latent_cache or out / "latents.safetensors"))
+    lat_mean, lat_std, cap_ids = cache["mean"].float(), cache["std"].float(), cache["ids"].long()
+    scaling = float(vae.config.scaling_factor)
+    empty_ids = torch.tensor(token_windows(tokenizer, "")[0])  # (77,)
+    text_encoder.to(device)
+    vae.to(device)
+    ab = alphas_cumprod().to(device)
+
+    unet = build_unet(config, args.seed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = {k: v.detach().clone().float() for k, v in unwrapped.state_dict().items()} if args.ema_decay else None
+    rank = accelerator.process_index
+    n = len(lat_mean)
+
+    def loss_fn(step: int, micro: int) -> torch.Tensor:
+        rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, rank)
+        idx = torch.from_numpy(rng.integers(0, n, size=args.batch_size))
+        variant = torch.from_numpy(rng.integers(0, args.caption_variants, size=args.batch_size))
+        drop = torch.from_numpy(rng.random(args.batch_size) < args.uncond_prob)
+        ids = cap_ids[idx, variant]  # (B, 77)
+        ids[drop] = empty_ids
+        gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, rank)
+        shape = lat_mean[idx].shape
+        x0 = (lat_mean[idx] + lat_std[idx] * torch.randn(shape, generator=gen)) * scaling  # (B, C, h, w)
+        t = torch.randint(0, len(ab), (args.batch_size,), generator=gen)
+        noise = torch.randn(shape, generator=gen)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        x_t, v = add_noise(x0, noise, ab[t])
+        with accelerator.autocast():
+            with torch.no_grad():
+                cond = text_encoder(ids.to(device))[0]  # (B, 77, D)
+            pred = model(x_t, t, encoder_hidden_states=cond).sample
+        return torch.nn.functional.mse_loss(pred.float(), v)
+
+    def after_step(step: int) -> None:
+        if ema is None:
+            return
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            params = [v for v in unwrapped.state_dict().values()]
+            torch._foreach_lerp_(list(ema.values()), [p.float() for p in params], 1.0 - decay)
+
+    def averaged_unet():
+        net = copy.deepcopy(unwrapped)
+        if ema is not None:
+            net.load_state_dict(ema)
+        return net.eval()
+
+    def sample_fn(step: int) -> None:
+        gen = common.torch_generator(args.seed, common.STREAM_SAMPLE)
+        images = sample_images(averaged_unet(), vae, text_encoder, tokenizer, SAMPLE_PROMPTS, gen,
+                               args.sample_steps, args.sample_guidance, accelerator.autocast)
+        common.save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=len(SAMPLE_PROMPTS))
+
+    models = {"model": model} if ema is None else {"model": model, "ema": ema}
+    result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
+                               model=model, optimizer=optimizer, loss_fn=loss_fn, checkpoint_models=models,
+                               log=log, desc="denoiser", after_step=after_step, sample_fn=sample_fn)
+    accelerator.wait_for_everyone()
+    metrics = {"steps": args.steps, "params": common.count_parameters(unwrapped), "batch_size": args.batch_size,
+               "steps_per_second": result["steps_per_second"], "num_images": n,
+               "final_loss": result["losses"][-1] if result["losses"] else None}
+    if accelerator.is_main_process:
+        final = averaged_unet()
+        final.save_pretrained(out / "final" / "unet", safe_serialization=True)
+        common.write_json(out / "final" / "schedule.json", SCHEDULE_CONFIG)
+        common.write_json(out / "metrics.json", metrics)
+        log.write(**{k: v for k, v in metrics.items() if k != "steps"}, final=True)
+        accelerator.print(f"denoiser: saved {out / 'final' / 'unet'}; " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    accelerator.end_training()
+    return {**result, "metrics": metrics, "final_dir": out / "final"}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
