@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", help="N or WxH (default: the model's native size)")
     bench.set_defaults(run=cmd_bench)
 
+    commands.add_parser("eval", help="score a model with the shapes-world evaluator (ldm eval -h)", add_help=False)
+
     train = commands.add_parser("train", help="training recipes (see train/README.md)")
     train.add_argument("recipe", choices=sorted(TRAIN_RECIPES))
     train.add_argument("recipe_args", nargs=argparse.REMAINDER, help="the recipe's own options")
@@ -181,14 +183,25 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # its options belong to train/eval_model.py
+        from train.eval_model import main as eval_main
+
+        quiet_libraries()
+        return run_reporting_errors(eval_main, argv[1:])
     args = build_parser().parse_args(argv)
     if args.command != "train":
         quiet_libraries()
     if getattr(args, "n", 1) < 1:
         print("ldm: error: --n must be >= 1", file=sys.stderr)
         return 2
+    return run_reporting_errors(args.run, args)
+
+
+def run_reporting_errors(command, arguments) -> int:
+    """Run a command; an error in what the user asked for becomes one line on stderr and exit status 2."""
     try:
-        return args.run(args)
+        return command(arguments)
     except (ValueError, FileNotFoundError) as err:
         print(f"ldm: error: {err}", file=sys.stderr)
         return 2

@@ -274,6 +274,8 @@ def _describe(
     ys, xs = np.nonzero(filled)
     centroid = (float(xs.mean() + 0.5), float(ys.mean() + 0.5))
     outline = filled if coverage is None else _subpixel_mask(coverage, filled)
+    if not outline.any():  # generated images can have faint blobs whose sub-pixel outline is empty
+        outline = filled
     outline_ys, outline_xs = np.nonzero(outline)
     outline_centroid = (outline_xs.mean() + 0.5, outline_ys.mean() + 0.5)
     shape = classify_shape(outline, 1.0 - component.sum() / len(xs), outline_centroid, shapes)
