@@ -86,6 +86,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int, batch_size: 
                    help="keep the newest N checkpoints (default %(default)s)")
     g.add_argument("--resume", default=None, metavar="PATH|latest",
                    help="continue from a checkpoint folder, or the newest one in --output-dir/checkpoints")
+    g.add_argument("--stop-after", type=non_negative_int, default=0,
+                   help="leave after N steps of this invocation with a checkpoint (0 = run to --steps); for "
+                        "time-sliced jobs, continue with --resume latest")
     g.add_argument("--sample-every", type=non_negative_int, default=sample_every,
                    help="write samples / validation metrics every N steps; 0 = only at the end (default %(default)s)")
     g.add_argument("--log-every", type=positive_int, default=10, help="append to log.jsonl every N steps")
@@ -365,7 +368,8 @@ def ensure_output_dir(args: argparse.Namespace) -> Path:
 def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_config: dict, model, optimizer,
                loss_fn, checkpoint_models: dict, log: RunLog, desc: str, after_step=None, sample_fn=None,
                max_grad_norm: float | None = 1.0) -> dict:
-    """Run optimizer steps ``start..args.steps-1``; returns ``{"losses", "start_step", "steps_per_second"}``.
+    """Run optimizer steps ``start..args.steps-1`` (or ``--stop-after`` of them); returns ``{"losses",
+    "start_step", "end_step", "finished", "steps_per_second"}``.
 
     ``loss_fn(step, micro)`` returns the scalar loss of one micro-batch (its data and noise drawn from generators
     keyed by step and micro); ``after_step(step)`` runs after each optimizer step (EMA, clamps);
@@ -378,13 +382,15 @@ def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_conf
         state = load_checkpoint(resume_from, recipe, model_config, checkpoint_models, optimizer, accelerator)
         start = int(state["step"])
         accelerator.print(f"resumed from {resume_from} at step {start}")
-    elif args.resume is not None and args.resume != "latest":
-        raise FileNotFoundError(f"--resume {args.resume}: not found")
+    elif args.resume is None and list_checkpoints(args.output_dir):
+        raise ValueError(f"{args.output_dir} already holds checkpoints of a run; continue it with --resume latest "
+                         f"or use a new --output-dir")
+    end = min(args.steps, start + args.stop_after) if args.stop_after else args.steps
     losses: list[float] = []
     bar = progress_bar(accelerator, args.steps, start, desc)
     t0, done = time.perf_counter(), 0
     running = None
-    for step in range(start, args.steps):
+    for step in range(start, end):
         lr = lr_at(step, args)
         set_lr(optimizer, lr)
         model.train()
@@ -412,7 +418,7 @@ def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_conf
         if number % args.log_every == 0 or number == args.steps:
             log.write(step=number, loss=total, loss_avg=running, lr=lr,
                       steps_per_second=done / (time.perf_counter() - t0))
-        if accelerator.is_main_process and (number == args.steps or (
+        if accelerator.is_main_process and (number == end or (
                 args.checkpoint_every and number % args.checkpoint_every == 0)):
             save_checkpoint(args.output_dir, number, recipe, model_config, checkpoint_models, optimizer,
                             accelerator, keep=args.keep_checkpoints)
@@ -421,4 +427,6 @@ def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_conf
             sample_fn(number)
     bar.close()
     elapsed = time.perf_counter() - t0
-    return {"losses": losses, "start_step": start, "steps_per_second": done / elapsed if done else None}
+    accelerator.wait_for_everyone()
+    return {"losses": losses, "start_step": start, "end_step": max(start, end), "finished": end >= args.steps,
+            "steps_per_second": done / elapsed if done else None}

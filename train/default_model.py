@@ -26,8 +26,8 @@ from train import common
 MAX_BYTES = 40_000_000
 
 # Defaults sized for ~110 minutes on a 2-core AVX-512-BF16 CPU in bf16 (see train/README.md for the numbers).
-FULL = {"vae_steps": 2400, "vae_batch_size": 32, "text_steps": 2000, "text_batch_size": 128,
-        "denoiser_steps": 7000, "denoiser_batch_size": 64, "num_images": 30000}
+FULL = {"vae_steps": 2000, "vae_batch_size": 8, "text_steps": 3300, "text_batch_size": 128,
+        "denoiser_steps": 7000, "denoiser_batch_size": 64, "num_images": 24000}
 
 SCHEDULER_CONFIG = {
     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the diffusers folder to write (replaced if present)")
     p.add_argument("--preset", default="default", choices=("default", "tiny"), help="model sizes of all stages")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--crop-size", type=int, default=64, help="VAE training crop")
+    p.add_argument("--crop-size", type=int, default=0, help="VAE training crop (0 = whole images)")
     p.add_argument("--mixed-precision", choices=common.PRECISIONS, default="bf16")
     p.add_argument("--seed", type=common.non_negative_int, default=0)
     p.add_argument("--grad-accum", type=common.positive_int, default=1)
@@ -78,26 +78,28 @@ def run_stages(args: argparse.Namespace) -> dict[str, Path]:
     runs = {"vae": work / "vae", "text": work / "text", "unet": work / "unet"}
     timings = {}
     stages = [
-        ("vae", args.vae_steps, train_vae.main, _common_flags(args, runs["vae"], args.vae_steps, args.vae_batch_size)
+        ("vae", args.vae_steps, train_vae.run, _common_flags(args, runs["vae"], args.vae_steps, args.vae_batch_size)
          + ["--image-size", str(args.image_size), "--crop-size", str(args.crop_size)]),
-        ("text", args.text_steps, train_text_encoder.main,
+        ("text", args.text_steps, train_text_encoder.run,
          _common_flags(args, runs["text"], args.text_steps, args.text_batch_size)),
-        ("unet", args.denoiser_steps, train_denoiser.main,
+        ("unet", args.denoiser_steps, train_denoiser.run,
          _common_flags(args, runs["unet"], args.denoiser_steps, args.denoiser_batch_size)
          + ["--vae", str(runs["vae"] / "final"), "--text-encoder", str(runs["text"] / "final" / "text_encoder"),
             "--tokenizer", str(runs["text"] / "final" / "tokenizer"), "--image-size", str(args.image_size),
             "--num-images", str(args.num_images)]),
     ]
-    for name, steps, stage_main, flags in stages:
+    for name, steps, stage_run, flags in stages:
         if _stage_done(runs[name], steps):
             print(f"[default_model] stage {name}: already finished in {runs[name]}, skipping")
             continue
         print(f"[default_model] stage {name}: {' '.join(flags)}")
         start = time.perf_counter()
-        stage_main(flags)
+        stage_run(flags)
         timings[name] = round(time.perf_counter() - start, 1)
         print(f"[default_model] stage {name} took {timings[name]:.0f} s")
-    common.write_json(work / "timings.json", timings)
+    timings_file = work / "timings.json"
+    previous = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    common.write_json(timings_file, {**previous, **timings})
     return runs
 
 
@@ -116,6 +118,15 @@ def save_text_encoder(text_encoder, folder: Path) -> None:
     from safetensors.torch import save_file
 
     text_encoder.save_pretrained(str(folder), safe_serialization=True)
+    # Record float32 as the dtype to load with: transformers 5 loads with dtype="auto" (the config's dtype, else
+    # the weights'), diffusers loads its models in float32, and StableDiffusionPipeline.from_pretrained(folder)
+    # without a dtype then fails on a float16 text encoder feeding a float32 UNet. The weights stay float16.
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "float32"
+    if "torch_dtype" in config:
+        config["torch_dtype"] = "float32"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state = text_encoder.state_dict()
     prefixed = {(k if k.startswith("text_model.") else "text_model." + k): v.contiguous() for k, v in state.items()}
     for file in folder.glob("*.safetensors"):
@@ -160,13 +171,13 @@ def assemble(vae_dir, text_encoder_dir, unet_dir, output, tokenizer_dir=None, dt
     unet_dir = common.require_model_folder(unet_dir, "unet")
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist")
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, torch_dtype=torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(str(text_encoder_dir), local_files_only=True,
-                                                 torch_dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(str(text_encoder_dir), local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir), local_files_only=True)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_compatible(vae, text_encoder, unet)
-    vae, text_encoder, unet = vae.to(dtype), text_encoder.to(dtype), unet.to(dtype)
+    # Round float32 training weights to ``dtype`` (nn.Module.to: diffusers' own .to() warns about nothing here).
+    vae, text_encoder, unet = (torch.nn.Module.to(m, dtype) for m in (vae, text_encoder, unet))
 
     output = Path(output)
     tmp = output.with_name(output.name + ".tmp")
@@ -213,7 +224,7 @@ def verify_folder(folder) -> dict:
     from ldm.text import load_tokenizer
 
     folder = Path(folder)
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     tokenizer = load_tokenizer(folder / "tokenizer")
     prompt = "a red circle at the top left on a white background"
     if tokenizer(prompt).input_ids != load_tokenizer()(prompt).input_ids:
@@ -241,7 +252,8 @@ def model_card(runs: dict[str, Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Run the recipe with command-line ``argv``; returns losses, throughput, metrics and the output folder."""
     args = build_parser().parse_args(argv)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     runs = run_stages(args)
@@ -254,5 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry (``ldm train ...`` calls this): runs :func:`run`, returns the exit status 0."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

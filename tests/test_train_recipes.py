@@ -1,0 +1,232 @@
+"""Smoke-scale checks of the training recipes on tiny models and tiny renders (train/).
+
+What is checked: the v-prediction training target agrees with the inference-time denoiser; the VAE and the
+denoiser overfit a fixed small batch; a run interrupted half-way and resumed equals the straight run; a
+checkpoint of another model config is refused; bad inputs fail clearly; the whole default recipe (at tiny
+scale) assembles a float16 diffusers folder that StableDiffusionPipeline and ldm.text load offline.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from train import default_model, train_denoiser, train_text_encoder, train_vae
+
+FAST = ["--mixed-precision", "no", "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("LDM_NO_PROGRESS", "1")
+
+
+def vae_args(out, *extra):
+    return ["--output-dir", str(out), "--preset", "tiny", "--image-size", "16", "--crop-size", "8",
+            "--batch-size", "4", "--eval-images", "8", "--scale-images", "16", *FAST, *extra]
+
+
+def text_args(out, *extra):
+    return ["--output-dir", str(out), "--preset", "tiny", "--batch-size", "8", "--eval-images", "8", *FAST, *extra]
+
+
+def denoiser_args(out, vae_dir, text_dir, *extra):
+    return ["--output-dir", str(out), "--preset", "tiny", "--vae", str(vae_dir), "--text-encoder",
+            str(text_dir / "text_encoder"), "--tokenizer", str(text_dir / "tokenizer"), "--image-size", "16",
+            "--num-images", "16", "--caption-variants", "2", "--batch-size", "8", "--sample-steps", "2", *FAST,
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    """A tiny VAE and text encoder trained for two steps each (inputs of the denoiser). The VAE's posterior std
+    is then set to ~1e-3 (and the scaling factor to 1 / std of the means): a two-step VAE's latents are almost
+    pure posterior noise, which would leave the denoiser nothing to learn in the overfitting test."""
+    from diffusers import AutoencoderKL
+
+    from train.shapes import ShapesDataset
+
+    root = tmp_path_factory.mktemp("components")
+    train_vae.run(vae_args(root / "vae", "--steps", "2"))
+    train_text_encoder.run(text_args(root / "text", "--steps", "2"))
+    vae = AutoencoderKL.from_pretrained(str(root / "vae" / "final"))
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.bias[channels:] = -14.0
+        images = torch.stack([ShapesDataset(16, 0, 16)[i]["image"] for i in range(16)])
+        mean = vae.encode(images).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1 / mean.std()))
+    vae.save_pretrained(str(root / "vae" / "final"))
+    return root / "vae" / "final", root / "text" / "final"
+
+
+def test_v_target_matches_the_inference_denoiser():
+    """x_t and v built for training, fed to ldm's v-prediction Denoiser (VE view x = x_t / sqrt(ab), sigma =
+    sqrt((1 - ab) / ab)) with a network that returns the true v, give back x0 and the training timestep."""
+    from ldm.denoiser import Denoiser
+    from ldm.schedules import DiscreteSchedule
+
+    schedule = DiscreteSchedule.from_config(train_denoiser.SCHEDULE_CONFIG)
+    ab = train_denoiser.alphas_cumprod()
+    assert ab[-1] == pytest.approx(2.0**-24)  # zero terminal SNR, clipped like diffusers
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 17, 500, 998])
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    x_t, v = train_denoiser.add_noise(x0, noise, ab[t])
+    sigma = ((1 - ab[t]) / ab[t]).sqrt()
+    denoiser = Denoiser(lambda x_in, timestep, cond: v, schedule, "v_prediction")
+    x_ve = x_t / ab[t].sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(denoiser(x_ve, sigma, None), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(denoiser.timestep(sigma), t.float(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(denoiser.model_output(x_ve, sigma, None), v)  # the network saw x_t
+
+
+def _first_last(losses, k=4):
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+def test_vae_overfits_a_fixed_batch(tmp_path):
+    result = train_vae.run(vae_args(tmp_path, "--steps", "20", "--num-images", "4", "--crop-size", "0",
+                                     "--lr", "3e-3", "--warmup", "0", "--sample-every", "0", "--eval-images", "0"))
+    first, last = _first_last(result["losses"])
+    assert last < 0.75 * first, result["losses"]
+    assert (tmp_path / "samples" / "step-0000020.png").is_file()
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert config["scaling_factor"] == pytest.approx(metrics["scaling_factor"])
+    assert config["scaling_factor"] != pytest.approx(0.18215)
+
+
+def test_denoiser_overfits_a_fixed_batch(tmp_path, components):
+    vae_dir, text_dir = components
+    result = train_denoiser.run(denoiser_args(tmp_path, vae_dir, text_dir, "--steps", "20", "--num-images", "4",
+                                               "--batch-size", "32", "--lr", "2e-3", "--warmup", "0",
+                                               "--sample-every", "0"))
+    first, last = _first_last(result["losses"])
+    assert last < 0.75 * first, result["losses"]
+    assert (tmp_path / "samples" / "step-0000020.png").is_file()
+
+
+def _recipe_runs(name, components):
+    vae_dir, text_dir = components
+    return {
+        "vae": (train_vae.run, lambda out, *x: vae_args(out, *x), ["model"]),
+        "text": (train_text_encoder.run, lambda out, *x: text_args(out, *x), ["model"]),
+        "denoiser": (train_denoiser.run, lambda out, *x: denoiser_args(out, vae_dir, text_dir, *x),
+                     ["model", "ema"]),
+    }[name]
+
+
+@pytest.mark.parametrize("recipe,precision", [("vae", "no"), ("text", "no"), ("denoiser", "no"),
+                                              ("denoiser", "bf16")])
+def test_resume_equals_the_straight_run(tmp_path, components, recipe, precision):
+    run, make_args, names = _recipe_runs(recipe, components)
+    # (a later --mixed-precision overrides the one in FAST)
+    flags = ["--steps", "4", "--warmup", "2", "--sample-every", "0", "--checkpoint-every", "0",
+             "--mixed-precision", precision]
+    run(make_args(tmp_path / "straight", *flags))
+    first = run(make_args(tmp_path / "split", *flags, "--stop-after", "2"))
+    assert not first["finished"] and not (tmp_path / "split" / "final").exists()
+    second = run(make_args(tmp_path / "split", *flags, "--resume", "latest"))
+    assert second["start_step"] == 2 and len(second["losses"]) == 2
+    halfway = load_file(str(tmp_path / "split" / "checkpoints" / "step-0000002" / "model.safetensors"))
+    for name in names:
+        a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-0000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "split" / "checkpoints" / "step-0000004" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-7, rtol=1e-6, msg=f"{name}.{key}")
+    final = load_file(str(tmp_path / "straight" / "checkpoints" / "step-0000004" / "model.safetensors"))
+    assert any(not torch.equal(final[k], halfway[k]) for k in final)  # the last two steps did change weights
+
+
+def test_resume_from_another_model_config_is_refused(tmp_path):
+    train_vae.run(vae_args(tmp_path, "--steps", "2", "--stop-after", "1"))
+    other = dict(train_vae.PRESETS["tiny"], block_out_channels=[8, 8])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"different model config \(block_out_channels"):
+        train_vae.run(vae_args(tmp_path, "--steps", "2", "--resume", "latest", "--model-config",
+                                str(tmp_path / "other.json")))
+    with pytest.raises(ValueError, match="recipe 'vae', not 'text-encoder'"):
+        train_text_encoder.run(text_args(tmp_path / "t", "--steps", "2", "--resume",
+                                          str(tmp_path / "checkpoints" / "step-0000001")))
+
+
+def test_bad_inputs_fail_clearly(tmp_path, components):
+    vae_dir, text_dir = components
+    with pytest.raises(ValueError, match="multiple of 8"):
+        train_vae.run(vae_args(tmp_path, "--steps", "1", "--image-size", "20"))
+    with pytest.raises(ValueError, match="--crop-size"):
+        train_vae.run(vae_args(tmp_path, "--steps", "1", "--crop-size", "32"))
+    with pytest.raises(SystemExit):  # argparse: the seed must be an integer >= 0
+        train_vae.run(vae_args(tmp_path, "--steps", "1", "--data-seed", "-3"))
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train_vae.run(vae_args(tmp_path, "--steps", "1", "--resume", str(tmp_path / "nowhere")))
+    train_vae.run(vae_args(tmp_path / "run", "--steps", "1", "--eval-images", "0"))
+    with pytest.raises(ValueError, match="already holds checkpoints"):  # a fresh start would mix two runs
+        train_vae.run(vae_args(tmp_path / "run", "--steps", "1"))
+    with pytest.raises(FileNotFoundError, match="--vae folder"):
+        train_denoiser.run(denoiser_args(tmp_path, tmp_path / "missing", text_dir, "--steps", "1"))
+    empty = tmp_path / "empty_vae"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        train_denoiser.run(denoiser_args(tmp_path, empty, text_dir, "--steps", "1"))
+    with pytest.raises(FileNotFoundError, match="text encoder folder"):
+        default_model.assemble(vae_dir, tmp_path / "nope", vae_dir, tmp_path / "out")
+
+
+def test_default_recipe_assembles_a_diffusers_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.text import load_tokenizer
+
+    out = tmp_path / "shapes"
+    report = default_model.run([
+        "--work-dir", str(tmp_path / "work"), "--output", str(out), "--preset", "tiny", "--image-size", "16",
+        "--crop-size", "8", "--vae-steps", "2", "--vae-batch-size", "4", "--text-steps", "2",
+        "--text-batch-size", "8", "--denoiser-steps", "2", "--denoiser-batch-size", "4", "--num-images", "8",
+        "--mixed-precision", "no", "--sample-every", "0"])
+    assert report["total_bytes"] <= default_model.MAX_BYTES
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert {k: scheduler[k] for k in default_model.SCHEDULER_CONFIG} == default_model.SCHEDULER_CONFIG
+    for sub, file in [("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
+                      ("text_encoder", "model.safetensors")]:
+        with safe_open(str(out / sub / file), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, sub
+            if sub == "text_encoder":
+                assert all(k.startswith("text_model.") for k in f.keys())
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
+    image = pipe("a red circle on a white background", num_inference_steps=2, height=16, width=16,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(image)).all()
+    half = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True, torch_dtype=torch.float16)
+    assert half.unet.dtype == half.text_encoder.dtype == torch.float16
+
+    tokenizer = load_tokenizer(out / "tokenizer")
+    prompt = "a blue square above a green triangle on black"
+    assert tokenizer(prompt).input_ids == load_tokenizer()(prompt).input_ids
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.model_max_length == 77
+
+    # Re-running the same command skips the stages that finished with the requested step count.
+    assert set(json.loads((tmp_path / "work" / "timings.json").read_text())) == {"vae", "text", "unet"}
+    assert default_model._stage_done(tmp_path / "work" / "unet", 2)
+    assert not default_model._stage_done(tmp_path / "work" / "unet", 3)
+
+
+def test_ldm_train_runs_a_recipe(tmp_path, capsys):
+    from pipelines.cli import main as ldm
+
+    assert ldm(["train", "vae", *vae_args(tmp_path / "run", "--steps", "1", "--eval-images", "0")]) == 0
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert ldm(["train", "vae", *vae_args(tmp_path / "bad", "--steps", "1", "--image-size", "20")]) != 0
+    assert "multiple of 8" in capsys.readouterr().err
