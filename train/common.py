@@ -430,3 +430,11 @@ def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_conf
     accelerator.wait_for_everyone()
     return {"losses": losses, "start_step": start, "end_step": max(start, end), "finished": end >= args.steps,
             "steps_per_second": done / elapsed if done else None}
+
+
+def finish_run(accelerator, log: "RunLog", out: Path, label: str, metrics: dict, saved: Path) -> None:
+    """Write ``metrics.json``, the final log record and a one-line summary of what was saved where."""
+    write_json(out / "metrics.json", metrics)
+    log.write(**{k: v for k, v in metrics.items() if k != "steps"}, final=True)
+    summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    accelerator.print(f"{label}: saved {saved}; {summary}")

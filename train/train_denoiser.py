@@ -372,10 +372,7 @@ def run(argv: list[str] | None = None) -> dict:
         final = averaged_unet()
         final.save_pretrained(out / "final" / "unet", safe_serialization=True)
         common.write_json(out / "final" / "schedule.json", SCHEDULE_CONFIG)
-        common.write_json(out / "metrics.json", metrics)
-        log.write(**{k: v for k, v in metrics.items() if k != "steps"}, final=True)
-        accelerator.print(f"denoiser: saved {out / 'final' / 'unet'}; " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        common.finish_run(accelerator, log, out, "denoiser", metrics, out / "final" / "unet")
     accelerator.end_training()
     return {**result, "metrics": metrics, "final_dir": out / "final"}
 

@@ -198,10 +198,7 @@ def run(argv: list[str] | None = None) -> dict:
         clip.save_pretrained(out / "final" / "clip", safe_serialization=True)
         text.save_pretrained(out / "final" / "text_encoder", safe_serialization=True)
         save_tokenizer(tokenizer, out / "final" / "tokenizer")
-        common.write_json(out / "metrics.json", metrics)
-        log.write(**{k: v for k, v in metrics.items() if k != "steps"}, final=True)
-        accelerator.print(f"text encoder: saved {out / 'final'}; " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        common.finish_run(accelerator, log, out, "text encoder", metrics, out / "final")
     accelerator.end_training()
     return {**result, "metrics": metrics, "final_dir": out / "final"}
 

@@ -225,10 +225,7 @@ def run(argv: list[str] | None = None) -> dict:
             metrics["psnr_heldout"] = float(common.psnr(held_out, rec).mean())
             metrics["eval_images"] = args.eval_images
         vae.save_pretrained(out / "final", safe_serialization=True)
-        common.write_json(out / "metrics.json", metrics)
-        log.write(**{k: v for k, v in metrics.items() if k != "steps"}, final=True)
-        accelerator.print(f"vae: saved {out / 'final'}; " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        common.finish_run(accelerator, log, out, "vae", metrics, out / "final")
     accelerator.end_training()
     return {**result, "metrics": metrics, "final_dir": out / "final"}
 
