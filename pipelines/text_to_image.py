@@ -184,10 +184,21 @@ class TextToImagePipeline:
         return [Image.fromarray(a) for a in array]
 
     # -- generation --------------------------------------------------------------------------------------------
-    def validate(self, prompts, negative, steps, sampler, guidance_scale, height, width, eta, guidance_rescale,
-                 spacing, output_type):
-        """Check every user setting before any work; raise ValueError with one line on the first bad one."""
-        check_positive_int("num_inference_steps", steps)
+    def prepare(self, prompt, negative_prompt=None, num_inference_steps: int = 30, guidance_scale: float = 7.5,
+                sampler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
+                num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
+                guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
+                output_type: str = "pil") -> "Request":
+        """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
+        negative prompts and seeds to the batch (prompt-major, as diffusers orders it)."""
+        prompts = check_prompts(prompt)
+        negatives = check_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        if len(negatives) not in (1, len(prompts)):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = (native if height is None else height), (native if width is None else width)
+        spacing = timestep_spacing or self.default_spacing()
+        check_positive_int("num_inference_steps", num_inference_steps)
         get_sampler(sampler)
         check_guidance_scale(guidance_scale)
         for name, size in (("height", height), ("width", width)):
@@ -200,16 +211,64 @@ class TextToImagePipeline:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; known: {', '.join(OUTPUT_TYPES)}")
-        if len(negative) not in (1, len(prompts)):
-            raise ValueError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
+        per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        negatives = [n for n in negatives for _ in range(per_prompt)]
+        seeds, generators = self.seeds_and_generators(len(prompts), seed, generator)
+        return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
+                       float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type)
 
-    def initial_latents(self, shape, generators, latents: torch.Tensor | None) -> torch.Tensor:
-        """Unit-variance starting noise ``(B, C, h, w)`` in the network's input space (diffusers' ``latents=``)."""
+    def latent_shape(self, request: "Request") -> tuple[int, int, int, int]:
+        factor = self.vae_scale_factor
+        return (request.batch, self.unet.config.in_channels if not self.is_inpainting_unet else 4,
+                request.height // factor, request.width // factor)
+
+    @property
+    def is_inpainting_unet(self) -> bool:
+        """A 9-channel UNet (SD-inpainting): latents + mask + masked-image latents."""
+        return self.unet.config.in_channels == 9
+
+    def initial_noise(self, request: "Request", latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit-variance starting noise ``(B, C, h, w)`` in the network's input space (diffusers' ``latents=``),
+        from each image's generator unless given."""
+        shape = self.latent_shape(request)
         if latents is None:
-            return randn_like(torch.empty(shape), generators)
+            return randn_like(torch.empty(shape), request.generators)
         if tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
         return latents.float().cpu()
+
+    def denoise(self, request: "Request", denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+        """Run the request's sampler with CFG over ``sigmas`` from VE latents ``x`` at ``sigmas[0]``; keeps the
+        attention hook's step index in step with the sampler and shows a progress bar."""
+        cond, uncond = self.encode_prompt(request.prompts, request.negatives)
+        model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale)
+        options = {"eta": request.eta} if request.sampler == "ddim" else {}
+        steps = len(sigmas) - 1
+        bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False)
+
+        def on_step(i, sigma, x_i, x0):
+            self.attention.step = i + 1
+            bar.update(1)
+            return callback(i, sigma, x_i, x0) if callback is not None else None
+
+        self.attention.step = 0
+        try:
+            return get_sampler(request.sampler).fn(model, x.to(self.device), sigmas.to(self.device),
+                                                   generator=request.generators, callback=on_step, **options)
+        finally:
+            bar.close()
+
+    def finish(self, request: "Request", latents: torch.Tensor, **extra) -> GenerationOutput:
+        """Decode final latents (network input space) per ``output_type`` and attach each image's parameters."""
+        parameters = [dict(prompt=p, negative_prompt=n, steps=request.steps, sampler=request.sampler,
+                           cfg_scale=request.guidance_scale, seed=s, width=request.width, height=request.height,
+                           model=self.name, timestep_spacing=request.spacing, eta=request.eta,
+                           guidance_rescale=request.guidance_rescale, **extra)
+                      for p, n, s in zip(request.prompts, request.negatives, request.seeds)]
+        return GenerationOutput(self.postprocess(latents, request.output_type), request.seeds, parameters)
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
@@ -221,45 +280,14 @@ class TextToImagePipeline:
                  ) -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``. See README for every argument."""
-        prompts = check_prompts(prompt)
-        negatives = check_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
-        native = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = (native if height is None else height), (native if width is None else width)
-        spacing = timestep_spacing or self.default_spacing()
-        self.validate(prompts, negatives, num_inference_steps, sampler, guidance_scale, height, width, eta,
-                      guidance_rescale, spacing, output_type)
-        per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-        prompts = [p for p in prompts for _ in range(per_prompt)]  # prompt-major, as diffusers orders a batch
-        negatives = [n for n in negatives for _ in range(per_prompt)]
-        batch = len(prompts)
-        seeds, generators = self.seeds_and_generators(batch, seed, generator)
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise = self.initial_latents(shape, generators, latents)
-
-        spec = get_sampler(sampler)
-        sigmas = self.sigmas(num_inference_steps, sampler, spacing)
-        denoiser = self.denoiser(sampler, spacing)
-        cond, uncond = self.encode_prompt(prompts, negatives)
-        model = CFGDenoiser(denoiser, cond, uncond, guidance_scale, guidance_rescale)
-        x = noise.to(self.device) * denoiser.noise_scale(sigmas[0])
-        options = {"eta": eta} if sampler == "ddim" else {}
-        bar = tqdm(total=num_inference_steps, desc="sampling", disable=not progress, leave=False)
-
-        def on_step(i, sigma, x_i, x0):
-            self.attention.step = i + 1
-            bar.update(1)
-            return callback(i, sigma, x_i, x0) if callback is not None else None
-
-        self.attention.step = 0
-        x = spec.fn(model, x, sigmas.to(self.device), generator=generators, callback=on_step, **options)
-        bar.close()
-        final = denoiser.to_model_space(x, float(sigmas[-1]))
-        parameters = [dict(prompt=p, negative_prompt=n, steps=num_inference_steps, sampler=sampler,
-                           cfg_scale=guidance_scale, seed=s, width=width, height=height, model=self.name,
-                           timestep_spacing=spacing, eta=eta, guidance_rescale=guidance_rescale)
-                      for p, n, s in zip(prompts, negatives, seeds)]
-        return GenerationOutput(self.postprocess(final, output_type), seeds, parameters)
+        request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
+                               num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
+                               output_type)
+        noise = self.initial_noise(request, latents)
+        sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
+        denoiser = self.denoiser(request.sampler, request.spacing)
+        x = self.denoise(request, denoiser, noise * denoiser.noise_scale(sigmas[0]), sigmas, callback, progress)
+        return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])))
 
     def postprocess(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
@@ -270,3 +298,26 @@ class TextToImagePipeline:
         if output_type == "np":
             return images.permute(0, 2, 3, 1).cpu().numpy()
         return self.to_pil(images)
+
+
+@dataclass
+class Request:
+    """The validated settings of one pipeline call, expanded to the batch."""
+
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int | None]
+    generators: object
+    steps: int
+    sampler: str
+    spacing: str
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float
+    height: int
+    width: int
+    output_type: str
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)

@@ -1,0 +1,46 @@
+"""DDIM inversion: the sampler's sigma list walked upwards (Song et al. 2021, sec. 4.3; Mokady et al. 2022, sec. 3).
+
+Sampling steps from sigma to sigma' < sigma with ``eps = (x - D(x, sigma)) / sigma``. Inversion runs the same
+update the other way, from sigma' up to sigma, with the one quantity it cannot know, eps at the level it is going
+to, taken from the network evaluated at the target level on the current sample (the approximation every DDIM
+inversion makes). In VP terms the network sees the current VP latent ``x_vp`` with timestep t_next; in the VE view
+that is the current VE latent rescaled by ``noise_scale(sigma_next) / noise_scale(sigma_cur)``.
+
+That step is only approximately undone by the sampler. With ``fixed_point_iterations = k > 0`` each step is then
+refined by k fixed-point iterations of ``x_next = x_cur + (sigma_next - sigma_cur) * eps(x_next, sigma_next)``,
+whose solution the DDIM sampling step maps back to ``x_cur`` exactly (the fixed-point inversion of Pan et al.
+2023, "Effective Real Image Editing with Accelerated Iterative Diffusion Inversion"; Garibi et al. 2024, ReNoise).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+@torch.no_grad()
+def invert_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise_scale: Callable[[float], float],
+                fixed_point_iterations: int = 0, callback: Callable | None = None) -> list[torch.Tensor]:
+    """Walk a descending sampling sigma list ``(n + 1,)`` upwards from its last entry.
+
+    ``x``: VE latents ``(B, C, h, w)`` at ``sigmas[-1]`` (the clean image latents when that is 0);
+    ``model(x, sigma) -> x0``; ``noise_scale(sigma)`` turns network-input units into VE units (``1 / c_in``).
+    Returns the trajectory ``[x at sigmas[-1], x at sigmas[-2], ..., x at sigmas[0]]`` (n + 1 entries): entry
+    k is where sampling should be after step ``n - k``. ``callback(k, sigma, x)`` runs after each step.
+    Network calls: ``n * (1 + fixed_point_iterations)``.
+    """
+    trajectory = [x]
+    levels = sigmas.flip(0)  # ascending
+    for k in range(len(levels) - 1):
+        sigma, sigma_next = float(levels[k]), float(levels[k + 1])
+        x_in = x * (noise_scale(sigma_next) / noise_scale(sigma))
+        sigma_batch = torch.full((x.shape[0],), sigma_next, device=x.device)
+        eps = (x_in - model(x_in, sigma_batch)) / sigma_next
+        x_next = x + (sigma_next - sigma) * eps
+        for _ in range(fixed_point_iterations):
+            x_next = x + (sigma_next - sigma) * (x_next - model(x_next, sigma_batch)) / sigma_next
+        x = x_next
+        trajectory.append(x)
+        if callback is not None:
+            callback(k, sigma_next, x)
+    return trajectory
