@@ -36,11 +36,23 @@ def invert_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise_sc
         x_in = x * (noise_scale(sigma_next) / noise_scale(sigma))
         sigma_batch = torch.full((x.shape[0],), sigma_next, device=x.device)
         eps = (x_in - model(x_in, sigma_batch)) / sigma_next
-        x_next = x + (sigma_next - sigma) * eps
-        for _ in range(fixed_point_iterations):
-            x_next = x + (sigma_next - sigma) * (x_next - model(x_next, sigma_batch)) / sigma_next
-        x = x_next
+        x = refine_fixed_point(model, x, x + (sigma_next - sigma) * eps, sigma, sigma_next, fixed_point_iterations)
         trajectory.append(x)
         if callback is not None:
             callback(k, sigma_next, x)
     return trajectory
+
+
+def refine_fixed_point(model: Callable, x: torch.Tensor, x_next: torch.Tensor, sigma: float, sigma_next: float,
+                       iterations: int) -> torch.Tensor:
+    """Iterate ``x_next <- x + (sigma_next - sigma) * eps(x_next, sigma_next)``; stop early when the update stops
+    shrinking (the map is not a contraction for a rough network) and return the iterate with the smallest update."""
+    sigma_batch = torch.full((x.shape[0],), sigma_next, device=x.device)
+    best, best_change = x_next, float("inf")
+    for _ in range(iterations):
+        update = x + (sigma_next - sigma) * (x_next - model(x_next, sigma_batch)) / sigma_next
+        change = float((update - x_next).abs().max())
+        if change >= best_change:
+            break
+        best, best_change, x_next = update, change, update
+    return best

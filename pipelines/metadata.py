@@ -24,6 +24,7 @@ FIELDS = (
     ("timestep_spacing", "Schedule", str),
     ("eta", "Eta", float),
     ("guidance_rescale", "CFG rescale", float),
+    ("strength", "Denoising strength", float),
 )
 
 

@@ -23,6 +23,7 @@ from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import encode_tokens, tokenize_batch
+from pipelines.editing import EditingMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-unet"
@@ -62,7 +63,7 @@ def check_finite(name: str, value, low: float = 0.0, high: float = math.inf) -> 
     return float(value)
 
 
-class TextToImagePipeline:
+class TextToImagePipeline(EditingMixin):
     """Text-to-image generation with any loaded UNet model (ε, v or x0 prediction; VP or zero-SNR schedules)."""
 
     def __init__(self, components: Components, name: str | None = None):
@@ -137,12 +138,16 @@ class TextToImagePipeline:
             final = "sigma_min"
         return self.schedule(sampler).sigma_list(steps, spacing, self.scheduler_config.get("steps_offset", 0), final)
 
-    def denoiser(self, sampler: str = "euler", spacing: str = "leading") -> Denoiser:
-        """The network as ``D(x, sigma, cond) -> x0``."""
+    def denoiser(self, sampler: str = "euler", spacing: str = "leading",
+                 extra_channels: torch.Tensor | None = None) -> Denoiser:
+        """The network as ``D(x, sigma, cond) -> x0``; ``extra_channels`` ``(B, k, h, w)`` are concatenated to
+        the network input (a 9-channel inpainting UNet's mask and masked-image latents)."""
         quantize = spacing == "karras" and get_sampler(sampler).quantize_karras_timesteps \
             and self.scheduler_config.get("beta_schedule") != "squaredcos_cap_v2"
 
         def unet(x_in, timestep, cond):
+            if extra_channels is not None:  # repeated for the CFG halves
+                x_in = torch.cat([x_in, extra_channels.repeat(x_in.shape[0] // extra_channels.shape[0], 1, 1, 1)], 1)
             return self.unet(x_in.to(self.dtype), timestep, encoder_hidden_states=cond.to(self.dtype)).sample
 
         prediction = "flow" if self.is_flow else self.prediction_type
@@ -261,14 +266,20 @@ class TextToImagePipeline:
         finally:
             bar.close()
 
-    def finish(self, request: "Request", latents: torch.Tensor, **extra) -> GenerationOutput:
-        """Decode final latents (network input space) per ``output_type`` and attach each image's parameters."""
+    def finish(self, request: "Request", latents: torch.Tensor, images: torch.Tensor | None = None,
+               **extra) -> GenerationOutput:
+        """Decode final latents (network input space; or take already decoded ``images`` (B, 3, H, W) in [0, 1])
+        per ``output_type`` and attach each image's parameters (``extra`` adds mode-specific ones)."""
         parameters = [dict(prompt=p, negative_prompt=n, steps=request.steps, sampler=request.sampler,
                            cfg_scale=request.guidance_scale, seed=s, width=request.width, height=request.height,
                            model=self.name, timestep_spacing=request.spacing, eta=request.eta,
                            guidance_rescale=request.guidance_rescale, **extra)
                       for p, n, s in zip(request.prompts, request.negatives, request.seeds)]
-        return GenerationOutput(self.postprocess(latents, request.output_type), request.seeds, parameters)
+        if request.output_type == "latent":
+            output = latents
+        else:
+            output = self.to_output(self.decode(latents) if images is None else images, request.output_type)
+        return GenerationOutput(output, request.seeds, parameters)
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
@@ -289,10 +300,8 @@ class TextToImagePipeline:
         x = self.denoise(request, denoiser, noise * denoiser.noise_scale(sigmas[0]), sigmas, callback, progress)
         return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])))
 
-    def postprocess(self, latents: torch.Tensor, output_type: str):
-        if output_type == "latent":
-            return latents
-        images = self.decode(latents)
+    def to_output(self, images: torch.Tensor, output_type: str):
+        """Images ``(B, 3, H, W)`` in [0, 1] as a tensor (``"pt"``), an array ``(B, H, W, 3)`` or PIL images."""
         if output_type == "pt":
             return images
         if output_type == "np":

@@ -1,0 +1,171 @@
+"""Editing real images with the pipeline's samplers: SDEdit / img2img, inpainting, DDIM inversion.
+
+All three reuse the text-to-image machinery: SDEdit is the sampler started part-way down its sigma list,
+inpainting is a per-step callback that re-blends the known region, inversion is the sigma list walked upwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from ldm.guidance import CFGDenoiser
+from ldm.inversion import invert_ddim
+from ldm.samplers import randn_like
+from pipelines.images import image_tensor, mask_tensor
+
+
+def check_strength(strength) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    return float(strength)
+
+
+@dataclass
+class Inversion:
+    """What DDIM inversion of one image produced: the VE latent trajectory ``[x at sigmas[-1], ..., x at
+    sigmas[0]]`` (``trajectory[-1]`` is the noise that regenerates the image), the sampling sigma list, the
+    settings it was made with, and the per-step unconditional embeddings of null-text inversion (or None)."""
+
+    trajectory: list[torch.Tensor]
+    sigmas: torch.Tensor
+    prompt: str
+    negative_prompt: str
+    guidance_scale: float
+    num_inference_steps: int
+    timestep_spacing: str
+    latent_shape: tuple[int, ...]
+    model: str
+    image_latents: torch.Tensor
+    null_embeddings: list[torch.Tensor] | None = None
+
+
+class EditingMixin:
+    """img2img, inpaint, invert and reconstruct for :class:`pipelines.text_to_image.TextToImagePipeline`."""
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [-1, 1] to latents in the network's units (posterior mean, shifted and
+        scaled as the VAE config says), float32 on the pipeline's device."""
+        config = self.vae.config
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean.float()
+        if getattr(config, "shift_factor", None):
+            latents = latents - config.shift_factor
+        return latents * config.scaling_factor
+
+    def start_index(self, steps: int, strength: float) -> int:
+        """SDEdit starts ``int(steps * strength)`` steps before the end of the sigma list (diffusers' rule)."""
+        return steps - min(int(steps * strength), steps)
+
+    @torch.no_grad()
+    def img2img(self, image, prompt, strength: float = 0.6, callback=None, progress: bool = True, **settings):
+        """SDEdit (Meng et al. 2022, sec. 3): noise the encoded image to the sigma a ``strength`` fraction down the
+        sampler's list and denoise from there. 0 returns the image through the VAE; 1 is text-to-image.
+        ``settings`` are those of the text-to-image call (negative_prompt, num_inference_steps, sampler, ...)."""
+        strength = check_strength(strength)
+        pixels = image_tensor(image, self.vae_scale_factor)
+        request = self.prepare(prompt, height=pixels.shape[2], width=pixels.shape[3], **settings)
+        x0 = self.encode(pixels).expand(request.batch, -1, -1, -1)
+        start = self.start_index(request.steps, strength)
+        if start == request.steps:
+            return self.finish(request, x0, strength=strength)
+        sigmas = self.sigmas(request.steps, request.sampler, request.spacing)[start:]
+        denoiser = self.denoiser(request.sampler, request.spacing)
+        x = x0 + float(sigmas[0]) * randn_like(x0, request.generators).to(x0.device)
+        x = self.denoise(request, denoiser, x, sigmas, callback, progress)
+        return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])), strength=strength)
+
+    @torch.no_grad()
+    def inpaint(self, image, mask_image, prompt, strength: float = 1.0, feather: float = 0.0, callback=None,
+                progress: bool = True, **settings):
+        """Repaint where ``mask_image`` is white (grey = partly). With a 4-channel UNet the known region is
+        re-blended after every step with the input's latents noised to the current sigma (Lugmayr et al. 2022's
+        RePaint without resampling); a 9-channel inpainting UNet gets the mask and masked-image latents as extra
+        input channels (as SD-inpainting). The decoded result is composited over the input, so pixels where the
+        mask is 0 are the input's exactly; ``feather`` (pixels) softens the mask's inner edge."""
+        strength = check_strength(strength)
+        pixels = image_tensor(image, self.vae_scale_factor)
+        height, width = pixels.shape[2:]
+        mask = mask_tensor(mask_image, (width, height))  # (1, 1, H, W)
+        request = self.prepare(prompt, height=height, width=width, **settings)
+        x0 = self.encode(pixels).expand(request.batch, -1, -1, -1)
+        latent_mask = F.interpolate(mask, size=x0.shape[2:], mode="area").to(x0.device)  # (1, 1, h, w)
+        start = self.start_index(request.steps, strength)
+        sigmas = self.sigmas(request.steps, request.sampler, request.spacing)[start:]
+        noise = randn_like(x0, request.generators).to(x0.device)
+        extra_channels, blend = None, None
+        if self.is_inpainting_unet:
+            masked = self.encode(pixels * (mask < 0.5))
+            nearest = F.interpolate(mask, size=x0.shape[2:]).to(x0.device)
+            extra_channels = torch.cat([nearest, masked], dim=1).expand(request.batch, -1, -1, -1)
+        else:
+            def blend(i, sigma, x, x0_estimate):
+                known = x0 + float(sigmas[i + 1]) * noise
+                x = latent_mask * x + (1 - latent_mask) * known
+                return callback(i, sigma, x, x0_estimate) if callback is not None else x
+        denoiser = self.denoiser(request.sampler, request.spacing, extra_channels)
+        x = x0 + float(sigmas[0]) * noise
+        x = self.denoise(request, denoiser, x, sigmas, blend or callback, progress)
+        latents = denoiser.to_model_space(x, float(sigmas[-1]))
+        if request.output_type == "latent":
+            return self.finish(request, latents, strength=strength)
+        keep = self.feathered(mask, feather).to(self.device)
+        images = keep * self.decode(latents) + (1 - keep) * (pixels.to(self.device) / 2 + 0.5)
+        return self.finish(request, latents, images=images, strength=strength)
+
+    @staticmethod
+    def feathered(mask: torch.Tensor, feather: float) -> torch.Tensor:
+        """Blur a mask's inner edge by ``feather`` pixels (Gaussian sigma) without letting it leak outside."""
+        if feather <= 0:
+            return mask
+        blurred = torch.from_numpy(ndimage.gaussian_filter(mask.numpy(), sigma=(0, 0, feather, feather)))
+        return torch.minimum(mask, blurred.float())
+
+    @torch.no_grad()
+    def invert(self, image, prompt: str, num_inference_steps: int = 50, guidance_scale: float = 1.0,
+               negative_prompt: str | None = None, timestep_spacing: str | None = None,
+               fixed_point_iterations: int = 0, progress: bool = True) -> Inversion:
+        """DDIM inversion (Song et al. 2021; Mokady et al. 2022, sec. 3): walk the DDIM sigma list upwards from the
+        image's latents. Sampling back with :meth:`reconstruct` reproduces the image (exactly, up to the
+        network, with ``fixed_point_iterations`` > 0; see ``ldm.inversion``)."""
+        pixels = image_tensor(image, self.vae_scale_factor)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, "ddim",
+                               pixels.shape[2], pixels.shape[3], seed=0, timestep_spacing=timestep_spacing)
+        x0 = self.encode(pixels)
+        sigmas = self.sigmas(request.steps, "ddim", request.spacing)
+        denoiser = self.denoiser("ddim", request.spacing)
+        cond, uncond = self.encode_prompt(request.prompts, request.negatives)
+        model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale)
+        with tqdm(total=request.steps, desc="inverting", disable=not progress, leave=False) as bar:
+            trajectory = invert_ddim(model, x0 * denoiser.noise_scale(float(sigmas[-1])), sigmas.to(self.device),
+                                     denoiser.noise_scale, fixed_point_iterations,
+                                     callback=lambda *_: bar.update(1))
+        return Inversion(trajectory, sigmas, request.prompts[0], request.negatives[0], request.guidance_scale,
+                         request.steps, request.spacing, tuple(x0.shape), self.name, x0)
+
+    def check_inversion(self, inversion: Inversion) -> None:
+        """An inversion only makes sense with the model and latent size it was made with."""
+        if inversion.model != self.name:
+            raise ValueError(f"this inversion was made with model {inversion.model!r}, not {self.name!r}")
+        if inversion.trajectory[-1].shape[1] != (4 if self.is_inpainting_unet else self.unet.config.in_channels):
+            raise ValueError("this inversion's latents do not fit this model's UNet")
+
+    @torch.no_grad()
+    def reconstruct(self, inversion: Inversion, prompt: str | None = None, guidance_scale: float | None = None,
+                    output_type: str = "pil", callback=None, progress: bool = True):
+        """Sample back with DDIM from an inversion's final noise, with its prompt and guidance unless given."""
+        self.check_inversion(inversion)
+        request = self.prepare(inversion.prompt if prompt is None else prompt, inversion.negative_prompt,
+                               inversion.num_inference_steps,
+                               inversion.guidance_scale if guidance_scale is None else guidance_scale, "ddim",
+                               inversion.latent_shape[2] * self.vae_scale_factor,
+                               inversion.latent_shape[3] * self.vae_scale_factor, seed=0,
+                               timestep_spacing=inversion.timestep_spacing, output_type=output_type)
+        denoiser = self.denoiser("ddim", request.spacing)
+        x = self.denoise(request, denoiser, inversion.trajectory[-1], inversion.sigmas, callback, progress)
+        return self.finish(request, denoiser.to_model_space(x, float(inversion.sigmas[-1])))

@@ -1,0 +1,152 @@
+"""Editing modes on tiny random models (ε and v-prediction): SDEdit, inpainting, DDIM inversion."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.random_models import save_random_model
+from pipelines.text_to_image import TextToImagePipeline
+
+ZERO_SNR_V = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                  steps_offset=0)
+
+
+@pytest.fixture(scope="module", params=["epsilon", "v-zero-snr"])
+def pipe(request, tiny_model_factory):
+    folder = tiny_model_factory() if request.param == "epsilon" else tiny_model_factory(**ZERO_SNR_V)
+    return TextToImagePipeline.from_pretrained(folder)
+
+
+def picture(seed=0, size=16, mode="RGB"):
+    """A smooth random picture (so the tiny VAE's round trip is not pure noise)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
+    return Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC).convert(mode)
+
+
+def test_strength_zero_is_the_vae_round_trip(pipe):
+    out = pipe.img2img(picture(), "a red circle", strength=0.0, seed=1, output_type="pt", progress=False).images
+    pixels = torch.from_numpy(np.asarray(picture(), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    torch.testing.assert_close(out, pipe.decode(pipe.encode(pixels)))
+
+
+@pytest.mark.parametrize("strength, steps_run", [(0.25, 2), (0.5, 5), (1.0, 10)])
+def test_sdedit_runs_the_tail_of_the_sigma_list(pipe, strength, steps_run):
+    """SDEdit is the sampler started part-way down its list: int(steps * strength) steps, ending where
+    text-to-image ends, starting at the sigma that far from the end."""
+    seen = []
+    pipe.img2img(picture(), "a red circle", strength=strength, seed=3, num_inference_steps=10, sampler="euler",
+                 callback=lambda i, sigma, x, x0: seen.append(float(sigma)), progress=False)
+    full = pipe.sigmas(10, "euler", pipe.default_spacing())
+    assert seen == pytest.approx(full[10 - steps_run:-1].tolist())
+
+
+def test_full_strength_on_a_zero_snr_model_is_text_to_image(tiny_model_factory):
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory(**ZERO_SNR_V))
+    kwargs = dict(seed=5, num_inference_steps=8, sampler="ddim", output_type="np", progress=False)
+    edited = pipe.img2img(picture(), "a blue square", strength=1.0, **kwargs).images
+    generated = pipe("a blue square", **kwargs).images
+    assert np.abs(edited - generated).max() < 1e-3
+
+
+def test_inpainting_keeps_every_pixel_outside_the_mask(pipe):
+    image = picture(2)
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:12, 6:14] = 255
+    mask[4:12, 4:6] = 128  # a soft edge
+    out = pipe.inpaint(image, Image.fromarray(mask), "a green triangle", seed=0, num_inference_steps=6,
+                       sampler="euler_a", progress=False).images[0]
+    before, after = np.asarray(image), np.asarray(out)
+    np.testing.assert_array_equal(after[mask == 0], before[mask == 0])
+    assert np.abs(after[mask == 255].astype(int) - before[mask == 255]).mean() > 2
+
+
+def test_inpainting_with_a_nine_channel_unet(tmp_path):
+    folder = save_random_model(tmp_path / "inpaint", "tiny")
+    config_path = folder / "unet" / "config.json"
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    config = dict(unet.config)
+    config["in_channels"] = 9
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    assert config_path.exists()
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    assert pipe.is_inpainting_unet
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[8:, :] = 255
+    out = pipe.inpaint(picture(4), Image.fromarray(mask), "x", seed=0, num_inference_steps=4, progress=False)
+    np.testing.assert_array_equal(np.asarray(out.images[0])[:8], np.asarray(picture(4))[:8])
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe("x", latents=torch.zeros(1, 9, 8, 8), progress=False)
+
+
+def test_mask_of_another_size_is_resized_with_a_warning(pipe):
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    with pytest.warns(UserWarning, match="mask resized"):
+        out = pipe.inpaint(picture(), mask, "x", seed=0, num_inference_steps=3, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(out)[:, 9:], np.asarray(picture())[:, 9:])  # column 8 is soft
+
+
+def test_non_rgb_and_odd_sized_images_are_converted_with_notice(pipe):
+    out = pipe.img2img(picture(mode="L"), "x", strength=0.5, seed=0, num_inference_steps=4, progress=False)
+    assert out.images[0].mode == "RGB"
+    rgba = picture(mode="RGBA")
+    pipe.img2img(rgba, "x", strength=0.5, seed=0, num_inference_steps=4, progress=False)
+    with pytest.warns(UserWarning, match="not a multiple of 2: resized to 16x16"):
+        out = pipe.img2img(picture(size=17), "x", strength=0.5, seed=0, num_inference_steps=4, progress=False)
+    assert out.images[0].size == (16, 16)
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan"), "half"])
+def test_strength_outside_zero_one_is_refused(pipe, strength):
+    with pytest.raises(ValueError, match="strength must be a number in"):
+        pipe.img2img(picture(), "x", strength=strength, progress=False)
+
+
+class GaussianEpsUNet(torch.nn.Module):
+    """Stands in for the UNet with the exact ε-predictor of Gaussian latents N(mu, s^2): a known-answer network."""
+
+    def __init__(self, unet, schedule, mu=0.2, s=0.8):
+        super().__init__()
+        self.config, self.schedule, self.mu, self.s = unet.config, schedule, mu, s
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    def forward(self, x_vp, timestep, encoder_hidden_states=None):
+        sigma = self.schedule.t_to_sigma(timestep.double().cpu()).view(-1, 1, 1, 1)
+        x = x_vp * (1 + sigma**2).sqrt()
+        x0 = self.mu + self.s**2 / (self.s**2 + sigma**2) * (x - self.mu)
+        return SimpleNamespace(sample=(x - x0) / sigma)
+
+
+@pytest.mark.parametrize("iterations, tolerance", [(0, 0.35), (6, 2e-3)])
+def test_inversion_round_trip_with_a_known_answer_network(tiny_model_factory, iterations, tolerance):
+    """Through the whole pipeline (encode, invert, sample back) with an exact Gaussian network: plain DDIM
+    inversion round-trips approximately, fixed-point inversion exactly."""
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    pipe.unet = GaussianEpsUNet(pipe.unet, pipe.schedule("ddim"))
+    inversion = pipe.invert(picture(6), "a red circle", num_inference_steps=20, fixed_point_iterations=iterations,
+                            progress=False)
+    assert len(inversion.trajectory) == 21
+    back = pipe.reconstruct(inversion, output_type="latent", progress=False).images
+    error = ((back - inversion.image_latents).abs().max() / inversion.image_latents.abs().max()).item()
+    assert error < tolerance
+
+
+def test_inversion_is_refused_by_another_model(pipe, tiny_model_factory):
+    inversion = pipe.invert(picture(), "x", num_inference_steps=4, progress=False)
+    other = TextToImagePipeline.from_pretrained(tiny_model_factory(prediction_type="sample"))
+    with pytest.raises(ValueError, match="this inversion was made with model"):
+        other.reconstruct(inversion)
