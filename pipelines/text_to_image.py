@@ -24,6 +24,7 @@ from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import encode_tokens, tokenize_batch
 from pipelines.editing import EditingMixin
+from pipelines.prompt_to_prompt import PromptToPromptMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-unet"
@@ -63,7 +64,7 @@ def check_finite(name: str, value, low: float = 0.0, high: float = math.inf) -> 
     return float(value)
 
 
-class TextToImagePipeline(EditingMixin):
+class TextToImagePipeline(EditingMixin, PromptToPromptMixin):
     """Text-to-image generation with any loaded UNet model (ε, v or x0 prediction; VP or zero-SNR schedules)."""
 
     def __init__(self, components: Components, name: str | None = None):
