@@ -56,3 +56,47 @@ def refine_fixed_point(model: Callable, x: torch.Tensor, x_next: torch.Tensor, s
             break
         best, best_change, x_next = update, change, update
     return best
+
+
+def null_text_optimization(denoiser, trajectory: list[torch.Tensor], sigmas: torch.Tensor, cond: torch.Tensor,
+                           uncond: torch.Tensor, scale: float, inner_steps: int = 10, lr: float = 1e-2,
+                           tolerance: float = 1e-5, callback: Callable | None = None) -> list[torch.Tensor]:
+    """Null-text inversion (Mokady et al. 2022, Algorithm 1): for each DDIM step i, optimise the unconditional
+    embedding so that the guided step from the current latent lands on the pivot trajectory (the inversion at
+    guidance 1), then take that step. ``denoiser`` is a :class:`ldm.denoiser.Denoiser`; ``cond``/``uncond``
+    ``(1, L, D)``. Adam with the paper's schedule: lr ``lr * (1 - i / 100)``, early stop at
+    ``tolerance + 2e-5 * i``. Returns one embedding per step; ``callback(i, loss)`` runs after each step."""
+    embeddings = []
+    x = trajectory[-1]
+    null = uncond.detach().clone()
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i].expand(x.shape[0])
+        sigma_next = float(sigmas[i + 1])
+        target = trajectory[-2 - i] / denoiser.noise_scale(sigma_next)  # in the network's units, as the paper
+        with torch.no_grad():
+            out_cond = denoiser.model_output(x, sigma, cond)
+        null = null.detach().requires_grad_(True)
+        optimizer = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
+        loss = torch.tensor(0.0)
+        for _ in range(inner_steps):
+            x_next = _guided_ddim_step(denoiser, x, sigma, sigma_next, out_cond, null, scale)
+            loss = torch.nn.functional.mse_loss(x_next / denoiser.noise_scale(sigma_next), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if loss.item() < tolerance + 2e-5 * i:
+                break
+        null = null.detach()
+        embeddings.append(null.clone())
+        with torch.no_grad():
+            x = _guided_ddim_step(denoiser, x, sigma, sigma_next, out_cond, null, scale)
+        if callback is not None:
+            callback(i, loss.item())
+    return embeddings
+
+
+def _guided_ddim_step(denoiser, x, sigma, sigma_next: float, out_cond, null, scale: float) -> torch.Tensor:
+    """One deterministic DDIM step from ``sigma`` to ``sigma_next`` with CFG on the network outputs."""
+    out_uncond = denoiser.model_output(x, sigma, null)
+    x0 = denoiser.to_x0(x, sigma, out_uncond + scale * (out_cond - out_uncond))
+    return x0 + sigma_next * (x - x0) / sigma.view(-1, 1, 1, 1)

@@ -13,7 +13,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from ldm.guidance import CFGDenoiser
-from ldm.inversion import invert_ddim
+from ldm.inversion import invert_ddim, null_text_optimization
 from ldm.samplers import randn_like
 from pipelines.images import image_tensor, mask_tensor
 
@@ -126,11 +126,13 @@ class EditingMixin:
 
     @torch.no_grad()
     def invert(self, image, prompt: str, num_inference_steps: int = 50, guidance_scale: float = 1.0,
-               negative_prompt: str | None = None, timestep_spacing: str | None = None,
-               fixed_point_iterations: int = 0, progress: bool = True) -> Inversion:
+               null_text: bool = False, negative_prompt: str | None = None, timestep_spacing: str | None = None,
+               fixed_point_iterations: int = 0, null_text_steps: int = 10, progress: bool = True) -> Inversion:
         """DDIM inversion (Song et al. 2021; Mokady et al. 2022, sec. 3): walk the DDIM sigma list upwards from the
         image's latents. Sampling back with :meth:`reconstruct` reproduces the image (exactly, up to the
-        network, with ``fixed_point_iterations`` > 0; see ``ldm.inversion``)."""
+        network, with ``fixed_point_iterations`` > 0; see ``ldm.inversion``). Plain inversion at a guidance scale
+        above 1 drifts; ``null_text=True`` inverts at guidance 1 and then optimises one unconditional embedding
+        per step (``null_text_steps`` Adam steps at most) so that guided sampling retraces that trajectory."""
         pixels = image_tensor(image, self.vae_scale_factor)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -140,13 +142,24 @@ class EditingMixin:
         sigmas = self.sigmas(request.steps, "ddim", request.spacing)
         denoiser = self.denoiser("ddim", request.spacing)
         cond, uncond = self.encode_prompt(request.prompts, request.negatives)
-        model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale)
+        if null_text and request.guidance_scale <= 1:
+            raise ValueError("null_text inversion is for guidance_scale > 1 (at 1 plain inversion is already exact)")
+        pivot_scale = 1.0 if null_text else request.guidance_scale
+        model = CFGDenoiser(denoiser, cond, uncond, pivot_scale)
+        sigmas = sigmas.to(self.device)
         with tqdm(total=request.steps, desc="inverting", disable=not progress, leave=False) as bar:
-            trajectory = invert_ddim(model, x0 * denoiser.noise_scale(float(sigmas[-1])), sigmas.to(self.device),
+            trajectory = invert_ddim(model, x0 * denoiser.noise_scale(float(sigmas[-1])), sigmas,
                                      denoiser.noise_scale, fixed_point_iterations,
                                      callback=lambda *_: bar.update(1))
+        embeddings = None
+        if null_text:
+            with torch.enable_grad(), tqdm(total=request.steps, desc="null-text", disable=not progress,
+                                           leave=False) as bar:
+                embeddings = null_text_optimization(
+                    denoiser, trajectory, sigmas, cond, uncond, request.guidance_scale, null_text_steps,
+                    callback=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.2e}")))
         return Inversion(trajectory, sigmas, request.prompts[0], request.negatives[0], request.guidance_scale,
-                         request.steps, request.spacing, tuple(x0.shape), self.name, x0)
+                         request.steps, request.spacing, tuple(x0.shape), self.name, x0, embeddings)
 
     def check_inversion(self, inversion: Inversion) -> None:
         """An inversion only makes sense with the model and latent size it was made with."""
@@ -167,5 +180,6 @@ class EditingMixin:
                                inversion.latent_shape[3] * self.vae_scale_factor, seed=0,
                                timestep_spacing=inversion.timestep_spacing, output_type=output_type)
         denoiser = self.denoiser("ddim", request.spacing)
-        x = self.denoise(request, denoiser, inversion.trajectory[-1], inversion.sigmas, callback, progress)
+        x = self.denoise(request, denoiser, inversion.trajectory[-1], inversion.sigmas, callback, progress,
+                         inversion.null_embeddings if guidance_scale in (None, inversion.guidance_scale) else None)
         return self.finish(request, denoiser.to_model_space(x, float(inversion.sigmas[-1])))

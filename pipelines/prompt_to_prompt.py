@@ -81,7 +81,8 @@ class PromptToPromptMixin:
         denoiser = self.denoiser("ddim", request.spacing)
         x = inversion.trajectory[-1].expand(2, -1, -1, -1)
         with self.controlled(controller):
-            x = self.denoise(request, denoiser, x, inversion.sigmas, controller.step_callback, progress)
+            x = self.denoise(request, denoiser, x, inversion.sigmas, controller.step_callback, progress,
+                             inversion.null_embeddings if guidance_scale in (None, inversion.guidance_scale) else None)
         return self.finish(request, denoiser.to_model_space(x, float(inversion.sigmas[-1])), edit=edit)
 
     @torch.no_grad()

@@ -76,6 +76,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin):
         self.name = name or components.path.name
         self.path = components.path
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        for network in (self.unet, self.vae, self.text_encoder):
+            network.requires_grad_(False)  # inference; null-text inversion differentiates w.r.t. an embedding only
         self.attention = install_attention_hook(self.unet)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.dtype = torch.float32
@@ -246,17 +248,26 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin):
         return latents.float().cpu()
 
     def denoise(self, request: "Request", denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+                callback: Callable | None = None, progress: bool = True,
+                uncond_per_step: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Run the request's sampler with CFG over ``sigmas`` from VE latents ``x`` at ``sigmas[0]``; keeps the
-        attention hook's step index in step with the sampler and shows a progress bar."""
+        attention hook's step index in step with the sampler and shows a progress bar. ``uncond_per_step``
+        (null-text inversion's embeddings, ``(1, L, D)`` each) replaces the unconditional embedding step by step."""
         cond, uncond = self.encode_prompt(request.prompts, request.negatives)
         model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale)
+
+        def set_uncond(step):
+            if uncond_per_step is not None and step < len(uncond_per_step):
+                model.uncond = uncond_per_step[step].to(cond.device).expand(request.batch, -1, -1)
+
+        set_uncond(0)
         options = {"eta": request.eta} if request.sampler == "ddim" else {}
         steps = len(sigmas) - 1
         bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False)
 
         def on_step(i, sigma, x_i, x0):
             self.attention.step = i + 1
+            set_uncond(i + 1)
             bar.update(1)
             return callback(i, sigma, x_i, x0) if callback is not None else None
 
