@@ -58,6 +58,20 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{k}{output.suffix}") for k in range(count)]
 
 
+SETTING_ARGUMENTS = {"negative_prompt": "negative_prompt", "steps": "num_inference_steps",
+                     "cfg_scale": "guidance_scale", "sampler": "sampler", "height": "height", "width": "width",
+                     "seed": "seed", "eta": "eta", "guidance_rescale": "guidance_rescale",
+                     "timestep_spacing": "timestep_spacing"}
+
+
+def sampling_settings(args) -> dict:
+    """The sampling options the user typed (PNG-metadata names); unset ones are left out."""
+    typed = {"negative_prompt": args.negative, "steps": args.steps, "cfg_scale": args.cfg,
+             "sampler": args.sampler, "seed": args.seed, "timestep_spacing": args.spacing, "eta": args.eta,
+             "guidance_rescale": args.rescale}
+    return {k: v for k, v in typed.items() if v is not None}
+
+
 def generation_settings(args) -> dict:
     """The generation parameters from the command line, on top of those read from ``--from`` if given."""
     from pipelines.metadata import read_parameters
@@ -67,13 +81,15 @@ def generation_settings(args) -> dict:
         settings["prompt"] = args.prompt
     if "prompt" not in settings:
         raise UsageError("give a prompt, or --from an image that has generation parameters")
-    explicit = {"negative_prompt": args.negative, "steps": args.steps, "cfg_scale": args.cfg,
-                "sampler": args.sampler, "seed": args.seed, "timestep_spacing": args.spacing, "eta": args.eta,
-                "guidance_rescale": args.rescale}
-    settings.update({k: v for k, v in explicit.items() if v is not None})
+    settings.update(sampling_settings(args))
     if args.size:
         settings["width"], settings["height"] = parse_size(args.size)
     return settings
+
+
+def pipeline_arguments(settings: dict) -> dict:
+    """PNG-metadata names to pipeline keyword arguments; unset ones keep the pipeline's defaults."""
+    return {arg: settings[key] for key, arg in SETTING_ARGUMENTS.items() if settings.get(key) not in (None, "")}
 
 
 def resolve_model(args, settings: dict) -> Path | None:
@@ -90,26 +106,101 @@ def resolve_model(args, settings: dict) -> Path | None:
     return None
 
 
-def cmd_generate(args) -> int:
-    from pipelines.metadata import save_png
+def load_pipeline(args, settings: dict | None = None):
     from pipelines.text_to_image import TextToImagePipeline
 
-    settings = generation_settings(args)
-    paths = output_paths(Path(args.output), args.n)
     device, dtype = pick_device(args.device), pick_dtype(args.dtype)
-    pipe = TextToImagePipeline.from_pretrained(resolve_model(args, settings), allow_pickle=args.allow_pickle)
+    pipe = TextToImagePipeline.from_pretrained(resolve_model(args, settings or {}), allow_pickle=args.allow_pickle)
     pipe.to(device, dtype)
     if args.model:
         pipe.name = str(args.model)
-    # settings name -> pipeline argument; unset ones keep the pipeline's defaults
-    names = {"negative_prompt": "negative_prompt", "steps": "num_inference_steps", "cfg_scale": "guidance_scale",
-             "sampler": "sampler", "height": "height", "width": "width", "seed": "seed", "eta": "eta",
-             "guidance_rescale": "guidance_rescale", "timestep_spacing": "timestep_spacing"}
-    kwargs = {arg: settings[key] for key, arg in names.items() if settings.get(key) not in (None, "")}
-    result = pipe(settings["prompt"], num_images_per_prompt=args.n, **kwargs)
+    return pipe
+
+
+def save_images(result, paths: list[Path]) -> None:
+    from pipelines.metadata import save_png
+
     for image, params, path in zip(result.images, result.parameters, paths):
         save_png(image, path, params)
         print(f"{path}  (seed {params['seed']})")
+
+
+def cmd_generate(args) -> int:
+    settings = generation_settings(args)
+    paths = output_paths(Path(args.output), args.n)
+    pipe = load_pipeline(args, settings)
+    save_images(pipe(settings["prompt"], num_images_per_prompt=args.n, **pipeline_arguments(settings)), paths)
+    return 0
+
+
+def cmd_img2img(args) -> int:
+    paths = output_paths(Path(args.output), 1)
+    pipe = load_pipeline(args)
+    result = pipe.img2img(args.image, args.prompt, strength=args.strength,
+                          **pipeline_arguments(sampling_settings(args)))
+    save_images(result, paths)
+    return 0
+
+
+def cmd_inpaint(args) -> int:
+    paths = output_paths(Path(args.output), 1)
+    pipe = load_pipeline(args)
+    result = pipe.inpaint(args.image, args.mask, args.prompt, strength=args.strength, feather=args.feather,
+                          **pipeline_arguments(sampling_settings(args)))
+    save_images(result, paths)
+    return 0
+
+
+def cmd_invert(args) -> int:
+    from pipelines.editing import save_inversion
+
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise UsageError(f"the inversion is written as .safetensors, got {output}")
+    recon_paths = output_paths(Path(args.reconstruction), 1) if args.reconstruction else []
+    pipe = load_pipeline(args)
+    inversion = pipe.invert(args.image, args.prompt, args.steps, args.cfg, null_text=args.null_text,
+                            fixed_point_iterations=args.fixed_point)
+    save_inversion(inversion, output)
+    print(output)
+    if recon_paths:
+        save_images(pipe.reconstruct(inversion), recon_paths)
+    return 0
+
+
+def parse_equalizer(items: list[str] | None) -> dict[str, float] | None:
+    """``["red=2", "circle=0.5"]`` -> ``{"red": 2.0, "circle": 0.5}``."""
+    if not items:
+        return None
+    equalizer = {}
+    for item in items:
+        word, _, weight = item.partition("=")
+        try:
+            equalizer[word] = float(weight)
+        except ValueError:
+            raise UsageError(f"--reweight takes WORD=WEIGHT, got {item!r}") from None
+    return equalizer
+
+
+def cmd_edit(args) -> int:
+    from pipelines.editing import load_inversion
+
+    edited_path = output_paths(Path(args.output), 1)[0]
+    source_path = edited_path.with_name(f"{edited_path.stem}-source{edited_path.suffix}")
+    options = dict(edit=args.edit, cross_replace_steps=args.cross, self_replace_steps=args.self_steps,
+                   equalizer=parse_equalizer(args.reweight), local_blend=args.blend)
+    pipe = load_pipeline(args)
+    settings = pipeline_arguments(sampling_settings(args))
+    if args.image or args.inversion:
+        if args.inversion:
+            inversion = load_inversion(args.inversion)
+        else:
+            inversion = pipe.invert(args.image, args.source, settings.get("num_inference_steps", 50),
+                                    settings.get("guidance_scale", 7.5), null_text=args.null_text)
+        result = pipe.edit(inversion, args.target, **options)
+    else:
+        result = pipe.prompt_to_prompt([args.source, args.target], **settings, **options)
+    save_images(result, [source_path, edited_path])
     return 0
 
 
@@ -124,6 +215,26 @@ def cmd_train(args) -> int:
     return module.main(args.recipe_args) or 0
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="diffusers model folder (default: the shipped model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickle checkpoints (.ckpt/.bin/.pt), loaded with weights_only=True")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--negative", help="negative prompt")
+    parser.add_argument("--steps", type=int, help="sampling steps (default 30)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--sampler", help="ddpm, ddim, dpmpp_2m (default), dpmpp_2m_sde, euler, euler_a, heun, "
+                                          "flow_euler")
+    parser.add_argument("--spacing", help="timestep spacing: leading, trailing, linspace, karras (default: the model's)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
+    parser.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
+    parser.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k (default: random)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion, offline.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,22 +243,60 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the prompt ('' for unconditional)")
     gen.add_argument("-o", "--output", default="out.png", help="output PNG (several images: out-0.png, ...)")
     gen.add_argument("--from", dest="from_image", help="regenerate from the parameters stored in this PNG")
-    gen.add_argument("--negative", help="negative prompt")
-    gen.add_argument("--steps", type=int, help="sampling steps (default 30)")
-    gen.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7.5)")
-    gen.add_argument("--sampler", help="ddpm, ddim, dpmpp_2m (default), dpmpp_2m_sde, euler, euler_a, heun, flow_euler")
-    gen.add_argument("--spacing", help="timestep spacing: leading, trailing, linspace, karras (default: the model's)")
-    gen.add_argument("--eta", type=float, help="DDIM eta (default 0)")
-    gen.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
-    gen.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k (default: random)")
     gen.add_argument("--n", type=int, default=1, help="number of images")
     gen.add_argument("--size", help="N or WxH (default: the model's native size)")
-    gen.add_argument("--model", help="diffusers model folder (default: the shipped model)")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    gen.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
-    gen.add_argument("--allow-pickle", action="store_true",
-                     help="allow pickle checkpoints (.ckpt/.bin/.pt), loaded with weights_only=True")
+    add_sampling_options(gen)
+    add_model_options(gen)
     gen.set_defaults(run=cmd_generate)
+
+    img2img = commands.add_parser("img2img", help="SDEdit: repaint an image towards a prompt")
+    img2img.add_argument("image")
+    img2img.add_argument("prompt")
+    img2img.add_argument("-o", "--output", default="out.png")
+    img2img.add_argument("--strength", type=float, default=0.6, help="0 keeps the image, 1 is text-to-image")
+    add_sampling_options(img2img)
+    add_model_options(img2img)
+    img2img.set_defaults(run=cmd_img2img)
+
+    inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
+    inpaint.add_argument("image")
+    inpaint.add_argument("mask", help="white = repaint, black = keep (grey = partly)")
+    inpaint.add_argument("prompt")
+    inpaint.add_argument("-o", "--output", default="out.png")
+    inpaint.add_argument("--strength", type=float, default=1.0)
+    inpaint.add_argument("--feather", type=float, default=0.0, help="soften the mask's inner edge (pixels)")
+    add_sampling_options(inpaint)
+    add_model_options(inpaint)
+    inpaint.set_defaults(run=cmd_inpaint)
+
+    invert = commands.add_parser("invert", help="DDIM / null-text inversion of an image, saved for `ldm edit`")
+    invert.add_argument("image")
+    invert.add_argument("prompt", help="a prompt describing the image")
+    invert.add_argument("-o", "--output", default="inversion.safetensors")
+    invert.add_argument("--reconstruction", help="also write the image sampled back from the inversion (PNG)")
+    invert.add_argument("--steps", type=int, default=50)
+    invert.add_argument("--cfg", type=float, default=1.0)
+    invert.add_argument("--null-text", action="store_true", help="null-text inversion (for --cfg > 1)")
+    invert.add_argument("--fixed-point", type=int, default=0, help="fixed-point refinements per step")
+    add_model_options(invert)
+    invert.set_defaults(run=cmd_invert)
+
+    edit = commands.add_parser("edit", help="prompt-to-prompt: edit a generated or an inverted real image")
+    edit.add_argument("--source", required=True, help="the source prompt (describing the image with --image)")
+    edit.add_argument("--target", required=True, help="the edited prompt")
+    edit.add_argument("--image", help="edit this real image (inverted first) instead of a generated one")
+    edit.add_argument("--inversion", help="edit through an inversion file written by `ldm invert`")
+    edit.add_argument("-o", "--output", default="edit.png", help="the edited image; the source goes to *-source.png")
+    edit.add_argument("--edit", default="replace", help="replace, refine, reweight")
+    edit.add_argument("--cross", type=float, default=0.8, help="fraction of steps with cross-attention replaced")
+    edit.add_argument("--self", dest="self_steps", type=float, default=0.4,
+                      help="fraction of steps with self-attention injected")
+    edit.add_argument("--blend", nargs="+", help="local blend: words whose region may change")
+    edit.add_argument("--reweight", nargs="+", metavar="WORD=W", help="equalizer, e.g. red=2.0")
+    edit.add_argument("--null-text", action="store_true", help="null-text inversion for --image")
+    add_sampling_options(edit)
+    add_model_options(edit)
+    edit.set_defaults(run=cmd_edit)
 
     bench = commands.add_parser("bench", help="time our pipeline against diffusers' on the same weights")
     bench.add_argument("--model", help="diffusers model folder (default: the shipped model)")

@@ -183,3 +183,53 @@ class EditingMixin:
         x = self.denoise(request, denoiser, inversion.trajectory[-1], inversion.sigmas, callback, progress,
                          inversion.null_embeddings if guidance_scale in (None, inversion.guidance_scale) else None)
         return self.finish(request, denoiser.to_model_space(x, float(inversion.sigmas[-1])))
+
+
+def save_inversion(inversion: Inversion, path) -> None:
+    """Write an inversion to a safetensors file (tensors + JSON settings in its metadata), whole or not at all."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    tensors = {"trajectory": torch.stack([x.cpu() for x in inversion.trajectory]), "sigmas": inversion.sigmas.cpu(),
+               "image_latents": inversion.image_latents.cpu()}
+    if inversion.null_embeddings is not None:
+        tensors["null_embeddings"] = torch.stack([e.cpu() for e in inversion.null_embeddings])
+    settings = {"prompt": inversion.prompt, "negative_prompt": inversion.negative_prompt,
+                "guidance_scale": inversion.guidance_scale, "num_inference_steps": inversion.num_inference_steps,
+                "timestep_spacing": inversion.timestep_spacing, "latent_shape": list(inversion.latent_shape),
+                "model": inversion.model}
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temp, metadata={"ldm_inversion": json.dumps(settings)})
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def load_inversion(path) -> Inversion:
+    """Read an inversion written by :func:`save_inversion`; a clear error for any other file."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            if "ldm_inversion" not in metadata:
+                raise ValueError(f"{path} is not an inversion written by `ldm invert`")
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read inversion {path}: {err}") from None
+    settings = json.loads(metadata["ldm_inversion"])
+    null = tensors.get("null_embeddings")
+    return Inversion(list(tensors["trajectory"]), tensors["sigmas"], settings["prompt"], settings["negative_prompt"],
+                     settings["guidance_scale"], settings["num_inference_steps"], settings["timestep_spacing"],
+                     tuple(settings["latent_shape"]), settings["model"], tensors["image_latents"],
+                     None if null is None else list(null))

@@ -25,6 +25,7 @@ FIELDS = (
     ("eta", "Eta", float),
     ("guidance_rescale", "CFG rescale", float),
     ("strength", "Denoising strength", float),
+    ("edit", "Prompt-to-prompt", str),
 )
 
 

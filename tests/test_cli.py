@@ -1,4 +1,5 @@
 """The ldm command line: images carry their parameters, --from regenerates them, bad input writes nothing."""
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -64,3 +65,52 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_model_factory, 
 def test_missing_model_folder_is_one_line(tmp_path, capsys):
     assert main(["generate", "x", "-o", str(tmp_path / "o.png"), "--model", str(tmp_path / "none")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def write_picture(path, size=16):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)).resize((size, size)).save(path)
+    return path
+
+
+def test_img2img_inpaint_invert_and_edit_commands(tiny_model_factory, tmp_path):
+    model = ["--model", str(tiny_model_factory())]
+    picture = write_picture(tmp_path / "in.png")
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.where(np.arange(16)[None, :] < 8, 255, 0).repeat(16, 0).astype(np.uint8)).save(mask)
+
+    assert main(["img2img", str(picture), "a red circle", "-o", str(tmp_path / "sdedit.png"), "--strength", "0.5",
+                 "--steps", "4", "--seed", "1"] + model) == 0
+    assert parse_parameters(Image.open(tmp_path / "sdedit.png").info["parameters"])["strength"] == 0.5
+
+    assert main(["inpaint", str(picture), str(mask), "a red circle", "-o", str(tmp_path / "inpaint.png"),
+                 "--steps", "3", "--seed", "1"] + model) == 0
+    kept = np.asarray(Image.open(tmp_path / "inpaint.png"))[:, 8:]
+    np.testing.assert_array_equal(kept, np.asarray(Image.open(picture))[:, 8:])
+
+    assert main(["invert", str(picture), "a red circle", "-o", str(tmp_path / "inv.safetensors"), "--steps", "4",
+                 "--reconstruction", str(tmp_path / "recon.png")] + model) == 0
+    assert (tmp_path / "recon.png").exists()
+    assert main(["edit", "--source", "a red circle", "--target", "a blue circle", "--inversion",
+                 str(tmp_path / "inv.safetensors"), "-o", str(tmp_path / "real-edit.png")] + model) == 0
+    assert {"real-edit.png", "real-edit-source.png"} <= {p.name for p in tmp_path.iterdir()}
+
+    assert main(["edit", "--source", "a red circle", "--target", "a blue circle", "-o", str(tmp_path / "e.png"),
+                 "--steps", "3", "--seed", "2", "--reweight", "blue=2", "--edit", "reweight"] + model) == 0
+    source = parse_parameters(Image.open(tmp_path / "e-source.png").info["parameters"])
+    edited = parse_parameters(Image.open(tmp_path / "e.png").info["parameters"])
+    assert (source["prompt"], edited["prompt"], edited["seed"]) == ("a red circle", "a blue circle", source["seed"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["edit", "--source", "a red circle", "--target", "a big red circle"], "use edit='refine'"),
+    (["edit", "--source", "a", "--target", "b", "--reweight", "b:2"], "--reweight takes WORD=WEIGHT"),
+    (["img2img", "missing.png", "x", "--strength", "0.5"], "cannot read image"),
+    (["invert", "missing.png", "x", "-o", "inv.png"], "written as .safetensors"),
+])
+def test_editing_commands_refuse_bad_input_without_writing(tiny_model_factory, tmp_path, capsys, monkeypatch,
+                                                           args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(args + ["--model", str(tiny_model_factory())]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
