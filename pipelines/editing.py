@@ -15,13 +15,8 @@ from tqdm.auto import tqdm
 from ldm.guidance import CFGDenoiser
 from ldm.inversion import invert_ddim, null_text_optimization
 from ldm.samplers import randn_like
+from pipelines.checks import check_strength
 from pipelines.images import image_tensor, mask_tensor
-
-
-def check_strength(strength) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    return float(strength)
 
 
 @dataclass

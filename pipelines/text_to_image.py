@@ -5,7 +5,6 @@ work starts, and turns latents into images.
 """
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import encode_tokens, tokenize_batch
+from pipelines.checks import check_finite, check_positive_int, check_prompts
 from pipelines.editing import EditingMixin
 from pipelines.prompt_to_prompt import PromptToPromptMixin
 
@@ -40,28 +40,6 @@ class GenerationOutput:
     images: list | np.ndarray | torch.Tensor
     seeds: list[int | None]
     parameters: list[dict] = field(default_factory=list)
-
-
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def check_prompts(prompt, name: str = "prompt") -> list[str]:
-    """A prompt is a string or a non-empty list of strings (the empty string means unconditional)."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-
-
-def check_finite(name: str, value, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
-    return float(value)
 
 
 class TextToImagePipeline(EditingMixin, PromptToPromptMixin):

@@ -104,7 +104,7 @@ def test_non_rgb_and_odd_sized_images_are_converted_with_notice(pipe):
 
 @pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan"), "half"])
 def test_strength_outside_zero_one_is_refused(pipe, strength):
-    with pytest.raises(ValueError, match="strength must be a number in"):
+    with pytest.raises(ValueError, match="strength must be a"):
         pipe.img2img(picture(), "x", strength=strength, progress=False)
 
 

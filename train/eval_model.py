@@ -13,6 +13,7 @@ import math
 import sys
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from train.evaluate import evaluate_pairs, evaluation_prompts
@@ -22,9 +23,10 @@ HEADLINE = (("single/all", "seen", "single seen"), ("single/all", "heldout", "si
             ("two/all", "seen", "two seen"), ("two/all", "heldout", "two held-out"))
 
 
-def evaluate_model(pipe, seeds: int = 4, batch: int = 8, progress: bool = True, **settings) -> dict:
-    """Generate every evaluation prompt with seeds 0..seeds-1 and score them; ``settings`` go to the pipeline
-    (sampler, num_inference_steps, guidance_scale, ...). Returns ``evaluate_pairs``' groups."""
+def generate_evaluation_set(pipe, seeds: int = 4, batch: int = 8, progress: bool = True,
+                            **settings) -> list[tuple[str, object]]:
+    """(prompt, image) for every evaluation prompt with seeds 0..seeds-1; ``settings`` go to the pipeline
+    (sampler, num_inference_steps, guidance_scale, ...)."""
     prompts = [p.text for p in evaluation_prompts() for _ in range(seeds)]
     seed_of = [s for _ in evaluation_prompts() for s in range(seeds)]
     pairs = []
@@ -33,7 +35,22 @@ def evaluate_model(pipe, seeds: int = 4, batch: int = 8, progress: bool = True, 
         generators = [torch.Generator().manual_seed(s) for s in chunk_seeds]
         images = pipe(chunk, generator=generators, progress=False, **settings).images
         pairs += list(zip(chunk, images))
-    return evaluate_pairs(pairs)
+    return pairs
+
+
+def evaluate_model(pipe, seeds: int = 4, batch: int = 8, progress: bool = True, **settings) -> dict:
+    """Generate the evaluation set and score it: ``evaluate_pairs``' groups of accuracies."""
+    return evaluate_pairs(generate_evaluation_set(pipe, seeds, batch, progress, **settings))
+
+
+def image_grid(images: list, columns: int) -> Image.Image:
+    """Images of one size in a grid, row-major."""
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for k, image in enumerate(images):
+        grid.paste(image, ((k % columns) * width, (k // columns) * height))
+    return grid
 
 
 @torch.no_grad()
@@ -74,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="also write all results to this JSON file")
+    parser.add_argument("--grid", help="write the first setting's images (seed 0 of every prompt) to this PNG")
     args = parser.parse_args(argv)
     pipe = TextToImagePipeline.from_pretrained(args.model, device=pick_device(args.device),
                                                dtype=pick_dtype(args.dtype))
@@ -85,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                 for s in ("ddim", "euler", "heun", "dpmpp_2m") for n in (5, 10, 20, 50)]
     else:
         runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}", base)]
-    rows = [(name, evaluate_model(pipe, args.seeds, **settings)) for name, settings in runs]
+    rows = []
+    for k, (name, settings) in enumerate(runs):
+        pairs = generate_evaluation_set(pipe, args.seeds, **settings)
+        rows.append((name, evaluate_pairs(pairs)))
+        if args.grid and k == 0:
+            image_grid([image for _, image in pairs[::args.seeds]], columns=8).save(args.grid)
     print(f"model {pipe.path} | {args.seeds} seeds x {len(evaluation_prompts())} prompts | accuracy (%)")
     print(markdown_table(rows, "setting"))
     print(f"VAE reconstruction PSNR on held-out renders: {vae_psnr(pipe):.2f} dB")
