@@ -100,18 +100,11 @@ def sample_ddpm(model, x, sigmas, generator=None, callback=None):
     return x
 
 
-@torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
     """Ancestral Euler (k-diffusion's ``sample_euler_ancestral``): an Euler step down to ``sigma_down``, then
-    fresh noise of std ``sigma_up`` (see :func:`ancestral_step`)."""
-    for i in range(len(sigmas) - 1):
-        x0 = model(x, _sigma(sigmas[i], x))
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + (x - x0) / sigmas[i] * (sigma_down - sigmas[i])
-        if sigma_up > 0:
-            x = x + randn_like(x, generator) * sigma_up
-        x = _step_callback(callback, i, sigmas[i], x, x0)
-    return x
+    fresh noise of std ``sigma_up`` (see :func:`ancestral_step`). In VE variables the Euler step to ``sigma_down``
+    lands on ``x0 + sigma_down * eps``, so this is DDIM with the same eta, and is computed by it."""
+    return sample_ddim(model, x, sigmas, generator, callback, eta=eta)
 
 
 @torch.no_grad()
