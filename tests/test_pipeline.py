@@ -142,7 +142,10 @@ def test_attention_controller_sees_every_layer_and_step_and_can_edit(pipe):
         edited = latents_of(pipe, seed=6, sampler="heun", num_inference_steps=3).images
     finally:
         pipe.attention.controller = None
-    torch.testing.assert_close(observed, plain, atol=1e-5, rtol=1e-5)  # observing changes nothing
+    # Observing changes nothing but float32 rounding: with a controller the probabilities are formed explicitly
+    # instead of by the fused SDPA kernel (1.5e-5 apart on an AVX2 CPU); 1e-4 is the parity tests' tolerance,
+    # ten times below the change an edit makes (asserted next).
+    torch.testing.assert_close(observed, plain, atol=1e-4, rtol=1e-4)
     assert (edited - plain).abs().max() > 1e-3  # replacing the probabilities does
     places = {place for _, _, place, _ in recorder.calls}
     assert {p.rsplit(".", 1)[-1] for p in places} == {"attn1", "attn2"}
