@@ -84,6 +84,60 @@ def test_v_target_matches_the_inference_denoiser():
     torch.testing.assert_close(denoiser.model_output(x_ve, sigma, None), v)  # the network saw x_t
 
 
+def test_min_snr_weights_equal_the_capped_x0_weight():
+    """The v loss weighted by loss_weights equals the x0 loss weighted by min(SNR + 1, gamma) (Min-SNR-gamma in its
+    SNR + 1 form), checked on explicit x0 errors; the zero-SNR step keeps weight 1."""
+    ab = train_denoiser.alphas_cumprod()
+    t = torch.tensor([0, 100, 400, 700, 999])
+    g = torch.Generator().manual_seed(0)
+    x0, noise, x0_hat = (torch.randn(5, 4, 8, 8, generator=g) for _ in range(3))
+    a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+    x_t, v = train_denoiser.add_noise(x0, noise, ab[t])
+    v_hat = (a * x_t - x0_hat) / s  # the v whose implied x0 = a x_t - s v is x0_hat
+    v_loss = (v_hat - v).square().mean(dim=(1, 2, 3))
+    x0_loss = (x0_hat - x0).square().mean(dim=(1, 2, 3))
+    snr = ab[t] / (1 - ab[t])
+    for gamma in (1.0, 5.0):
+        weighted = v_loss * train_denoiser.loss_weights(ab[t], "min_snr", gamma)
+        torch.testing.assert_close(weighted, x0_loss * (snr + 1).clamp(max=gamma), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(train_denoiser.loss_weights(ab[t], "uniform"), torch.ones(5))
+    weights = train_denoiser.loss_weights(ab[t], "min_snr", 5.0)
+    assert weights[-1] == pytest.approx(1.0, abs=1e-6) and weights[0] < 0.01  # zero SNR kept, clean inputs capped
+
+
+def test_text_encoder_trains_on_a_short_window_without_changing_what_captions_see():
+    """The causal text tower gives the first L positions the same hidden states with or without the padding after
+    them, so training on L positions is exact; captions longer than L are refused."""
+    from ldm.text import load_tokenizer
+
+    clip = train_text_encoder.build_clip(train_text_encoder.PRESETS["tiny"], seed=0, eager_attention=True)
+    text = train_text_encoder.text_model_from_clip(clip)
+    tokenizer = load_tokenizer()
+    captions = ["a red circle at the top left", "a blue square above a small green triangle on black"]
+    full = train_text_encoder.CaptionTokens(tokenizer)(captions)  # (2, 77)
+    short = train_text_encoder.CaptionTokens(tokenizer, 16)(captions)  # (2, 16)
+    assert full.shape == (2, 77) and short.shape == (2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(text(short)[0], text(full)[0][:, :16], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(text(short)[1], text(full)[1], atol=1e-5, rtol=1e-5)  # pooled (EOS) state
+    with pytest.raises(ValueError, match="longer than --context-length 8"):
+        train_text_encoder.CaptionTokens(tokenizer, 8)(captions)
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from train import common
+
+    assert common.cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni")
+    assert common.cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile")
+    assert not common.cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw")
+    assert common.resolve_precision("fp16") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for native in (True, False):
+        monkeypatch.setattr(common, "cpu_has_native_bf16", lambda cpuinfo=None, native=native: native)
+        assert common.resolve_precision("auto") == ("bf16" if native else "no")
+
+
 def _first_last(losses, k=4):
     return sum(losses[:k]) / k, sum(losses[-k:]) / k
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 # Independent random streams; a draw is keyed by (seed, stream, step, micro-batch, process).
 STREAM_DATA = 1
@@ -77,8 +78,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int, batch_size: 
                    help="linear warm-up steps before the cosine decay (default %(default)s)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1,
                    help="cosine decay ends at this fraction of --lr (default %(default)s)")
-    g.add_argument("--mixed-precision", choices=PRECISIONS, default="bf16",
-                   help="autocast dtype (default %(default)s; bf16 is ~5x faster than fp32 on AVX-512 BF16 CPUs)")
+    g.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype; auto = bf16 where the hardware computes it natively, else fp32 "
+                        "(default %(default)s, see resolve_precision)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed of every random draw (default 0)")
     g.add_argument("--checkpoint-every", type=non_negative_int, default=checkpoint_every,
                    help="save a resumable checkpoint every N steps; 0 = only at the end (default %(default)s)")
@@ -118,6 +120,32 @@ def model_config_from_args(args: argparse.Namespace, presets: dict[str, dict]) -
 # --------------------------------------------------------------------------- accelerate
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX), read from /proc/cpuinfo's flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+def resolve_precision(choice: str) -> str:
+    """The mixed precision to train with: ``choice``, or for "auto" bf16 where it is native, else "no" (fp32).
+
+    Native means a CUDA GPU with bf16 support, or a CPU with AVX-512 BF16 / AMX. Elsewhere bf16 autocast is
+    emulated: on a 2-core AVX2 EPYC a 1024^2 bf16 matmul ran at 0.9 GFLOP/s against 137 GFLOP/s in fp32, while
+    on the AVX-512 BF16 machine bf16 was ~5x faster than fp32.
+    """
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if torch.backends.mps.is_available():
+        return "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
 def make_accelerator(args: argparse.Namespace):
     """An ``Accelerator`` with the run's mixed precision and gradient accumulation. Accelerate's process-wide
     state is reset first, so several recipes can run one after another in one process."""
@@ -126,7 +154,7 @@ def make_accelerator(args: argparse.Namespace):
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
+    return Accelerator(mixed_precision=resolve_precision(args.mixed_precision), gradient_accumulation_steps=args.grad_accum)
 
 
 # --------------------------------------------------------------------------- randomness

@@ -44,7 +44,9 @@ PRESETS: dict[str, dict] = {
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
         # attention_head_dim is diffusers' legacy name for the number of heads: 2 heads of 32 / 64 channels.
-        "block_out_channels": [64, 128, 128], "layers_per_block": 1, "attention_head_dim": 2,
+        # 32 channels at the 16x16 level: a training step is 3x cheaper than [64, 128, 128] (1.09 against 3.2 s
+        # at batch 64 on the 2-core AVX2 CPU, fp32), so the same time buys 3x the samples.
+        "block_out_channels": [32, 64, 128], "layers_per_block": 1, "attention_head_dim": 2,
         "norm_num_groups": 32,
     },
     "tiny": {
@@ -71,7 +73,7 @@ RECIPE = "denoiser"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.train_denoiser", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, steps=7000, batch_size=64, lr=3e-4, checkpoint_every=500, sample_every=1000,
+    common.add_common_args(p, steps=4000, batch_size=64, lr=5e-4, checkpoint_every=500, sample_every=1000,
                            warmup=200)
     g = p.add_argument_group("denoiser")
     g.add_argument("--vae", required=True, help="folder of the trained AutoencoderKL (config.json + weights)")
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer folder (default: <text-encoder>/../tokenizer if present, else standard CLIP BPE)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="UNet size")
     g.add_argument("--image-size", type=int, default=128, help="render size (latents are this / VAE factor)")
-    g.add_argument("--num-images", type=common.positive_int, default=24000, help="renders encoded once")
+    g.add_argument("--num-images", type=common.positive_int, default=16000, help="renders encoded once")
     g.add_argument("--caption-variants", type=common.positive_int, default=4, help="captions per image")
     g.add_argument("--data-seed", type=common.non_negative_int, default=None, help="dataset seed (default --seed)")
     g.add_argument("--split", default="train", choices=("train", "heldout", "all"), help="shapes-world split")
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rebuilt when it does not match the VAE/data flags")
     g.add_argument("--uncond-prob", type=float, default=0.1, help="probability of training on the empty caption")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights; 0 = no EMA")
+    g.add_argument("--loss-weighting", default="min_snr", choices=("uniform", "min_snr"),
+                   help="per-timestep weight of the v loss (see loss_weights)")
+    g.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weighting min_snr")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--sample-steps", type=common.positive_int, default=25, help="DDIM steps for the sample grids")
     g.add_argument("--sample-guidance", type=float, default=5.0, help="CFG scale for the sample grids")
@@ -110,6 +115,22 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor):
     a = alpha_bar.sqrt().view(-1, 1, 1, 1)
     s = (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
     return a * x0 + s * noise, a * noise - s * x0
+
+
+def loss_weights(alpha_bar: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights ``(B,)`` of the v loss.
+
+    ``uniform``: 1. The v loss is ``(SNR + 1)`` times the x0 loss (``x0 - x0_hat = sigma (v_hat - v)`` with
+    ``sigma^2 = 1 / (SNR + 1)``), so it spends most of its weight on nearly clean inputs. ``min_snr``: the
+    Min-SNR-gamma strategy (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+    eq. 9) caps that x0 weight at gamma, in its ``SNR + 1`` form: weight ``min(SNR + 1, gamma) / (SNR + 1)`` on the
+    v loss. The plain ``min(SNR, gamma)`` would give the zero-SNR step (where the model must make the whole
+    image from pure noise) weight 0; this keeps it at 1 and only down-weights steps with SNR > gamma - 1.
+    """
+    if weighting == "uniform":
+        return torch.ones_like(alpha_bar)
+    snr_plus_one = 1.0 / (1.0 - alpha_bar)  # SNR + 1 = ab / (1 - ab) + 1
+    return snr_plus_one.clamp(max=gamma) / snr_plus_one
 
 
 # --------------------------------------------------------------------------- components
@@ -279,6 +300,8 @@ def run(argv: list[str] | None = None) -> dict:
     common.check_common_args(args)
     if not 0.0 <= args.uncond_prob <= 1.0:
         raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
+    if not args.min_snr_gamma >= 1.0:
+        raise ValueError(f"--min-snr-gamma must be >= 1, got {args.min_snr_gamma}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     check_image_size(args.image_size)
@@ -335,7 +358,8 @@ def run(argv: list[str] | None = None) -> dict:
             with torch.no_grad():
                 cond = text_encoder(ids.to(device))[0]  # (B, 77, D)
             pred = model(x_t, t, encoder_hidden_states=cond).sample
-        return torch.nn.functional.mse_loss(pred.float(), v)
+        per_sample = (pred.float() - v).square().mean(dim=(1, 2, 3))  # (B,)
+        return (per_sample * loss_weights(ab[t], args.loss_weighting, args.min_snr_gamma)).mean()
 
     def after_step(step: int) -> None:
         if ema is None:

@@ -47,7 +47,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.train_text_encoder", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, steps=3300, batch_size=128, lr=5e-4, checkpoint_every=500, sample_every=500,
+    common.add_common_args(p, steps=2000, batch_size=128, lr=5e-4, checkpoint_every=500, sample_every=500,
                            warmup=100)
     g = p.add_argument_group("text encoder")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model size")
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-seed", type=common.non_negative_int, default=None, help="dataset seed (default --seed)")
     g.add_argument("--split", default="train", choices=("train", "heldout", "all"), help="shapes-world split")
     g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--context-length", type=common.positive_int, default=32,
+                   help="token positions used in training (<= 77; shapes-world captions take at most 21)")
     g.add_argument("--eval-images", type=common.positive_int, default=256,
                    help="held-out pairs for the retrieval accuracy")
     return p
@@ -87,10 +89,17 @@ def text_model_from_clip(clip):
 
 
 class CaptionTokens:
-    """Caption -> ``(77,)`` token ids with BOS/EOS/pad as the pipelines make them (cached)."""
+    """Caption -> ``(length,)`` token ids: the first ``length`` of the 77 the pipelines make (cached).
 
-    def __init__(self, tokenizer):
+    The text tower is causal, so the hidden states of the first ``length`` positions, and the pooled state at the
+    EOS token, do not depend on the padding after them: training on a shorter window changes nothing a caption
+    that fits sees, and costs ``length / 77`` of the text tower's time (measured 0.46 against 1.14 s per step at
+    batch 128 on the 2-core AVX2 CPU with 32 positions). Captions that do not fit are an error.
+    """
+
+    def __init__(self, tokenizer, length: int = 77):
         self.tokenizer = tokenizer
+        self.length = length
         self.cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
@@ -101,8 +110,14 @@ class CaptionTokens:
             ids = tokenize_batch(self.tokenizer, missing)  # (M, W, 77)
             if ids.shape[1] != 1:
                 raise ValueError("a caption is longer than one 77-token window")
-            self.cache.update(zip(missing, ids[:, 0]))
-        return torch.stack([self.cache[c] for c in captions])  # (B, 77)
+            ids = ids[:, 0]  # (M, 77)
+            pad = self.tokenizer.pad_token_id
+            too_long = (ids[:, self.length:] != pad).any(1)
+            if too_long.any():
+                first = missing[int(too_long.nonzero()[0])]
+                raise ValueError(f"caption {first!r} is longer than --context-length {self.length} tokens")
+            self.cache.update(zip(missing, ids[:, : self.length]))
+        return torch.stack([self.cache[c] for c in captions])  # (B, length)
 
 
 def batch_indices(rng, num_images: int, batch: int):
@@ -142,7 +157,10 @@ def run(argv: list[str] | None = None) -> dict:
     if len(tokenizer) != config["text_config"]["vocab_size"]:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the text config's vocab_size is "
                          f"{config['text_config']['vocab_size']}")
-    tokens = CaptionTokens(tokenizer)
+    if args.context_length > config["text_config"]["max_position_embeddings"]:
+        raise ValueError(f"--context-length {args.context_length} exceeds the text tower's "
+                         f"{config['text_config']['max_position_embeddings']} positions")
+    tokens = CaptionTokens(tokenizer, args.context_length)
     dataset = ShapesDataset(args.num_images or INFINITE, args.data_seed, image_size, args.split)
     eval_dataset = ShapesDataset(args.eval_images, args.data_seed + common.EVAL_SEED_OFFSET, image_size, args.split)
 

@@ -28,7 +28,9 @@ PRESETS: dict[str, dict] = {
     "default": {
         "in_channels": 3, "out_channels": 3, "latent_channels": 4,
         "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "norm_num_groups": 32,
+        # 16 channels at full resolution: flat-coloured shapes need few there, and it makes a training step 3.2x
+        # cheaper than [32, 64, 128, 128] (0.95 against 3.05 s at batch 8 on the 2-core AVX2 CPU, fp32).
+        "block_out_channels": [16, 32, 64, 128], "layers_per_block": 1, "norm_num_groups": 16,
         "sample_size": 128,
     },
     # x2 downsampling, for tests.
@@ -46,7 +48,7 @@ INFINITE = 2**31 - 1  # dataset length standing for "a fresh render every time"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.train_vae", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, steps=2000, batch_size=8, lr=1e-3, checkpoint_every=500, sample_every=500,
+    common.add_common_args(p, steps=1500, batch_size=8, lr=1e-3, checkpoint_every=500, sample_every=500,
                            warmup=100)
     g = p.add_argument_group("vae")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model size")
