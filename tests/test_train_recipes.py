@@ -138,6 +138,29 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
         assert common.resolve_precision("auto") == ("bf16" if native else "no")
 
 
+def test_vae_crops_show_an_object_and_weight_its_pixels():
+    """Object crops contain the chosen object's centre in their middle half; pixel weights are 1 + W on and
+    next to objects (by the renderer's own masks) and 1 on the background away from them."""
+    import numpy as np
+
+    from train.shapes import Scene, make_object, render, render_masks
+
+    scenes = [Scene("gray", (make_object("red", "circle", "top left", "small"),
+                             make_object("blue", "square", "bottom right", "large"))),
+              Scene("white", (make_object("yellow", "triangle", "center", "small"),))]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        for scene, (top, left) in zip(scenes, train_vae.object_crop_offsets(rng, scenes, 128, 64)):
+            assert 0 <= top <= 64 and 0 <= left <= 64
+            assert any(top <= obj.center[1] < top + 64 and left <= obj.center[0] < left + 64 for obj in scene.objects)
+    image = torch.from_numpy(np.array(render(scenes[0]))).permute(2, 0, 1).float()[None] / 127.5 - 1
+    weights = train_vae.pixel_weights(image, 10.0)[0, 0]  # (H, W)
+    masks = torch.from_numpy(render_masks(scenes[0]).any(0))
+    assert (weights[masks] == 11.0).all()
+    far = ~torch.nn.functional.max_pool2d(masks[None, None].float(), 9, 1, 4)[0, 0].bool()
+    assert (weights[far] == 1.0).all() and far.sum() > 0.8 * far.numel()
+
+
 def _first_last(losses, k=4):
     return sum(losses[:k]) / k, sum(losses[-k:]) / k
 

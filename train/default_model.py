@@ -26,7 +26,7 @@ from train import common
 MAX_BYTES = 40_000_000
 
 # Defaults sized for ~2 hours on a 2-core AVX2 CPU in float32 (see train/README.md for the numbers).
-FULL = {"vae_steps": 1500, "vae_batch_size": 8, "text_steps": 2000, "text_batch_size": 128,
+FULL = {"vae_steps": 1500, "vae_batch_size": 16, "text_steps": 2000, "text_batch_size": 128,
         "denoiser_steps": 4000, "denoiser_batch_size": 64, "num_images": 16000}
 
 SCHEDULER_CONFIG = {
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the diffusers folder to write (replaced if present)")
     p.add_argument("--preset", default="default", choices=("default", "tiny"), help="model sizes of all stages")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--crop-size", type=int, default=0, help="VAE training crop (0 = whole images)")
+    p.add_argument("--crop-size", type=int, default=64, help="VAE training crop around an object (0 = whole images)")
     p.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto")
     p.add_argument("--seed", type=common.non_negative_int, default=0)
     p.add_argument("--grad-accum", type=common.positive_int, default=1)

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from train.evaluate import evaluate_pairs, evaluation_prompts
-from train.shapes import ShapesDataset
+from train.evaluate import aggregate_scores, evaluate_pairs, evaluation_prompts, score
+from train.shapes import ShapesDataset, expected_from_scene
 
 HEADLINE = (("single/all", "seen", "single seen"), ("single/all", "heldout", "single held-out"),
             ("two/all", "seen", "two seen"), ("two/all", "heldout", "two held-out"))
@@ -54,16 +54,22 @@ def image_grid(images: list, columns: int) -> Image.Image:
 
 
 @torch.no_grad()
-def vae_psnr(pipe, count: int = 64, seed: int = 12345) -> float:
-    """Mean PSNR (dB) of VAE encode/decode round trips of rendered shapes images never used in training."""
+def vae_round_trip(pipe, count: int = 64, seed: int = 12345) -> dict:
+    """Encode/decode ``count`` rendered scenes never used in training (posterior mean) and report the mean PSNR
+    (dB) and the evaluator's accuracy on the reconstructions: together, the upper bound of what the denoiser can
+    show the evaluator through this VAE."""
     data = ShapesDataset(count, seed, size=pipe.unet.config.sample_size * pipe.vae_scale_factor, split="all")
-    images = torch.stack([data[i]["image"] for i in range(count)])  # (N, 3, H, W) in [-1, 1]
+    items = [data[i] for i in range(count)]
+    images = torch.stack([item["image"] for item in items])  # (N, 3, H, W) in [-1, 1]
     vae = pipe.vae
     latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-    decoded = pipe.decode(latents).cpu()  # [0, 1]
-    target = images / 2 + 0.5
-    mse = ((decoded - target) ** 2).flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse)).mean())
+    decoded = pipe.decode(latents).cpu()  # (N, 3, H, W) in [0, 1]
+    mse = ((decoded - (images / 2 + 0.5)) ** 2).flatten(1).mean(1)
+    scores = [(expected_from_scene(item["scene"]), score(expected_from_scene(item["scene"]), image))
+              for item, image in zip(items, pipe.to_pil(decoded))]
+    accuracy = aggregate_scores(scores)
+    return {"psnr": float((10 * torch.log10(1 / mse)).mean()),
+            "single/all": accuracy.get("single/all", math.nan), "two/all": accuracy.get("two/all", math.nan)}
 
 
 def headline(result: dict) -> list[str]:
@@ -111,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             image_grid([image for _, image in pairs[::args.seeds]], columns=8).save(args.grid)
     print(f"model {pipe.path} | {args.seeds} seeds x {len(evaluation_prompts())} prompts | accuracy (%)")
     print(markdown_table(rows, "setting"))
-    print(f"VAE reconstruction PSNR on held-out renders: {vae_psnr(pipe):.2f} dB")
+    round_trip = vae_round_trip(pipe)
+    print(f"VAE round trip of held-out renders: PSNR {round_trip['psnr']:.2f} dB, evaluator reads back "
+          f"{100 * round_trip['single/all']:.1f}% single / {100 * round_trip['two/all']:.1f}% two-object scenes")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({name: result for name, result in rows}, file, indent=1)
+            json.dump({**{name: result for name, result in rows}, "vae_round_trip": round_trip}, file, indent=1)
     return 0
 
 

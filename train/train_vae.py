@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
 import torch
 
 from train import common
@@ -31,7 +32,9 @@ PRESETS: dict[str, dict] = {
         # 16 channels at full resolution: flat-coloured shapes need few there, and it makes a training step 3.2x
         # cheaper than [32, 64, 128, 128] (0.95 against 3.05 s at batch 8 on the 2-core AVX2 CPU, fp32).
         "block_out_channels": [16, 32, 64, 128], "layers_per_block": 1, "norm_num_groups": 16,
-        "sample_size": 128,
+        # No attention in the mid block: the network is then fully convolutional, so training on crops trains
+        # exactly the computation whole images get at inference.
+        "mid_block_add_attention": False, "sample_size": 128,
     },
     # x2 downsampling, for tests.
     "tiny": {
@@ -48,13 +51,13 @@ INFINITE = 2**31 - 1  # dataset length standing for "a fresh render every time"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.train_vae", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, steps=1500, batch_size=8, lr=1e-3, checkpoint_every=500, sample_every=500,
+    common.add_common_args(p, steps=1500, batch_size=16, lr=1e-3, checkpoint_every=500, sample_every=500,
                            warmup=100)
     g = p.add_argument_group("vae")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model size")
     g.add_argument("--image-size", type=int, default=128, help="render size")
-    g.add_argument("--crop-size", type=int, default=0,
-                   help="train on random crops of this size (0 = whole images; on the 2-core CPU crops are no faster per pixel)")
+    g.add_argument("--crop-size", type=int, default=64,
+                   help="train on crops of this size around an object (0 = whole images)")
     g.add_argument("--num-images", type=common.non_negative_int, default=0,
                    help="train on the first N renders of --data-seed; 0 = a fresh render for every sample")
     g.add_argument("--data-seed", type=common.non_negative_int, default=None, help="dataset seed (default --seed)")
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--l1-weight", type=float, default=1.0)
     g.add_argument("--mse-weight", type=float, default=1.0)
     g.add_argument("--kl-weight", type=float, default=1e-6, help="relative to per-image summed reconstruction")
+    g.add_argument("--object-weight", type=float, default=10.0,
+                   help="extra reconstruction weight on pixels within 2 px of an object (see pixel_weights)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--scale-images", type=common.positive_int, default=512,
                    help="renders used to measure the latent std for scaling_factor")
@@ -125,6 +130,31 @@ def load_images(dataset, indices) -> torch.Tensor:
     return torch.stack([dataset[int(i)]["image"] for i in indices])  # (B, 3, H, W)
 
 
+def object_crop_offsets(rng, scenes, image_size: int, crop: int) -> list[tuple[int, int]]:
+    """(top, left) of one ``crop`` x ``crop`` window per scene, placed so that the centre of one of its objects
+    (chosen at random) lies in the window's middle half: every crop shows an object, most of the image's
+    background is skipped."""
+    offsets = []
+    for scene in scenes:
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        cx, cy = (c * image_size / scene.image_size for c in obj.center)
+        top, left = (int(np.clip(c - crop * rng.uniform(0.25, 0.75), 0, image_size - crop)) for c in (cy, cx))
+        offsets.append((top, left))
+    return offsets
+
+
+def pixel_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """``(B, 1, H, W)`` loss weights ``1 + object_weight`` on pixels within 2 px of one that differs from the
+    background, else 1. The background is flat and the corner pixel shows it (objects keep a margin from the
+    border, and a crop is rescaled nowhere). Objects cover a few percent of an image: without the weight the
+    loss is met by the background long before the objects' colours and outlines are learnt (measured: after
+    1500 steps of whole 128^2 images the evaluator read back 7 % of single-object reconstructions)."""
+    background = x[:, :, :1, :1]  # (B, 3, 1, 1)
+    foreground = ((x - background).abs().amax(1, keepdim=True) > 0.05).float()  # (B, 1, H, W)
+    near = torch.nn.functional.max_pool2d(foreground, kernel_size=5, stride=1, padding=2)
+    return 1.0 + object_weight * near
+
+
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, batch: int = 32, autocast=None):
     """Posterior means and stds ``(N, C, h, w)`` float32 of images in [-1, 1]."""
@@ -177,9 +207,9 @@ def run(argv: list[str] | None = None) -> dict:
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
         rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, rank)
-        images = load_images(dataset, batch_indices(rng, args.num_images, args.batch_size))
-        offsets = rng.integers(0, args.image_size - crop + 1, size=(len(images), 2))
-        x = torch.stack([img[:, oy:oy + crop, ox:ox + crop] for img, (oy, ox) in zip(images, offsets)])
+        items = [dataset[int(i)] for i in batch_indices(rng, args.num_images, args.batch_size)]
+        offsets = object_crop_offsets(rng, [it["scene"] for it in items], args.image_size, crop)
+        x = torch.stack([it["image"][:, oy:oy + crop, ox:ox + crop] for it, (oy, ox) in zip(items, offsets)])
         x = x.to(accelerator.device)  # (B, 3, crop, crop)
         gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, rank)
         factor = downsample_factor(config)
@@ -188,8 +218,10 @@ def run(argv: list[str] | None = None) -> dict:
             rec, mean, logvar = model(x, noise.to(accelerator.device))
         rec, mean, logvar = rec.float(), mean.float(), logvar.float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean() / x[0].numel()
-        diff = rec - x
-        return args.l1_weight * diff.abs().mean() + args.mse_weight * diff.pow(2).mean() + args.kl_weight * kl
+        diff = rec - x  # (B, 3, H, W)
+        weights = pixel_weights(x, args.object_weight)  # (B, 1, H, W)
+        per_pixel = args.l1_weight * diff.abs() + args.mse_weight * diff.pow(2)
+        return (weights * per_pixel).mean() / weights.mean() + args.kl_weight * kl
 
     val_images = load_images(eval_dataset, range(8))
 
