@@ -26,8 +26,8 @@ from train import common
 MAX_BYTES = 40_000_000
 
 # Defaults sized for ~2 hours on a 2-core AVX2 CPU in float32 (see train/README.md for the numbers).
-FULL = {"vae_steps": 1500, "vae_batch_size": 16, "text_steps": 2000, "text_batch_size": 128,
-        "denoiser_steps": 4000, "denoiser_batch_size": 64, "num_images": 16000}
+FULL = {"vae_steps": 1900, "vae_batch_size": 16, "text_steps": 2000, "text_batch_size": 128,
+        "denoiser_steps": 1600, "denoiser_batch_size": 64, "num_images": 8000}
 
 SCHEDULER_CONFIG = {
     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,

@@ -73,7 +73,7 @@ RECIPE = "denoiser"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.train_denoiser", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, steps=4000, batch_size=64, lr=5e-4, checkpoint_every=500, sample_every=1000,
+    common.add_common_args(p, steps=1600, batch_size=64, lr=5e-4, checkpoint_every=500, sample_every=1000,
                            warmup=200)
     g = p.add_argument_group("denoiser")
     g.add_argument("--vae", required=True, help="folder of the trained AutoencoderKL (config.json + weights)")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer folder (default: <text-encoder>/../tokenizer if present, else standard CLIP BPE)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="UNet size")
     g.add_argument("--image-size", type=int, default=128, help="render size (latents are this / VAE factor)")
-    g.add_argument("--num-images", type=common.positive_int, default=16000, help="renders encoded once")
+    g.add_argument("--num-images", type=common.positive_int, default=8000, help="renders encoded once")
     g.add_argument("--caption-variants", type=common.positive_int, default=4, help="captions per image")
     g.add_argument("--data-seed", type=common.non_negative_int, default=None, help="dataset seed (default --seed)")
     g.add_argument("--split", default="train", choices=("train", "heldout", "all"), help="shapes-world split")

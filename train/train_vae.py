@@ -51,7 +51,7 @@ INFINITE = 2**31 - 1  # dataset length standing for "a fresh render every time"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.train_vae", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, steps=1500, batch_size=16, lr=1e-3, checkpoint_every=500, sample_every=500,
+    common.add_common_args(p, steps=1900, batch_size=16, lr=1e-3, checkpoint_every=500, sample_every=500,
                            warmup=100)
     g = p.add_argument_group("vae")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model size")
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--l1-weight", type=float, default=1.0)
     g.add_argument("--mse-weight", type=float, default=1.0)
     g.add_argument("--kl-weight", type=float, default=1e-6, help="relative to per-image summed reconstruction")
+    g.add_argument("--whole-image-steps", type=common.non_negative_int, default=400,
+                   help="the last N steps train on whole images, batch-size x (crop / image-size)^2 of them")
     g.add_argument("--object-weight", type=float, default=10.0,
                    help="extra reconstruction weight on pixels within 2 px of an object (see pixel_weights)")
     g.add_argument("--weight-decay", type=float, default=0.0)
@@ -207,13 +209,18 @@ def run(argv: list[str] | None = None) -> dict:
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
         rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, rank)
-        items = [dataset[int(i)] for i in batch_indices(rng, args.num_images, args.batch_size)]
-        offsets = object_crop_offsets(rng, [it["scene"] for it in items], args.image_size, crop)
-        x = torch.stack([it["image"][:, oy:oy + crop, ox:ox + crop] for it, (oy, ox) in zip(items, offsets)])
+        # GroupNorm normalises over the whole input, so crops (a large object share) and whole images (a few
+        # percent) see different statistics: the last steps adapt to whole images, with the same pixels per step.
+        size, batch = crop, args.batch_size
+        if step >= args.steps - args.whole_image_steps:
+            size, batch = args.image_size, max(1, args.batch_size * crop * crop // args.image_size**2)
+        items = [dataset[int(i)] for i in batch_indices(rng, args.num_images, batch)]
+        offsets = object_crop_offsets(rng, [it["scene"] for it in items], args.image_size, size)
+        x = torch.stack([it["image"][:, oy:oy + size, ox:ox + size] for it, (oy, ox) in zip(items, offsets)])
         x = x.to(accelerator.device)  # (B, 3, crop, crop)
         gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, rank)
         factor = downsample_factor(config)
-        noise = torch.randn((len(x), config["latent_channels"], crop // factor, crop // factor), generator=gen)
+        noise = torch.randn((len(x), config["latent_channels"], size // factor, size // factor), generator=gen)
         with accelerator.autocast():
             rec, mean, logvar = model(x, noise.to(accelerator.device))
         rec, mean, logvar = rec.float(), mean.float(), logvar.float()
