@@ -60,3 +60,24 @@ def test_evaluator_survives_noise_images():
         smooth = (torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4), size=size, mode="bilinear")[0]
                   .permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         detect_objects(smooth)
+
+
+def test_vae_round_trip_reports_psnr_and_read_back_of_the_reconstructions():
+    """With a VAE that reconstructs every pixel one grey level too bright, the PSNR is 20 log10(255) and the
+    evaluator reads every scene back; with one that returns grey, it reads nothing."""
+    from types import SimpleNamespace
+
+    from pipelines.text_to_image import TextToImagePipeline
+    from train.eval_model import vae_round_trip
+
+    def pipe_with(decode):
+        vae = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, config=SimpleNamespace(scaling_factor=1.0),
+                              encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=x)))
+        return SimpleNamespace(vae=vae, unet=SimpleNamespace(config=SimpleNamespace(sample_size=16)), vae_scale_factor=8,
+                               decode=decode, to_pil=TextToImagePipeline.to_pil)
+
+    exact = vae_round_trip(pipe_with(lambda latents: (latents / 2 + 0.5 + 1 / 255).clamp(max=1)), count=12)
+    assert exact["single/all"] == 1.0 and exact["two/all"] == 1.0
+    assert 20 * np.log10(255) - 1e-3 < exact["psnr"]  # only white pixels (clamped) are closer
+    grey = vae_round_trip(pipe_with(lambda latents: torch.full_like(latents, 0.5)), count=12)
+    assert grey["single/all"] == 0.0 and grey["psnr"] < 20
