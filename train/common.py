@@ -154,7 +154,8 @@ def make_accelerator(args: argparse.Namespace):
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(mixed_precision=resolve_precision(args.mixed_precision), gradient_accumulation_steps=args.grad_accum)
+    return Accelerator(mixed_precision=resolve_precision(args.mixed_precision),
+                       gradient_accumulation_steps=args.grad_accum)
 
 
 # --------------------------------------------------------------------------- randomness

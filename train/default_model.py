@@ -25,7 +25,7 @@ from train import common
 
 MAX_BYTES = 40_000_000
 
-# Defaults sized for ~2 hours on a 2-core AVX2 CPU in float32 (see train/README.md for the numbers).
+# Defaults: ~72 minutes on a 2-core AVX2 CPU in float32 (measured; see train/README.md for the numbers).
 FULL = {"vae_steps": 1900, "vae_batch_size": 16, "text_steps": 2000, "text_batch_size": 128,
         "denoiser_steps": 1600, "denoiser_batch_size": 64, "num_images": 8000}
 

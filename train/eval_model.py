@@ -65,8 +65,8 @@ def vae_round_trip(pipe, count: int = 64, seed: int = 12345) -> dict:
     latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
     decoded = pipe.decode(latents).cpu()  # (N, 3, H, W) in [0, 1]
     mse = ((decoded - (images / 2 + 0.5)) ** 2).flatten(1).mean(1)
-    scores = [(expected_from_scene(item["scene"]), score(expected_from_scene(item["scene"]), image))
-              for item, image in zip(items, pipe.to_pil(decoded))]
+    expected = [expected_from_scene(item["scene"]) for item in items]
+    scores = [(wanted, score(wanted, image)) for wanted, image in zip(expected, pipe.to_pil(decoded))]
     accuracy = aggregate_scores(scores)
     return {"psnr": float((10 * torch.log10(1 / mse)).mean()),
             "single/all": accuracy.get("single/all", math.nan), "two/all": accuracy.get("two/all", math.nan)}

@@ -7,7 +7,7 @@ clamped at 100 as in CLIP. Afterwards the text tower alone is saved as a ``CLIPT
 with the tokenizer (``final/tokenizer``); the whole CLIP goes to ``final/clip`` for evaluation use.
 Validation: in-set image->text and text->image top-1 retrieval accuracy over held-out renders.
 
-    python -m train.train_text_encoder --output-dir runs/text --steps 3300 --batch-size 128
+    python -m train.train_text_encoder --output-dir runs/text --steps 2000 --batch-size 128
 """
 from __future__ import annotations
 

@@ -5,14 +5,14 @@ Loss per micro-batch (Rombach et al. 2022, sec. 3 and appendix G, without the GA
 summed over the latent and divided by the number of pixel values, so ``--kl-weight`` means what SD's 1e-6 means
 (their losses are both summed per image). ``z`` is sampled from the posterior with a seeded generator.
 
-The network is fully convolutional, so it can train on random ``--crop-size`` crops of ``--image-size`` renders;
-the default trains on whole 128x128 images because on the 2-core bf16 CPU crops were no faster per pixel
-(~57 64x64-equivalents per second either way) and whole images let the mid-block attention see the 16x16 latent
-grid it sees at inference. Evaluation is always on whole images. After training, the latent scaling factor is
-1 / std of posterior samples over ``--scale-images`` renders (as SD did), stored in the config as
+The reconstruction loss weighs pixels near objects ``1 + --object-weight`` (``pixel_weights``); training runs on
+``--crop-size`` crops placed around an object (``object_crop_offsets``; the preset's mid block has no attention,
+so the network is fully convolutional), and the last ``--whole-image-steps`` on whole images, whose GroupNorm
+statistics differ from the crops'. Evaluation is always on whole images. After training, the latent scaling
+factor is 1 / std of posterior samples over ``--scale-images`` renders (as SD did), stored in the config as
 ``scaling_factor``; reconstruction PSNR (posterior mode, float32) on held-out renders goes to ``metrics.json``.
 
-    python -m train.train_vae --output-dir runs/vae --steps 2000 --batch-size 8
+    python -m train.train_vae --output-dir runs/vae --steps 1900 --batch-size 16 --crop-size 64
 """
 from __future__ import annotations
 
