@@ -13,7 +13,8 @@ from pathlib import Path
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 TRAIN_RECIPES = {"vae": "train.train_vae", "text-encoder": "train.train_text_encoder",
-                 "denoiser": "train.train_denoiser", "default": "train.default_model"}
+                 "denoiser": "train.train_denoiser", "default": "train.default_model",
+                 "dreambooth": "train.finetune:dreambooth", "lora": "train.finetune:lora"}
 
 
 class UsageError(ValueError):
@@ -114,7 +115,21 @@ def load_pipeline(args, settings: dict | None = None):
     pipe.to(device, dtype)
     if args.model:
         pipe.name = str(args.model)
+    for spec in args.lora:
+        path, scale = parse_lora_spec(spec)
+        pipe.load_lora(path, scale, allow_pickle=args.allow_pickle)
     return pipe
+
+
+def parse_lora_spec(text: str) -> tuple[str, float]:
+    """``"file.safetensors"`` or ``"file.safetensors:0.8"``."""
+    path, colon, scale = text.rpartition(":")
+    if colon:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def save_images(result, paths: list[Path]) -> None:
@@ -211,8 +226,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
-    module = importlib.import_module(TRAIN_RECIPES[args.recipe])
-    return module.main(args.recipe_args) or 0
+    module_name, _, recipe = TRAIN_RECIPES[args.recipe].partition(":")
+    module = importlib.import_module(module_name)
+    return (module.main(args.recipe_args, recipe) if recipe else module.main(args.recipe_args)) or 0
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +237,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickle checkpoints (.ckpt/.bin/.pt), loaded with weights_only=True")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="load a LoRA file (diffusers or kohya layout) at SCALE (default 1); repeatable")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

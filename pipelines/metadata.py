@@ -26,6 +26,7 @@ FIELDS = (
     ("guidance_rescale", "CFG rescale", float),
     ("strength", "Denoising strength", float),
     ("edit", "Prompt-to-prompt", str),
+    ("loras", "Lora", str),
 )
 
 

@@ -24,6 +24,7 @@ from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import encode_tokens, tokenize_batch
 from pipelines.checks import check_finite, check_positive_int, check_prompts
 from pipelines.editing import EditingMixin
+from pipelines.lora import LoraMixin
 from pipelines.prompt_to_prompt import PromptToPromptMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -42,7 +43,7 @@ class GenerationOutput:
     parameters: list[dict] = field(default_factory=list)
 
 
-class TextToImagePipeline(EditingMixin, PromptToPromptMixin):
+class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin):
     """Text-to-image generation with any loaded UNet model (ε, v or x0 prediction; VP or zero-SNR schedules)."""
 
     def __init__(self, components: Components, name: str | None = None):
@@ -263,7 +264,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin):
         parameters = [dict(prompt=p, negative_prompt=n, steps=request.steps, sampler=request.sampler,
                            cfg_scale=request.guidance_scale, seed=s, width=request.width, height=request.height,
                            model=self.name, timestep_spacing=request.spacing, eta=request.eta,
-                           guidance_rescale=request.guidance_rescale, **extra)
+                           guidance_rescale=request.guidance_rescale,
+                           **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
+                           **extra)
                       for p, n, s in zip(request.prompts, request.negatives, request.seeds)]
         if request.output_type == "latent":
             output = latents

@@ -1,0 +1,117 @@
+"""DreamBooth / LoRA recipes at smoke scale: the loss is eq. 2 of the paper, resumed training equals uninterrupted
+training, class images are generated once and checked, bad input is refused before anything is written."""
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipelines.cli import main as ldm
+from pipelines.metadata import parse_parameters
+from pipelines.random_models import save_random_model
+from train.datasets import DatasetError
+from train.finetune import prior_preservation_loss, run, training_target
+
+from test_lora import render_subjects
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finetune")
+    return save_random_model(tmp / "model", "tiny"), render_subjects(tmp / "subject")
+
+
+def dreambooth_args(model, subjects, out, *extra):
+    return ["--model", str(model), "--instance-data", str(subjects), "--instance-prompt", "a sks shape",
+            "--class-prompt", "a shape", "--num-class-images", "2", "--class-steps", "1", "--output-dir", str(out),
+            "--sample-every", "0", "--validation-steps", "1", "--mixed-precision", "no", "--lr", "1e-3", *extra]
+
+
+def test_training_target_known_answers():
+    x0, noise = torch.full((2, 1, 1, 1), 2.0), torch.full((2, 1, 1, 1), -1.0)
+    alpha_bar = torch.tensor([0.36, 0.64])  # sqrt: 0.6, 0.8; sqrt(1 - ab): 0.8, 0.6
+    x_t, eps = training_target(x0, noise, alpha_bar, "epsilon")
+    torch.testing.assert_close(x_t.flatten(), torch.tensor([0.6 * 2 - 0.8, 0.8 * 2 - 0.6]))
+    assert torch.equal(eps, noise)
+    _, v = training_target(x0, noise, alpha_bar, "v_prediction")
+    torch.testing.assert_close(v.flatten(), torch.tensor([-0.6 - 0.8 * 2, -0.8 - 0.6 * 2]))
+    assert torch.equal(training_target(x0, noise, alpha_bar, "sample")[1], x0)
+    with pytest.raises(ValueError, match="flow"):
+        training_target(x0, noise, alpha_bar, "flow")
+
+
+def test_prior_preservation_loss_is_eq_2():
+    pred, target = torch.zeros(4, 1, 2, 2), torch.zeros(4, 1, 2, 2)
+    target[:2] = 1.0  # instance error 1 per pixel
+    target[2:] = 2.0  # class error 4 per pixel
+    assert float(prior_preservation_loss(pred, target, 2, 0.5)) == pytest.approx(1.0 + 0.5 * 4.0)
+    assert float(prior_preservation_loss(pred[:2], target[:2], 2, 0.5)) == pytest.approx(1.0)
+
+
+def test_resumed_dreambooth_equals_uninterrupted(setup, tmp_path):
+    model, subjects = setup
+    whole = run(dreambooth_args(model, subjects, tmp_path / "whole", "--steps", "4"), "dreambooth")
+    args = dreambooth_args(model, subjects, tmp_path / "parts", "--steps", "4")
+    assert not run(args + ["--stop-after", "2"], "dreambooth")["finished"]
+    parts = run(args + ["--resume", "latest"], "dreambooth")
+    assert parts["start_step"] == 2
+    a = load_file(str(whole["saved"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(parts["saved"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # trained
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical after the resume
+    # the class images were generated once, by the base model, with their prompt in the metadata
+    files = sorted((tmp_path / "whole" / "class_images").glob("class-*.png"))
+    assert len(files) == 2 and parse_parameters(Image.open(files[0]).info["parameters"])["prompt"] == "a shape"
+    # the full fine-tune is a complete model folder diffusers loads offline
+    StableDiffusionPipeline.from_pretrained(whole["saved"], local_files_only=True)
+    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["class_images"] == 2
+
+
+def test_class_images_of_another_prompt_are_refused(setup, tmp_path):
+    model, subjects = setup
+    run(dreambooth_args(model, subjects, tmp_path / "a", "--steps", "1"), "dreambooth")
+    args = dreambooth_args(model, subjects, tmp_path / "b", "--steps", "1",
+                           "--class-data-dir", str(tmp_path / "a" / "class_images"))
+    args[args.index("a shape")] = "a picture"
+    with pytest.raises(ValueError, match="generated for 'a shape', not 'a picture'"):
+        run(args, "dreambooth")
+
+
+def test_bad_input_writes_nothing(setup, tmp_path, capsys):
+    model, subjects = setup
+    out = tmp_path / "out"
+    args = dreambooth_args(model, subjects, out, "--steps", "1")
+    missing_identifier = list(args)
+    missing_identifier[missing_identifier.index("a sks shape")] = "a heart shape"
+    with pytest.raises(ValueError, match="does not contain the identifier 'sks'"):
+        run(missing_identifier, "dreambooth")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_images = list(args)
+    no_images[no_images.index(str(subjects))] = str(empty)
+    with pytest.raises(DatasetError, match="has no images"):
+        run(no_images, "dreambooth")
+    assert run(args + ["--dry-run"], "dreambooth")["examples"] == 3
+    assert "3 images" in capsys.readouterr().out
+    assert not out.exists()
+    # a checkpoint of the LoRA recipe cannot be resumed as DreamBooth, and nothing in the folder changes
+    (subjects / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": p.name, "text": "a sks shape"})
+                                                       for p in sorted(subjects.glob("*.png"))))
+    try:
+        assert ldm(["train", "lora", "--model", str(model), "--data", str(subjects), "--output-dir", str(out),
+                    "--steps", "1", "--batch-size", "1", "--sample-every", "0", "--validation-steps", "1",
+                    "--mixed-precision", "no"]) == 0
+    finally:
+        (subjects / "metadata.jsonl").unlink()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match="from recipe 'lora', not 'dreambooth'"):
+        run(args + ["--resume", "latest"], "dreambooth")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    # the CLI's LoRA option: the image records which LoRA made it
+    image = tmp_path / "with-lora.png"
+    assert ldm(["generate", "a sks shape", "-o", str(image), "--model", str(model), "--steps", "2", "--seed", "1",
+                "--lora", f"{out / 'final' / 'pytorch_lora_weights.safetensors'}:0.5"]) == 0
+    assert parse_parameters(Image.open(image).info["parameters"])["loras"].endswith(":0.5")

@@ -1,0 +1,362 @@
+"""Fine-tuning a loaded model on custom images: DreamBooth (with prior preservation) and LoRA.
+
+``ldm train dreambooth``: Ruiz et al. 2022, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for
+Subject-Driven Generation". 3-5 images of a subject are bound to a rare identifier in an instance prompt ("a sks
+shape"). Class-specific prior preservation (sec. 4.2, eq. 2) keeps the model's knowledge of the class: before
+training the model itself generates ``--num-class-images`` images of the class prompt ("a shape", cached in
+``<output-dir>/class_images``), and every step adds their denoising loss with weight lambda:
+
+    L = E[ w_t || x_hat(a_t x + s_t eps) - x ||^2 ] + lambda E[ w_t' || x_hat(a_t' x_pr + s_t' eps') - x_pr ||^2 ]
+
+written here, as the model's own parameterisation, on its prediction target (eps, v or x0) with ``w_t = 1``.
+``--method full`` trains every UNet weight; ``--method lora`` trains low-rank adapters (peft) on the attention
+projections (``to_q, to_k, to_v, to_out.0``); ``--train-text-encoder`` also trains the text encoder (fully, or
+LoRA on ``q_proj, k_proj, v_proj, out_proj``).
+
+``ldm train lora``: LoRA on a captioned folder (``train/datasets.py``: ``metadata.jsonl`` or ``.txt`` captions).
+
+Outputs in ``<output-dir>/final``: a complete model folder (full fine-tune; loads anywhere the base did), or
+``pytorch_lora_weights.safetensors`` in diffusers' layout (``pipe.load_lora(path)`` and diffusers'
+``load_lora_weights`` both read it; LoRA alpha equals the rank, so scale 1 is the trained strength).
+Checkpoints, ``--resume`` (same weights as an uninterrupted run: every draw is keyed by step), validation grids
+and the progress bar come from ``train/common.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from train import common
+from train.datasets import RESIZE_MODES, describe, load_pixels, scan_folder
+
+RECIPES = ("dreambooth", "lora")
+METHODS = ("full", "lora")
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+DEFAULTS = {  # recipe -> (steps, batch size, learning rate for full / for LoRA)
+    "dreambooth": (400, 1, (5e-6, 1e-4)),
+    "lora": (500, 4, (5e-6, 1e-4)),
+}
+
+
+def build_parser(recipe: str) -> argparse.ArgumentParser:
+    steps, batch, _ = DEFAULTS[recipe]
+    p = argparse.ArgumentParser(prog=f"ldm train {recipe}", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p, steps=steps, batch_size=batch, lr=0.0, checkpoint_every=100, sample_every=100,
+                           warmup=0)
+    g = p.add_argument_group(recipe)
+    g.add_argument("--model", default=None, help="base model folder (default: the shipped default model)")
+    if recipe == "dreambooth":
+        g.add_argument("--instance-data", required=True, help="folder of 3-5 subject images (captions not needed)")
+        g.add_argument("--instance-prompt", required=True, help='e.g. "a sks shape"; must contain --identifier')
+        g.add_argument("--identifier", default="sks", help="the rare token naming the subject")
+        g.add_argument("--class-prompt", default=None, help='e.g. "a shape"; needed for prior preservation')
+        g.add_argument("--prior-loss-weight", type=float, default=1.0, help="lambda of eq. 2; 0 = no prior loss")
+        g.add_argument("--num-class-images", type=common.positive_int, default=50)
+        g.add_argument("--class-data-dir", default=None, help="class image cache (default <output-dir>/class_images)")
+        g.add_argument("--class-steps", type=common.positive_int, default=20, help="sampler steps per class image")
+        g.add_argument("--class-guidance", type=float, default=7.5, help="CFG scale of the class images")
+        g.add_argument("--method", default="full", choices=METHODS)
+    else:
+        g.add_argument("--data", required=True, help="folder of captioned images (metadata.jsonl or .txt files)")
+    g.add_argument("--rank", type=common.positive_int, default=4, help="LoRA rank (alpha = rank)")
+    g.add_argument("--train-text-encoder", action="store_true")
+    g.add_argument("--resolution", type=common.positive_int, default=None,
+                   help="training size (default: the model's native size)")
+    g.add_argument("--resize", default="center_crop", choices=RESIZE_MODES)
+    g.add_argument("--validation-prompt", action="append", default=None,
+                   help="prompt of the validation grid (repeatable; default: the instance prompt / first captions)")
+    g.add_argument("--validation-steps", type=common.positive_int, default=20)
+    g.add_argument("--validation-guidance", type=float, default=7.5)
+    g.add_argument("--dry-run", action="store_true", help="check the data and settings, report, write nothing")
+    return p
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_instance_prompt(prompt: str, identifier: str) -> None:
+    """The instance prompt must name the subject by its identifier, as a whole word."""
+    if not identifier.strip():
+        raise ValueError("--identifier must not be empty")
+    if not re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", prompt):
+        raise ValueError(f"--instance-prompt {prompt!r} does not contain the identifier {identifier!r}; "
+                         f"write it as e.g. \"a {identifier} shape\" (or set --identifier)")
+
+
+def check_args(args: argparse.Namespace, recipe: str) -> None:
+    common.check_common_args(args)
+    if recipe == "lora":
+        args.method = "lora"
+        args.prior_loss_weight = 0.0
+    else:
+        check_instance_prompt(args.instance_prompt, args.identifier)
+        if not (args.prior_loss_weight >= 0.0 and args.prior_loss_weight < float("inf")):
+            raise ValueError(f"--prior-loss-weight must be a finite number >= 0, got {args.prior_loss_weight}")
+        if args.prior_loss_weight > 0 and not args.class_prompt:
+            raise ValueError("prior preservation needs --class-prompt (e.g. \"a shape\"); or pass "
+                             "--prior-loss-weight 0 to train without it")
+    if args.lr == 0.0:
+        args.lr = DEFAULTS[recipe][2][METHODS.index(args.method)]
+
+
+def check_resumable(args: argparse.Namespace, recipe: str, config: dict) -> None:
+    """Before anything is written: a --resume checkpoint must come from this recipe and settings, and a folder
+    with checkpoints is only continued with --resume."""
+    found = common.find_checkpoint(args.output_dir, args.resume) if Path(args.output_dir).exists() else None
+    if found is not None:
+        common.read_checkpoint_state(found, recipe, config)
+    elif args.resume is None and Path(args.output_dir).exists() and common.list_checkpoints(args.output_dir):
+        raise ValueError(f"{args.output_dir} already holds checkpoints of a run; continue it with --resume latest "
+                         f"or use a new --output-dir")
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction: str):
+    """``(x_t, target)``: ``x_t = sqrt(ab) x0 + sqrt(1 - ab) eps`` (Ho et al. 2020, eq. 4) and what the network
+    predicts: eps, ``v = sqrt(ab) eps - sqrt(1 - ab) x0`` (Salimans & Ho 2022, sec. 4) or x0. ``alpha_bar``:
+    ``(B,)``."""
+    a = alpha_bar.sqrt().view(-1, 1, 1, 1)
+    s = (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
+    x_t = a * x0 + s * noise
+    targets = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}
+    if prediction not in targets:
+        raise ValueError(f"fine-tuning supports epsilon, v_prediction and sample models, not {prediction!r}")
+    return x_t, targets[prediction]
+
+
+def prior_preservation_loss(pred: torch.Tensor, target: torch.Tensor, instances: int, weight: float):
+    """DreamBooth eq. 2: the batch holds ``instances`` subject examples then class examples; returns
+    ``mse(subject) + weight * mse(class)`` (just the first term when there are no class examples)."""
+    instance = (pred[:instances].float() - target[:instances]).square().mean()
+    if instances == pred.shape[0]:
+        return instance
+    prior = (pred[instances:].float() - target[instances:]).square().mean()
+    return instance + weight * prior
+
+
+# --------------------------------------------------------------------------- data
+
+
+def class_image_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("class-*.png"))
+
+
+def ensure_class_images(pipe, folder: Path, prompt: str, count: int, seed: int, steps: int, guidance: float):
+    """Generate the missing ``class-XXXXX.png`` of ``prompt`` with the base model (seed ``seed + k`` for image k;
+    PNG metadata records it). Existing images made from another prompt are an error, not silently reused."""
+    from pipelines.metadata import read_parameters, save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in class_image_files(folder)[:count]:
+        try:
+            made_for = read_parameters(path).get("prompt")
+        except ValueError:  # a class image the user supplied, without our metadata
+            made_for = None
+        if made_for is not None and made_for != prompt:
+            raise ValueError(f"class image {path} was generated for {made_for!r}, not {prompt!r}; use another "
+                             f"--class-data-dir")
+    have = len(class_image_files(folder))
+    for k in range(have, count):
+        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed + k, progress=False)
+        save_png(out.images[0], folder / f"class-{k:05d}.png", out.parameters[0])
+        print(f"class images: {k + 1}/{count}", end="\r" if k + 1 < count else "\n", flush=True)
+    return class_image_files(folder)[:count]
+
+
+@torch.no_grad()
+def encode_images(pipe, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std ``(N, C, h, w)`` of images ``(N, 3, H, W)`` in [-1, 1] (the VAE is frozen, so
+    they are computed once; a training latent is ``mean + std * noise``, a fresh posterior sample)."""
+    means, stds = [], []
+    for start in range(0, len(pixels), batch):
+        dist = pipe.vae.encode(pixels[start:start + batch].to(pipe.vae.device, pipe.vae.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def to_network_units(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae_config.scaling_factor
+
+
+# --------------------------------------------------------------------------- trainable parts
+
+
+def add_lora(network: torch.nn.Module, targets: list[str], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """Inject peft LoRA layers (alpha = rank, A Kaiming-uniform from ``seed``, B zero, so training starts at the
+    base model) and return the trainable tensors by name."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=targets)
+    common.seeded_init(seed, lambda: network.add_adapter(config))
+    params = {n: p for n, p in network.named_parameters() if "lora_" in n}
+    for n, p in network.named_parameters():
+        p.requires_grad_(n in params)
+    return params
+
+
+def lora_layers(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's LoRA tensors in diffusers' serialisation layout."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
+
+
+def save_final(args, pipe, base: Path, final: Path) -> Path:
+    """Full fine-tune: a complete model folder (base components copied, trained ones saved). LoRA: diffusers'
+    ``pytorch_lora_weights.safetensors``."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    if final.exists():
+        shutil.rmtree(final)
+    if args.method == "lora":
+        final.mkdir(parents=True)
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            final, unet_lora_layers=lora_layers(pipe.unet),
+            text_encoder_lora_layers=lora_layers(pipe.text_encoder) if args.train_text_encoder else None)
+        return final / "pytorch_lora_weights.safetensors"
+    trained = {"unet"} | ({"text_encoder"} if args.train_text_encoder else set())
+    shutil.copytree(base, final, ignore=lambda folder, names: [n for n in names if Path(folder) == base
+                                                               and n in trained])
+    pipe.unet.save_pretrained(final / "unet", safe_serialization=True)
+    if args.train_text_encoder:
+        pipe.text_encoder.save_pretrained(final / "text_encoder", safe_serialization=True)
+    return final
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
+    """Run ``recipe`` (dreambooth | lora) with command-line ``argv``; returns losses, metrics and the output."""
+    from pipelines.text_to_image import DEFAULT_MODEL, TextToImagePipeline
+
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown fine-tuning recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    args = build_parser(recipe).parse_args(argv)
+    check_args(args, recipe)
+    data_dir = args.instance_data if recipe == "dreambooth" else args.data
+    examples = scan_folder(data_dir, captions="optional" if recipe == "dreambooth" else "required")
+    base = Path(args.model) if args.model else DEFAULT_MODEL
+    pipe = TextToImagePipeline.from_pretrained(base)
+    if pipe.is_flow:
+        raise ValueError(f"{base} is a flow-matching model; these recipes train UNet (VP) models")
+    pipe.to(dtype=torch.float32)
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if resolution % pipe.vae_scale_factor:
+        raise ValueError(f"--resolution must be a multiple of {pipe.vae_scale_factor}, got {resolution}")
+    if args.dry_run:
+        print(describe(examples, resolution, args.resize))
+        return {"dry_run": True, "examples": len(examples)}
+    config = {"base": str(base.resolve()), "method": args.method, "rank": args.rank if args.method == "lora" else 0,
+              "train_text_encoder": args.train_text_encoder, "resolution": resolution,
+              "unet": {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}}
+    check_resumable(args, recipe, config)
+    out = common.ensure_output_dir(args)
+    accelerator = common.make_accelerator(args)
+    log = common.RunLog(out, accelerator.is_main_process)
+
+    # Subject / dataset images and captions; class images from the base model, before any weight changes.
+    pixels = load_pixels([e.path for e in examples], resolution, args.resize)
+    captions = [args.instance_prompt] * len(examples) if recipe == "dreambooth" else [e.caption for e in examples]
+    class_latents = None
+    if args.prior_loss_weight > 0:
+        folder = Path(args.class_data_dir) if args.class_data_dir else out / "class_images"
+        files = ensure_class_images(pipe, folder, args.class_prompt, args.num_class_images, args.seed,
+                                    args.class_steps, args.class_guidance)
+        class_latents = encode_images(pipe, load_pixels(files, resolution, args.resize))
+    latents = encode_images(pipe, pixels)
+
+    # Trainable parameters.
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    if args.method == "lora":
+        trainable = add_lora(unet, UNET_LORA_TARGETS, args.rank, args.seed)
+        if args.train_text_encoder:
+            trainable |= {f"text_encoder.{k}": v for k, v in
+                          add_lora(text_encoder, TEXT_LORA_TARGETS, args.rank, args.seed + 1).items()}
+        checkpoint_models = {"lora": {k: p.data for k, p in trainable.items()}}
+    else:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(args.train_text_encoder)
+        trainable = {f"unet.{k}": p for k, p in unet.named_parameters()}
+        if args.train_text_encoder:
+            trainable |= {f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()}
+        checkpoint_models = {"unet": unet} | ({"text_encoder": text_encoder} if args.train_text_encoder else {})
+    modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=1e-2)
+    modules, optimizer = accelerator.prepare(modules, optimizer)
+    device = accelerator.device
+
+    from ldm.text import tokenize_batch
+
+    schedule = pipe.schedule("ddim")
+    alpha_bar = schedule.alphas_cumprod.to(device)  # (T,)
+    caption_ids = tokenize_batch(pipe.tokenizer, captions)[:, 0]  # (N, 77)
+    class_ids = tokenize_batch(pipe.tokenizer, [args.class_prompt])[:, 0] if class_latents is not None else None
+
+    def loss_fn(step: int, micro: int) -> torch.Tensor:
+        rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, accelerator.process_index)
+        idx = torch.from_numpy(rng.integers(0, len(caption_ids), size=args.batch_size))
+        mean, std, ids = latents[0][idx], latents[1][idx], caption_ids[idx]
+        if class_latents is not None:
+            cls = torch.from_numpy(rng.integers(0, len(class_latents[0]), size=args.batch_size))
+            mean = torch.cat([mean, class_latents[0][cls]])
+            std = torch.cat([std, class_latents[1][cls]])
+            ids = torch.cat([ids, class_ids.expand(args.batch_size, -1)])
+        gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, accelerator.process_index)
+        x0 = to_network_units(mean + std * torch.randn(mean.shape, generator=gen), pipe.vae.config)  # (B', C, h, w)
+        t = torch.randint(0, len(alpha_bar), (len(x0),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t, target = training_target(x0.to(device), noise.to(device), alpha_bar[t.to(device)],
+                                      pipe.prediction_type)
+        with accelerator.autocast():
+            with torch.set_grad_enabled(args.train_text_encoder):
+                cond = text_encoder(ids.to(device))[0]  # (B', 77, D)
+            pred = unet(x_t, t.to(device), encoder_hidden_states=cond).sample
+        return prior_preservation_loss(pred, target.float(), args.batch_size, args.prior_loss_weight)
+
+    prompts = args.validation_prompt or ([args.instance_prompt] if recipe == "dreambooth" else captions[:4])
+
+    def sample_fn(step: int) -> None:
+        modules.eval()
+        images = pipe(prompts, num_inference_steps=args.validation_steps, guidance_scale=args.validation_guidance,
+                      seed=args.seed, output_type="pt", progress=False).images  # (N, 3, H, W) in [0, 1]
+        common.save_grid(images * 2 - 1, out / "samples" / f"step-{step:07d}.png", nrow=len(prompts))
+
+    result = common.train_loop(args=args, accelerator=accelerator, recipe=recipe, model_config=config,
+                               model=modules, optimizer=optimizer, loss_fn=loss_fn,
+                               checkpoint_models=checkpoint_models, log=log, desc=recipe, sample_fn=sample_fn)
+    modules.eval()
+    if not result["finished"]:
+        accelerator.print(f"stopped at step {result['end_step']} of {args.steps}; continue with --resume latest")
+        return result
+    saved = save_final(args, pipe, base, out / "final") if accelerator.is_main_process else None
+    metrics = {"steps": args.steps, "method": args.method, "trainable_params": sum(p.numel() for p in
+               trainable.values()), "images": len(examples), "class_images": 0 if class_latents is None else
+               len(class_latents[0]), "steps_per_second": result["steps_per_second"],
+               "final_loss": result["losses"][-1] if result["losses"] else None}
+    if accelerator.is_main_process:
+        common.finish_run(accelerator, log, out, recipe, metrics, saved)
+    accelerator.end_training()
+    return {**result, "metrics": metrics, "saved": saved}
+
+
+def main(argv: list[str] | None = None, recipe: str = "dreambooth") -> int:
+    """Command-line entry (``ldm train dreambooth|lora`` calls this)."""
+    run(argv, recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[2:], sys.argv[1]))
