@@ -14,7 +14,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 TRAIN_RECIPES = {"vae": "train.train_vae", "text-encoder": "train.train_text_encoder",
                  "denoiser": "train.train_denoiser", "default": "train.default_model",
-                 "dreambooth": "train.finetune:dreambooth", "lora": "train.finetune:lora"}
+                 "dreambooth": "train.finetune:dreambooth", "lora": "train.finetune:lora",
+                 "controlnet": "train.train_controlnet"}
 
 
 class UsageError(ValueError):
@@ -118,7 +119,16 @@ def load_pipeline(args, settings: dict | None = None):
     for spec in args.lora:
         path, scale = parse_lora_spec(spec)
         pipe.load_lora(path, scale, allow_pickle=args.allow_pickle)
+    if getattr(args, "controlnet", None):
+        pipe.load_controlnet(args.controlnet, allow_pickle=args.allow_pickle)
     return pipe
+
+
+def control_arguments(args) -> dict:
+    """``--control IMAGE --control-scale S`` as pipeline keyword arguments."""
+    if not args.control:
+        return {}
+    return {"control_image": args.control, "controlnet_conditioning_scale": args.control_scale}
 
 
 def parse_lora_spec(text: str) -> tuple[str, float]:
@@ -144,7 +154,8 @@ def cmd_generate(args) -> int:
     settings = generation_settings(args)
     paths = output_paths(Path(args.output), args.n)
     pipe = load_pipeline(args, settings)
-    save_images(pipe(settings["prompt"], num_images_per_prompt=args.n, **pipeline_arguments(settings)), paths)
+    save_images(pipe(settings["prompt"], num_images_per_prompt=args.n, **pipeline_arguments(settings),
+                     **control_arguments(args)), paths)
     return 0
 
 
@@ -152,7 +163,7 @@ def cmd_img2img(args) -> int:
     paths = output_paths(Path(args.output), 1)
     pipe = load_pipeline(args)
     result = pipe.img2img(args.image, args.prompt, strength=args.strength,
-                          **pipeline_arguments(sampling_settings(args)))
+                          **pipeline_arguments(sampling_settings(args)), **control_arguments(args))
     save_images(result, paths)
     return 0
 
@@ -161,7 +172,7 @@ def cmd_inpaint(args) -> int:
     paths = output_paths(Path(args.output), 1)
     pipe = load_pipeline(args)
     result = pipe.inpaint(args.image, args.mask, args.prompt, strength=args.strength, feather=args.feather,
-                          **pipeline_arguments(sampling_settings(args)))
+                          **pipeline_arguments(sampling_settings(args)), **control_arguments(args))
     save_images(result, paths)
     return 0
 
@@ -241,6 +252,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="load a LoRA file (diffusers or kohya layout) at SCALE (default 1); repeatable")
 
 
+def add_control_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--controlnet", help="a diffusers-format ControlNet folder")
+    parser.add_argument("--control", help="the control image (edges, mask, ...) for --controlnet")
+    parser.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", help="negative prompt")
     parser.add_argument("--steps", type=int, help="sampling steps (default 30)")
@@ -265,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", help="N or WxH (default: the model's native size)")
     add_sampling_options(gen)
     add_model_options(gen)
+    add_control_options(gen)
     gen.set_defaults(run=cmd_generate)
 
     img2img = commands.add_parser("img2img", help="SDEdit: repaint an image towards a prompt")
@@ -274,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     img2img.add_argument("--strength", type=float, default=0.6, help="0 keeps the image, 1 is text-to-image")
     add_sampling_options(img2img)
     add_model_options(img2img)
+    add_control_options(img2img)
     img2img.set_defaults(run=cmd_img2img)
 
     inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
@@ -285,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--feather", type=float, default=0.0, help="soften the mask's inner edge (pixels)")
     add_sampling_options(inpaint)
     add_model_options(inpaint)
+    add_control_options(inpaint)
     inpaint.set_defaults(run=cmd_inpaint)
 
     invert = commands.add_parser("invert", help="DDIM / null-text inversion of an image, saved for `ldm edit`")

@@ -68,7 +68,7 @@ class EditingMixin:
         if start == request.steps:
             return self.finish(request, x0, strength=strength)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)[start:]
-        denoiser = self.denoiser(request.sampler, request.spacing)
+        denoiser = self.denoiser(request.sampler, request.spacing, request=request)
         x = x0 + float(sigmas[0]) * randn_like(x0, request.generators).to(x0.device)
         x = self.denoise(request, denoiser, x, sigmas, callback, progress)
         return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])), strength=strength)
@@ -101,7 +101,7 @@ class EditingMixin:
                 known = x0 + float(sigmas[i + 1]) * noise
                 x = latent_mask * x + (1 - latent_mask) * known
                 return callback(i, sigma, x, x0_estimate) if callback is not None else x
-        denoiser = self.denoiser(request.sampler, request.spacing, extra_channels)
+        denoiser = self.denoiser(request.sampler, request.spacing, extra_channels, request)
         x = x0 + float(sigmas[0]) * noise
         x = self.denoise(request, denoiser, x, sigmas, blend or callback, progress)
         latents = denoiser.to_model_space(x, float(sigmas[-1]))

@@ -27,6 +27,8 @@ FIELDS = (
     ("strength", "Denoising strength", float),
     ("edit", "Prompt-to-prompt", str),
     ("loras", "Lora", str),
+    ("controlnet", "ControlNet", str),
+    ("control_scale", "Control scale", float),
 )
 
 

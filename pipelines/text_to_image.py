@@ -23,6 +23,7 @@ from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import encode_tokens, tokenize_batch
 from pipelines.checks import check_finite, check_positive_int, check_prompts
+from pipelines.controlnet import ControlNetMixin, control_residuals
 from pipelines.editing import EditingMixin
 from pipelines.lora import LoraMixin
 from pipelines.prompt_to_prompt import PromptToPromptMixin
@@ -43,7 +44,7 @@ class GenerationOutput:
     parameters: list[dict] = field(default_factory=list)
 
 
-class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin):
+class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlNetMixin):
     """Text-to-image generation with any loaded UNet model (ε, v or x0 prediction; VP or zero-SNR schedules)."""
 
     def __init__(self, components: Components, name: str | None = None):
@@ -92,7 +93,10 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.dtype = dtype or self.dtype
         vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
-        for module, module_dtype in ((self.unet, self.dtype), (self.text_encoder, self.dtype), (self.vae, vae_dtype)):
+        networks = [(self.unet, self.dtype), (self.text_encoder, self.dtype), (self.vae, vae_dtype)]
+        if self.controlnet is not None:
+            networks.append((self.controlnet, self.dtype))
+        for module, module_dtype in networks:
             module.to(device=device, **({"dtype": module_dtype} if module.dtype != module_dtype else {}))
         return self
 
@@ -121,16 +125,22 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin):
         return self.schedule(sampler).sigma_list(steps, spacing, self.scheduler_config.get("steps_offset", 0), final)
 
     def denoiser(self, sampler: str = "euler", spacing: str = "leading",
-                 extra_channels: torch.Tensor | None = None) -> Denoiser:
+                 extra_channels: torch.Tensor | None = None, request: "Request | None" = None) -> Denoiser:
         """The network as ``D(x, sigma, cond) -> x0``; ``extra_channels`` ``(B, k, h, w)`` are concatenated to
-        the network input (a 9-channel inpainting UNet's mask and masked-image latents)."""
+        the network input (a 9-channel inpainting UNet's mask and masked-image latents); a ``request`` with a
+        control image adds the loaded ControlNet's residuals."""
         quantize = spacing == "karras" and get_sampler(sampler).quantize_karras_timesteps \
             and self.scheduler_config.get("beta_schedule") != "squaredcos_cap_v2"
 
+        control = request.control if request is not None else None
+
         def unet(x_in, timestep, cond):
+            x_in, cond = x_in.to(self.dtype), cond.to(self.dtype)
+            residuals = {} if control is None else control_residuals(self.controlnet, x_in, timestep, cond, control,
+                                                                      request.control_scale)
             if extra_channels is not None:  # repeated for the CFG halves
                 x_in = torch.cat([x_in, extra_channels.repeat(x_in.shape[0] // extra_channels.shape[0], 1, 1, 1)], 1)
-            return self.unet(x_in.to(self.dtype), timestep, encoder_hidden_states=cond.to(self.dtype)).sample
+            return self.unet(x_in.to(self.dtype), timestep, encoder_hidden_states=cond, **residuals).sample
 
         prediction = "flow" if self.is_flow else self.prediction_type
         return Denoiser(unet, self.schedule(sampler), prediction, quantize_timesteps=quantize)
@@ -175,7 +185,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin):
                 sampler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
                 num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
                 guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
-                output_type: str = "pil") -> "Request":
+                output_type: str = "pil", control_image=None, controlnet_conditioning_scale: float = 1.0
+                ) -> "Request":
         """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
         negative prompts and seeds to the batch (prompt-major, as diffusers orders it)."""
         prompts = check_prompts(prompt)
@@ -199,12 +210,16 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; known: {', '.join(OUTPUT_TYPES)}")
         per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        control_scale = check_finite("controlnet_conditioning_scale", controlnet_conditioning_scale, 0.0, 10.0)
+        control = None if control_image is None else self.control_tensor(control_image, len(prompts), per_prompt,
+                                                                          height, width)
         negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
         prompts = [p for p in prompts for _ in range(per_prompt)]
         negatives = [n for n in negatives for _ in range(per_prompt)]
         seeds, generators = self.seeds_and_generators(len(prompts), seed, generator)
         return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
-                       float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type)
+                       float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
+                       control, float(control_scale))
 
     def latent_shape(self, request: "Request") -> tuple[int, int, int, int]:
         factor = self.vae_scale_factor
@@ -265,6 +280,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin):
                            cfg_scale=request.guidance_scale, seed=s, width=request.width, height=request.height,
                            model=self.name, timestep_spacing=request.spacing, eta=request.eta,
                            guidance_rescale=request.guidance_rescale,
+                           **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
+                              if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
                            **extra)
                       for p, n, s in zip(request.prompts, request.negatives, request.seeds)]
@@ -280,16 +297,17 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin):
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, generator=None, latents: torch.Tensor | None = None,
                  guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
-                 output_type: str = "pil", callback: Callable | None = None, progress: bool = True
-                 ) -> GenerationOutput:
+                 output_type: str = "pil", callback: Callable | None = None, progress: bool = True,
+                 control_image=None, controlnet_conditioning_scale: float = 1.0) -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
-        and the current x0 estimate; ``eta`` applies to ``ddim``. See README for every argument."""
+        and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
+        or one per prompt) needs a loaded ControlNet. See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
-                               output_type)
+                               output_type, control_image, controlnet_conditioning_scale)
         noise = self.initial_noise(request, latents)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
-        denoiser = self.denoiser(request.sampler, request.spacing)
+        denoiser = self.denoiser(request.sampler, request.spacing, request=request)
         x = self.denoise(request, denoiser, noise * denoiser.noise_scale(sigmas[0]), sigmas, callback, progress)
         return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])))
 
@@ -319,6 +337,8 @@ class Request:
     height: int
     width: int
     output_type: str
+    control: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
+    control_scale: float = 1.0
 
     @property
     def batch(self) -> int:

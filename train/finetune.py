@@ -179,8 +179,8 @@ def encode_images(pipe, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Ten
     means, stds = [], []
     for start in range(0, len(pixels), batch):
         dist = pipe.vae.encode(pixels[start:start + batch].to(pipe.vae.device, pipe.vae.dtype)).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
+        means.append(dist.mean.float().cpu().contiguous())  # chunk() views are strided
+        stds.append(dist.std.float().cpu().contiguous())
     return torch.cat(means), torch.cat(stds)
 
 
