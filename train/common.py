@@ -154,8 +154,11 @@ def make_accelerator(args: argparse.Namespace):
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    # Without a GPU, accelerate only forms a multi-process (gloo) group under torchrun when told it runs on CPU.
+    cpu_only = not (torch.cuda.is_available() or torch.backends.mps.is_available()
+                    or (hasattr(torch, "xpu") and torch.xpu.is_available()))
     return Accelerator(mixed_precision=resolve_precision(args.mixed_precision),
-                       gradient_accumulation_steps=args.grad_accum)
+                       gradient_accumulation_steps=args.grad_accum, cpu=cpu_only)
 
 
 # --------------------------------------------------------------------------- randomness

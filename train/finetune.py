@@ -273,8 +273,11 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     class_latents = None
     if args.prior_loss_weight > 0:
         folder = Path(args.class_data_dir) if args.class_data_dir else out / "class_images"
-        files = ensure_class_images(pipe, folder, args.class_prompt, args.num_class_images, args.seed,
-                                    args.class_steps, args.class_guidance)
+        if accelerator.is_main_process:  # one process generates, the others wait and read
+            ensure_class_images(pipe, folder, args.class_prompt, args.num_class_images, args.seed,
+                                args.class_steps, args.class_guidance)
+        accelerator.wait_for_everyone()
+        files = class_image_files(folder)[:args.num_class_images]
         class_latents = encode_images(pipe, load_pixels(files, resolution, args.resize))
     latents = encode_images(pipe, pixels)
 

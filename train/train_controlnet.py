@@ -146,6 +146,9 @@ def run(argv: list[str] | None = None) -> dict:
     out = common.ensure_output_dir(args)
     accelerator = common.make_accelerator(args)
     log = common.RunLog(out, accelerator.is_main_process)
+    if accelerator.is_main_process:  # one process renders and encodes, the others wait and read the cache
+        load_or_build_data(args, pipe, size, out / "data.safetensors")
+    accelerator.wait_for_everyone()
     data = load_or_build_data(args, pipe, size, out / "data.safetensors")
     device = accelerator.device
 
