@@ -98,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="also write all results to this JSON file")
     parser.add_argument("--grid", help="write the first setting's images (seed 0 of every prompt) to this PNG")
+    parser.add_argument("--task", choices=["generation", "editing"], default="generation",
+                        help="editing: inversion, prompt-to-prompt, inpainting and SDEdit tables (train/eval_editing.py)")
+    parser.add_argument("--tables", nargs="+", default=None, help="with --task editing: which tables "
+                        "(inversion p2p p2p_real inpaint sdedit; default all)")
     args = parser.parse_args(argv)
     pipe = TextToImagePipeline.from_pretrained(args.model, device=pick_device(args.device),
                                                dtype=pick_dtype(args.dtype))
+    if args.task == "editing":
+        return editing_main(pipe, args)
     base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg)
     if args.sweep == "guidance":
         runs = [(f"CFG {g}", {**base, "guidance_scale": g}) for g in (1.0, 3.0, 5.0, 7.5)]
@@ -123,6 +129,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as file:
             json.dump({**{name: result for name, result in rows}, "vae_round_trip": round_trip}, file, indent=1)
+    return 0
+
+
+def editing_main(pipe, args) -> int:
+    """``ldm eval --task editing``: print each editing table (percentages and dB) and optionally write JSON."""
+    from train.eval_editing import TABLES, evaluate_editing
+
+    tables = args.tables or list(TABLES)
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown:
+        raise ValueError(f"unknown editing table {unknown[0]!r}; known: {', '.join(TABLES)}")
+    results = {}
+    for name in tables:
+        results[name] = evaluate_editing(pipe, [name])[name]
+        print(f"## {name}")
+        print(json.dumps(results[name], indent=1))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=1)
     return 0
 
 

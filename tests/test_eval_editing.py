@@ -1,0 +1,41 @@
+"""The editing measures give known answers on rendered images: a perfect edit succeeds, a moved object or a
+changed background fails; PSNR / SSIM on known differences; word swaps keep the token count."""
+import numpy as np
+import pytest
+
+from ldm.text import load_tokenizer
+from train.eval_editing import edit_outcome, psnr, ssim, swapped
+from train.shapes import Scene, make_object, render
+
+
+def scene(color="red", shape="circle", position="top left", background="white"):
+    return render(Scene(background, (make_object(color, shape, position, "large", 128),), image_size=128))
+
+
+def test_edit_outcome_known_answers():
+    source = scene()
+    perfect = edit_outcome(source, scene("blue"), "color", "blue")
+    assert perfect["success"] and perfect["shift"] < 0.5 and perfect["background"] < 1e-9
+    assert edit_outcome(source, scene(shape="square"), "shape", "square")["success"]
+    moved = edit_outcome(source, scene("blue", position="center"), "color", "blue")
+    assert moved["attribute"] and moved["shift"] > 30 and not moved["success"]
+    recoloured_background = edit_outcome(source, scene("blue", background="gray"), "color", "blue")
+    assert recoloured_background["background"] > 0.3 and not recoloured_background["success"]
+    assert not edit_outcome(source, scene("green"), "color", "blue")["success"]
+
+
+def test_psnr_and_ssim_known_answers():
+    rng = np.random.default_rng(0)
+    image = rng.random((32, 32, 3))
+    assert psnr(image, image + 0.1) == pytest.approx(20.0)
+    assert ssim(image, image) == pytest.approx(1.0)
+    assert ssim(image, rng.random((32, 32, 3))) < 0.1
+
+
+def test_swaps_keep_the_token_count():
+    tokenizer = load_tokenizer()
+    caption = "a purple triangle at the top right on a gray background"
+    for attribute, expected in (("color", "a orange triangle"), ("shape", "a purple circle")):
+        target, old, new = swapped(caption, attribute)
+        assert target.startswith(expected) and old != new
+        assert len(tokenizer(caption)["input_ids"]) == len(tokenizer(target)["input_ids"])

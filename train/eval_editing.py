@@ -1,0 +1,213 @@
+"""``ldm eval --task editing``: the editing tables of a shapes-world model, read back by the evaluator.
+
+* Inversion round trip (Mokady et al. 2022, sec. 3): held-out renders inverted with DDIM and sampled back; PSNR
+  at guidance 1, plain DDIM inversion at guidance 7.5, null-text inversion at 7.5, beside the VAE's own round trip
+  (the upper bound).
+* Prompt-to-prompt (Hertz et al. 2022) colour and shape swaps on generated images (many seeds) and on inverted
+  renders: an edit succeeds when the evaluator reads the target attribute, the object's centroid moves < 3 px and
+  the background is unchanged (mean absolute change < 0.02 outside both objects, dilated by 2 px).
+* Inpainting: a render's object masked (dilated) and repainted from a prompt naming another object there; scored
+  as a single-object prompt.
+* SDEdit (Meng et al. 2022): strength vs faithfulness (PSNR / SSIM to the input) and vs prompt accuracy, the
+  prompt asking for another colour.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from train.evaluate import detect_objects, score
+from train.shapes import (BASE_SHAPES, OBJECT_COLORS, POSITIONS, Scene, make_object, parse_prompt, render,
+                          render_masks)
+
+CENTROID_TOLERANCE = 3.0  # pixels
+BACKGROUND_TOLERANCE = 0.02  # mean absolute change in [0, 1]
+OTHER_COLOR = {"red": "blue", "green": "purple", "blue": "red", "yellow": "green", "purple": "orange",
+               "orange": "yellow"}
+OTHER_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def psnr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """PSNR in dB of images in [0, 1] (any shape)."""
+    mse = float(np.mean((reference.astype(np.float64) - estimate.astype(np.float64)) ** 2))
+    return 10 * np.log10(1.0 / max(mse, 1e-12))
+
+
+def ssim(reference: np.ndarray, estimate: np.ndarray, sigma: float = 1.5) -> float:
+    """Mean SSIM (Wang et al. 2004, eq. 13) of RGB images ``(H, W, 3)`` in [0, 1], Gaussian window, per channel."""
+    c1, c2 = 0.01**2, 0.03**2
+    blur = lambda a: ndimage.gaussian_filter(a, sigma=(sigma, sigma, 0))  # noqa: E731
+    x, y = reference.astype(np.float64), estimate.astype(np.float64)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
+
+
+def as_array(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)[..., :3] / 255.0
+
+
+def edit_outcome(source, edited, attribute: str, wanted: str) -> dict:
+    """Did an edit change ``attribute`` (``"color"`` or ``"shape"``) of the largest object to ``wanted`` while
+    keeping its place and the background? Centroid shift in pixels, background change in [0, 1]."""
+    before, after = detect_objects(source), detect_objects(edited)
+    if not before.objects or not after.objects:
+        return {"success": False, "attribute": False, "shift": float("inf"), "background": float("inf")}
+    a, b = before.objects[0], after.objects[0]
+    shift = float(np.hypot(a.centroid[0] - b.centroid[0], a.centroid[1] - b.centroid[1]))
+    objects = ndimage.binary_dilation(a.mask | b.mask, iterations=2)
+    change = np.abs(as_array(source) - as_array(edited)).mean(axis=2)  # (H, W)
+    background = float(change[~objects].mean()) if (~objects).any() else 0.0
+    changed = getattr(b, attribute) == wanted
+    return {"success": bool(changed and shift < CENTROID_TOLERANCE and background < BACKGROUND_TOLERANCE),
+            "attribute": bool(changed), "shift": shift, "background": background}
+
+
+def summarize(outcomes: list[dict]) -> dict:
+    return {"success": float(np.mean([o["success"] for o in outcomes])),
+            "attribute": float(np.mean([o["attribute"] for o in outcomes])),
+            "centroid<3px": float(np.mean([o["shift"] < CENTROID_TOLERANCE for o in outcomes])),
+            "background kept": float(np.mean([o["background"] < BACKGROUND_TOLERANCE for o in outcomes])),
+            "count": len(outcomes)}
+
+
+# --------------------------------------------------------------------------- test material
+
+
+def single_object_scenes(count: int, seed: int, size: int) -> list[tuple[Scene, str]]:
+    """Renders with one large object and a caption in one fixed wording, so that swapping a colour or shape word
+    keeps the token count (what a ``replace`` edit needs)."""
+    rng = np.random.default_rng([seed, 77])
+    positions = [p for p in POSITIONS if p != "center"] + ["center"]
+    out = []
+    for _ in range(count):
+        color = str(rng.choice(list(OBJECT_COLORS)))
+        shape = str(rng.choice(BASE_SHAPES))
+        position = str(rng.choice(positions))
+        background = str(rng.choice(["white", "black", "gray"]))
+        scene = Scene(background, (make_object(color, shape, position, "large", size),), image_size=size)
+        where = "in the center" if position == "center" else f"at the {position}"
+        out.append((scene, f"a {color} {shape} {where} on a {background} background"))
+    return out
+
+
+def swapped(caption: str, attribute: str) -> tuple[str, str, str]:
+    """``(target caption, old word, new word)`` with the colour or shape word replaced."""
+    words = caption.split()
+    table = OTHER_COLOR if attribute == "color" else OTHER_SHAPE
+    index = 1  # "a <colour> <shape> ..."
+    index += attribute == "shape"
+    old, new = words[index], table[words[index]]
+    words[index] = new
+    return " ".join(words), old, new
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def inversion_table(pipe, count: int = 8, seed: int = 0, steps: int = 50, guidance: float = 7.5) -> dict:
+    """Reconstruction PSNR (dB) of inverted renders: VAE bound, DDIM at 1, DDIM at ``guidance``, null-text."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    rows = {"VAE round trip": [], "DDIM inversion, CFG 1": [], f"DDIM inversion, CFG {guidance}": [],
+            f"null-text inversion, CFG {guidance}": []}
+    for scene, caption in tqdm(single_object_scenes(count, seed, size), desc="inversion", leave=False):
+        image = render(scene)
+        target = as_array(image)
+        rows["VAE round trip"].append(psnr(target, as_array(pipe.img2img(image, caption, strength=0.0,
+                                                                           progress=False).images[0])))
+        for name, scale, null_text in (("DDIM inversion, CFG 1", 1.0, False),
+                                        (f"DDIM inversion, CFG {guidance}", guidance, False),
+                                        (f"null-text inversion, CFG {guidance}", guidance, True)):
+            inversion = pipe.invert(image, caption, steps, scale, null_text=null_text, progress=False)
+            rows[name].append(psnr(target, as_array(pipe.reconstruct(inversion, progress=False).images[0])))
+    return {name: float(np.mean(values)) for name, values in rows.items()}
+
+
+def p2p_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: float = 7.5) -> dict:
+    """Colour and shape swaps of generated images over ``seeds`` seeds (local blend on the object word)."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    captions = [c for _, c in single_object_scenes(seeds, 1, size)]
+    table = {}
+    for attribute in ("color", "shape"):
+        outcomes, source_ok = [], []
+        for k in tqdm(range(seeds), desc=f"p2p {attribute}", leave=False):
+            target, old, new = swapped(captions[k], attribute)
+            shape_words = [captions[k].split()[2], target.split()[2]]
+            source, edited = pipe.prompt_to_prompt([captions[k], target], seed=k, num_inference_steps=steps,
+                                                   guidance_scale=guidance, local_blend=sorted(set(shape_words)),
+                                                   progress=False).images
+            outcomes.append(edit_outcome(source, edited, attribute, new))
+            source_ok.append(score(parse_prompt(captions[k]), source)["all"])
+        good = [o for o, ok in zip(outcomes, source_ok) if ok]
+        table[f"{attribute} swap, generated"] = summarize(outcomes)
+        table[f"{attribute} swap, generated, correct sources"] = summarize(good) if good else {"count": 0}
+    return table
+
+
+def p2p_real_table(pipe, count: int = 10, steps: int = 50, guidance: float = 7.5) -> dict:
+    """Colour and shape swaps of inverted renders (null-text inversion at ``guidance``)."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    table = {}
+    material = single_object_scenes(count, 2, size)
+    inversions = [pipe.invert(render(scene), caption, steps, guidance, null_text=True, progress=False)
+                  for scene, caption in tqdm(material, desc="inverting", leave=False)]
+    for attribute in ("color", "shape"):
+        outcomes = []
+        for (scene, caption), inversion in zip(material, inversions):
+            target, _, new = swapped(caption, attribute)
+            shape_words = sorted({caption.split()[2], target.split()[2]})
+            _, edited = pipe.edit(inversion, target, local_blend=shape_words, progress=False).images
+            outcomes.append(edit_outcome(render(scene), edited, attribute, new))
+        table[f"{attribute} swap, inverted renders"] = summarize(outcomes)
+    return table
+
+
+def inpaint_table(pipe, count: int = 32, steps: int = 20, guidance: float = 7.5, seed: int = 3) -> dict:
+    """Repaint a render's object (mask dilated 4 px) as another colour and shape at the same place."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    results = []
+    for k, (scene, caption) in enumerate(tqdm(single_object_scenes(count, seed, size), desc="inpaint",
+                                              leave=False)):
+        target, _, _ = swapped(swapped(caption, "color")[0], "shape")
+        mask = ndimage.binary_dilation(render_masks(scene)[0], iterations=4)
+        out = pipe.inpaint(render(scene), Image.fromarray(mask.astype(np.uint8) * 255), target, seed=k,
+                           num_inference_steps=steps, guidance_scale=guidance, progress=False).images[0]
+        results.append(score(parse_prompt(target), out))
+    return {key: float(np.mean([r[key] for r in results])) for key in ("color", "shape", "position", "all")} | {
+        "count": count}
+
+
+def sdedit_table(pipe, strengths=(0.2, 0.4, 0.6, 0.8, 1.0), count: int = 16, steps: int = 20,
+                 guidance: float = 7.5, seed: int = 4) -> dict:
+    """For each strength: PSNR and SSIM to the input render, and how often the evaluator reads the prompt (which
+    asks for another colour) in the output."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    material = single_object_scenes(count, seed, size)
+    table = {}
+    for strength in strengths:
+        p, s, hits = [], [], []
+        for k, (scene, caption) in enumerate(material):
+            target = swapped(caption, "color")[0]
+            image = render(scene)
+            out = pipe.img2img(image, target, strength=strength, seed=k, num_inference_steps=steps,
+                               guidance_scale=guidance, progress=False).images[0]
+            p.append(psnr(as_array(image), as_array(out)))
+            s.append(ssim(as_array(image), as_array(out)))
+            hits.append(score(parse_prompt(target), out)["all"])
+        table[f"strength {strength}"] = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s)),
+                                         "prompt accuracy": float(np.mean(hits))}
+    return table
+
+
+TABLES = {"inversion": inversion_table, "p2p": p2p_generated_table, "p2p_real": p2p_real_table,
+          "inpaint": inpaint_table, "sdedit": sdedit_table}
+
+
+def evaluate_editing(pipe, tables=tuple(TABLES)) -> dict:
+    """Every requested table (keys of :data:`TABLES`) with its default sizes."""
+    return {name: TABLES[name](pipe) for name in tables}
