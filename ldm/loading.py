@@ -63,10 +63,6 @@ def component_weights(folder: Path, allow_pickle: bool) -> bool:
 def check_model_folder(path: str | Path, allow_pickle: bool = False) -> Path:
     """Validate a model folder before loading anything; raise :class:`ModelLoadError` naming what is missing."""
     path = Path(path)
-    if path.is_file():
-        refuse_pickle(path, allow_pickle)
-        raise ModelLoadError(f"{path} is a single file; this version loads diffusers-format folders "
-                             "(model_index.json + unet/ vae/ text_encoder/ scheduler/)")
     if not path.is_dir():
         raise ModelLoadError(f"model folder not found: {path}")
     read_json(path / "model_index.json")
@@ -79,13 +75,19 @@ def check_model_folder(path: str | Path, allow_pickle: bool = False) -> Path:
     return path
 
 
-def load_components(path: str | Path, allow_pickle: bool = False) -> Components:
-    """Load UNet, VAE, CLIP text encoder, tokenizer and scheduler config from a diffusers folder, offline."""
+def load_components(path: str | Path, allow_pickle: bool = False, config: str | Path | None = None,
+                    prediction: str | None = None) -> Components:
+    """Load UNet, VAE, CLIP text encoder, tokenizer and scheduler config from a diffusers folder, or from an
+    original-layout single file (``ldm.single_file``; ``config`` and ``prediction`` apply to those), offline."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from ldm.text import OPENCLIP_PAD, load_tokenizer
 
+    if Path(path).is_file():
+        from ldm.single_file import load_single_file
+
+        return load_single_file(path, config, prediction, allow_pickle)
     path = check_model_folder(path, allow_pickle)
 
     def load(cls, name):

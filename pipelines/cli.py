@@ -18,6 +18,9 @@ TRAIN_RECIPES = {"vae": "train.train_vae", "text-encoder": "train.train_text_enc
                  "controlnet": "train.train_controlnet"}
 
 
+PREDICTIONS = {None: None, "v": "v_prediction", "epsilon": "epsilon"}
+
+
 class UsageError(ValueError):
     """An error in what the user asked for."""
 
@@ -112,7 +115,8 @@ def load_pipeline(args, settings: dict | None = None):
     from pipelines.text_to_image import TextToImagePipeline
 
     device, dtype = pick_device(args.device), pick_dtype(args.dtype)
-    pipe = TextToImagePipeline.from_pretrained(resolve_model(args, settings or {}), allow_pickle=args.allow_pickle)
+    pipe = TextToImagePipeline.from_pretrained(resolve_model(args, settings or {}), allow_pickle=args.allow_pickle,
+                                               config=args.config, prediction=PREDICTIONS[args.prediction])
     pipe.to(device, dtype)
     if args.model:
         pipe.name = str(args.model)
@@ -230,6 +234,23 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """Single file -> diffusers folder, or folder -> single file (original layout), offline."""
+    from ldm.loading import load_components
+    from ldm.single_file import save_folder, save_single_file
+
+    source, target = Path(args.source), Path(args.target)
+    if target.exists():
+        raise UsageError(f"{target} exists; convert to a new path")
+    components = load_components(source, args.allow_pickle, args.config, PREDICTIONS[args.prediction])
+    if source.is_file():
+        save_folder(components, target)
+    else:
+        save_single_file(components, target)
+    print(target)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from pipelines.bench import main as bench_main
 
@@ -248,6 +269,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickle checkpoints (.ckpt/.bin/.pt), loaded with weights_only=True")
+    parser.add_argument("--config", help="for a single-file checkpoint: a diffusers folder with its configs "
+                                         "(default: Stable Diffusion 1.5's, shipped)")
+    parser.add_argument("--prediction", choices=["v", "epsilon"], default=None,
+                        help="for a single-file checkpoint: v (SD 2.x 768 models) or epsilon; the keys do not tell")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                         help="load a LoRA file (diffusers or kohya layout) at SCALE (default 1); repeatable")
 
@@ -348,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--size", help="N or WxH (default: the model's native size)")
     bench.set_defaults(run=cmd_bench)
+
+    convert = commands.add_parser("convert", help="single-file checkpoint <-> diffusers folder")
+    convert.add_argument("source", help="an original-layout .safetensors file, or a diffusers folder")
+    convert.add_argument("target", help="the folder (from a file) or .safetensors file (from a folder) to write")
+    convert.add_argument("--config", help="a diffusers folder with the file's configs (default: SD 1.5's)")
+    convert.add_argument("--prediction", choices=["v", "epsilon"], default=None)
+    convert.add_argument("--allow-pickle", action="store_true", help="read a .ckpt pickle (weights only)")
+    convert.set_defaults(run=cmd_convert)
 
     commands.add_parser("eval", help="score a model with the shapes-world evaluator (ldm eval -h)", add_help=False)
 

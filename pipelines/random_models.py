@@ -3,23 +3,10 @@
 downloaded. A small registry of size presets in the manner of DiT's ``DiT_models``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-SD_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "timestep_spacing": "leading",
-}
 
 # preset -> (UNet kwargs, VAE kwargs, CLIP text kwargs)
 PRESETS = {
@@ -70,23 +57,15 @@ def random_components(preset: str = "tiny", seed: int = 0):
 def save_random_model(folder: str | Path, preset: str = "tiny", scheduler: dict | None = None,
                       seed: int = 0) -> Path:
     """Write a complete StableDiffusionPipeline folder; ``scheduler`` overrides SD's scheduler config."""
-    from ldm.text import load_tokenizer, save_tokenizer
+    from ldm.configs import SD15_SCHEDULER
+    from ldm.loading import Components
+    from ldm.single_file import save_folder
+    from ldm.text import load_tokenizer
 
-    folder = Path(folder)
     unet, vae, text_encoder = random_components(preset, seed)
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    save_tokenizer(load_tokenizer(), folder / "tokenizer")
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD_SCHEDULER, **(scheduler or {})}))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False}))
-    return folder
+    components = Components(unet, vae, text_encoder, load_tokenizer(), {**SD15_SCHEDULER, **(scheduler or {})},
+                            Path(folder))
+    return save_folder(components, folder)
 
 
 def main(argv: list[str] | None = None) -> int:

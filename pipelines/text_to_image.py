@@ -64,9 +64,12 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        """Load a diffusers-format folder (no argument: the shipped default model), offline."""
-        components = load_components(DEFAULT_MODEL if path is None else path, allow_pickle=allow_pickle)
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        config: str | Path | None = None, prediction: str | None = None):
+        """Load a diffusers-format folder or an original-layout single file (no argument: the shipped default
+        model), offline. For single files, ``config`` names a diffusers folder whose configs describe it (default:
+        SD 1.5's) and ``prediction`` (``epsilon`` / ``v_prediction``) overrides the scheduler's."""
+        components = load_components(DEFAULT_MODEL if path is None else path, allow_pickle, config, prediction)
         return cls(components).to(device, dtype)
 
     @property

@@ -1,0 +1,272 @@
+"""Single-file checkpoints in the original CompVis / Stability layout, read and written offline.
+
+A Stable Diffusion 1.x ``.safetensors`` file holds the UNet under ``model.diffusion_model.``, the VAE under
+``first_stage_model.`` and the CLIP text encoder under ``cond_stage_model.transformer.``. The key names are those
+of the original ``ldm`` code (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``, ``encoder.down.0.block.1``,
+...). We map every key of diffusers' modules to its original name from the model config (the rules below), so a
+file loads into diffusers' own classes with no download: the configs come from ``ldm/configs.py`` (Stable
+Diffusion 1.5's) or from a folder the caller names (``config=``), never from a hub. The same map writes files
+(``ldm convert``), and the tests check it against diffusers' own single-file loader.
+
+Family detection is by keys: ``conditioner.embedders.*`` is SDXL, ``cond_stage_model.model.*`` is SD 2.x
+(OpenCLIP), ``model.diffusion_model.joint_blocks.*`` is SD3, ``cond_stage_model.transformer.*`` is SD 1.x (a
+9-channel ``input_blocks.0.0`` is its inpainting variant). This version loads SD 1.x files; the others are
+recognised and refused with a message saying so.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+FAMILIES = {"sd1": "Stable Diffusion 1.x", "sd1-inpaint": "Stable Diffusion 1.x inpainting",
+            "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3"}
+LOADABLE = ("sd1", "sd1-inpaint")
+
+
+class SingleFileError(ValueError):
+    """A single-file checkpoint that cannot be read; the message says what was found."""
+
+
+# --------------------------------------------------------------------------- key maps (diffusers -> original)
+
+
+def _resnet_part(rest: str) -> str:
+    name, _, tail = rest.partition(".")
+    return f"{_RESNET.get(name, name)}.{tail}"
+
+
+def unet_original_key(key: str, config: dict) -> str:
+    """The original name of a UNet2DConditionModel key (SD 1.x/2.x layout: ``layers_per_block + 1`` input blocks
+    per level, the downsampler in its own input block, ``layers_per_block + 1`` output blocks per level)."""
+    per_level = config["layers_per_block"] + 1
+    simple = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
+              "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+    for ours, theirs in simple.items():
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
+        place = block * per_level + index + 1
+        return f"input_blocks.{place}.0.{_resnet_part(rest)}" if kind == "resnets" else f"input_blocks.{place}.1.{rest}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * per_level}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        kind, index, rest = m[1], int(m[2]), m[3]
+        return f"middle_block.{2 * index}.{_resnet_part(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
+        place = block * per_level + index
+        return f"output_blocks.{place}.0.{_resnet_part(rest)}" if kind == "resnets" else f"output_blocks.{place}.1.{rest}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        block = int(m[1])
+        slot = 2 if config["up_block_types"][block].startswith("CrossAttn") else 1
+        return f"output_blocks.{block * per_level + per_level - 1}.{slot}.conv.{m[2]}"
+    raise SingleFileError(f"no original-layout name for UNet key {key}")
+
+
+def vae_original_key(key: str, config: dict) -> str:
+    """The original name of an AutoencoderKL key (``encoder.down.i.block.j``, ``decoder.up.{n-1-i}``, ``mid.attn_1``)."""
+    levels = len(config["block_out_channels"])
+    if key.startswith(("quant_conv.", "post_quant_conv.")):
+        return key
+    side, _, rest = key.partition(".")
+    for ours, theirs in (("conv_in.", "conv_in."), ("conv_out.", "conv_out."), ("conv_norm_out.", "norm_out.")):
+        if rest.startswith(ours):
+            return f"{side}.{theirs}{rest[len(ours):]}"
+    if m := re.match(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
+        level = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
+        return f"{side}.{m[1]}.{level}.block.{m[3]}.{m[4].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"(down|up)_blocks\.(\d+)\.(downsamplers|upsamplers)\.0\.(.+)", rest):
+        level = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
+        return f"{side}.{m[1]}.{level}.{m[1]}sample.{m[4]}"
+    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", rest):
+        return f"{side}.mid.block_{int(m[1]) + 1}.{m[2].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", rest):
+        return f"{side}.mid.attn_1.{_VAE_ATTENTION[m[1]]}.{m[2]}"
+    raise SingleFileError(f"no original-layout name for VAE key {key}")
+
+
+def clip_original_key(key: str) -> str:
+    """CLIPTextModel keys sit under ``cond_stage_model.transformer.text_model.`` (transformers 4 and 5 names)."""
+    return CLIP_PREFIX + key.removeprefix("text_model.")
+
+
+def _is_vae_attention_weight(original: str) -> bool:
+    return bool(re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", original))
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def detect_family(keys) -> str:
+    """The model family of an original-layout state dict, from its key names (see the module docstring)."""
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
+    if any(k.startswith(UNET_PREFIX + "joint_blocks.") for k in keys):
+        return "sd3"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys) and any(k.startswith(UNET_PREFIX)
+                                                                               for k in keys):
+        return "sd1"
+    prefixes = sorted({".".join(k.split(".")[:2]) for k in keys})[:6]
+    raise SingleFileError(f"unknown checkpoint layout: no Stable Diffusion family matches its keys (found "
+                          f"{', '.join(prefixes) or 'no keys'})")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` checkpoint (pickle ``.ckpt`` only with ``allow_pickle``, weights only)."""
+    from safetensors.torch import load_file
+
+    from ldm.loading import ModelLoadError, refuse_pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file not found: {path}")
+    refuse_pickle(path, allow_pickle)
+    if path.suffix != ".safetensors":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state)
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own types for truncated or foreign files
+        raise ModelLoadError(f"cannot read {path}: {str(err).splitlines()[0]} (truncated or not safetensors?)") \
+            from None
+
+
+def _fill(module: torch.nn.Module, tensors: dict, original_key, what: str, source) -> None:
+    """Copy each of ``module``'s tensors from ``tensors[original_key(key)]``; errors name what is wrong."""
+    state = module.state_dict()
+    missing, loaded = [], {}
+    for key, target in state.items():
+        name = original_key(key)
+        if name not in tensors:
+            if key.endswith("position_ids"):
+                loaded[key] = target
+                continue
+            missing.append(name)
+            continue
+        value = tensors[name]
+        if _is_vae_attention_weight(name) and value.dim() == 4:
+            value = value[:, :, 0, 0]  # original 1x1 convolutions -> diffusers' linear layers
+        if tuple(value.shape) != tuple(target.shape):
+            raise SingleFileError(f"{source}: {name} has shape {tuple(value.shape)} but this {what} expects "
+                                  f"{tuple(target.shape)} (components of different models?)")
+        loaded[key] = value.to(target.dtype)
+    if missing:
+        raise SingleFileError(f"{source}: the {what} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    module.load_state_dict(loaded)
+
+
+def load_single_file(path: str | Path, config: str | Path | None = None, prediction: str | None = None,
+                     allow_pickle: bool = False):
+    """Load an original-layout checkpoint as :class:`ldm.loading.Components`, offline. ``config``: a diffusers
+    folder whose ``unet/``, ``vae/``, ``text_encoder/`` configs (and ``scheduler/``, ``tokenizer/``) describe the
+    file; default: Stable Diffusion 1.5's, shipped in ``ldm/configs.py``. ``prediction`` (``epsilon`` or
+    ``v_prediction``) overrides the scheduler's, since the keys do not tell."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm import configs
+    from ldm.loading import Components, read_json
+    from ldm.text import load_tokenizer
+
+    path = Path(path)
+    tensors = read_state_dict(path, allow_pickle)
+    family = detect_family(tensors)
+    if family == "sd1" and tensors[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1] == 9:
+        family = "sd1-inpaint"
+    if family not in LOADABLE:
+        raise SingleFileError(f"{path} is a {FAMILIES[family]} checkpoint; this version loads only SD 1.x single "
+                              f"files: use a diffusers folder for it")
+    if config is not None:
+        folder = Path(config)
+        unet_config = read_json(folder / "unet" / "config.json")
+        vae_config = read_json(folder / "vae" / "config.json")
+        text_config = read_json(folder / "text_encoder" / "config.json")
+        scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
+        tokenizer_dir = folder / "tokenizer"
+    else:
+        unet_config, vae_config, text_config, scheduler = (dict(configs.SD15_UNET), dict(configs.SD15_VAE),
+                                                           dict(configs.SD15_TEXT), dict(configs.SD15_SCHEDULER))
+        tokenizer_dir = None
+        if family == "sd1-inpaint":
+            unet_config["in_channels"] = 9
+    if prediction is not None:
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction must be epsilon or v_prediction, got {prediction!r}")
+        scheduler["prediction_type"] = prediction
+    unet = UNet2DConditionModel.from_config(unet_config)
+    vae = AutoencoderKL.from_config(vae_config)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_config.items() if not k.startswith("_")}))
+    _fill(unet, tensors, lambda k: UNET_PREFIX + unet_original_key(k, unet.config), "UNet", path)
+    _fill(vae, tensors, lambda k: VAE_PREFIX + vae_original_key(k, vae.config), "VAE", path)
+    _fill(text_encoder, tensors, clip_original_key, "text encoder", path)
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None and tokenizer_dir.is_dir() else None)
+    return Components(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, scheduler, path)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def original_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """The three networks' tensors under their original single-file names (VAE attention as 1x1 convs)."""
+    out = {}
+    for key, value in unet.state_dict().items():
+        out[UNET_PREFIX + unet_original_key(key, unet.config)] = value
+    for key, value in vae.state_dict().items():
+        name = VAE_PREFIX + vae_original_key(key, vae.config)
+        out[name] = value[:, :, None, None] if _is_vae_attention_weight(name) else value
+    for key, value in text_encoder.state_dict().items():
+        out[clip_original_key(key)] = value
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def save_single_file(components, path: str | Path) -> Path:
+    """Write a model's UNet, VAE and text encoder as one original-layout ``.safetensors`` file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"single files are written as .safetensors, got {path}")
+    tensors = original_state_dict(components.unet, components.vae, components.text_encoder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return path
+
+
+def save_folder(components, folder: str | Path) -> Path:
+    """Write components as a diffusers folder (model_index.json, subfolders, safetensors)."""
+    import json
+
+    from ldm.text import save_tokenizer
+
+    folder = Path(folder)
+    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    components.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    save_tokenizer(components.tokenizer, folder / "tokenizer")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config, indent=1))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", components.scheduler_config.get("_class_name", "DDIMScheduler")],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False},
+        indent=1))
+    return folder
