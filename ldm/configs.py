@@ -3,7 +3,11 @@
 Stable Diffusion 1.5 (also right for 1.4 and most SD 1.x fine-tunes): the UNet, VAE and CLIP ViT-L/14 text tower
 sizes of the original release, in diffusers' / transformers' config names. The scheduler is SD's: scaled-linear
 betas 0.00085 -> 0.012 over 1000 steps, epsilon prediction, "leading" spacing with offset 1.
+Stable Diffusion 2.x: linear projections in the transformers, per-level head counts 5/10/20/20 (64-wide heads),
+the OpenCLIP ViT-H/14 text tower without its last layer (SD 2 reads the penultimate one), 768 px for the
+v-prediction models and 512 px for the epsilon "base" ones.
 """
+import re
 SD15_UNET = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
     "block_out_channels": [320, 640, 1280, 1280],
@@ -29,3 +33,25 @@ SD15_SCHEDULER = {
     "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
     "clip_sample": False, "timestep_spacing": "leading",
 }
+
+SD2_UNET = {**SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
+            "cross_attention_dim": 1024}
+SD2_TEXT = {**SD15_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+            "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512, "pad_token_id": 0}
+
+
+def sd2_prediction(file_name: str) -> str:
+    """SD 2.x keys do not say whether a model predicts v: the 768 px releases do (``*768*``, ``*-v*``)."""
+    return "v_prediction" if re.search(r"768|[-_]v[-_.]", file_name.lower()) else "epsilon"
+
+
+def family_configs(family: str, file_name: str = "") -> tuple[dict, dict, dict, dict]:
+    """(UNet, VAE, text encoder, scheduler) configs of a family (``sd1``, ``sd1-inpaint``, ``sd2``)."""
+    if family in ("sd1", "sd1-inpaint"):
+        unet = {**SD15_UNET, "in_channels": 9 if family == "sd1-inpaint" else 4}
+        return unet, dict(SD15_VAE), dict(SD15_TEXT), dict(SD15_SCHEDULER)
+    if family == "sd2":
+        size = 96 if sd2_prediction(file_name) == "v_prediction" else 64
+        return {**SD2_UNET, "sample_size": size}, {**SD15_VAE, "sample_size": size * 8}, dict(SD2_TEXT), \
+            dict(SD15_SCHEDULER)
+    raise ValueError(f"no shipped configs for the {family} family")

@@ -8,10 +8,15 @@ file loads into diffusers' own classes with no download: the configs come from `
 Diffusion 1.5's) or from a folder the caller names (``config=``), never from a hub. The same map writes files
 (``ldm convert``), and the tests check it against diffusers' own single-file loader.
 
+SD 2.x files keep their OpenCLIP text tower under ``cond_stage_model.model.`` (``transformer.resblocks.N`` with
+fused ``attn.in_proj_weight``); SD 2 uses the penultimate layer, so diffusers' text encoder has one layer fewer
+than the file (the last resblock is not read). Whether an SD 2.x file is v-prediction (the 768 models) is not in
+its keys: we take it from the file name ("768" or "-v") unless ``prediction=`` says.
+
 Family detection is by keys: ``conditioner.embedders.*`` is SDXL, ``cond_stage_model.model.*`` is SD 2.x
 (OpenCLIP), ``model.diffusion_model.joint_blocks.*`` is SD3, ``cond_stage_model.transformer.*`` is SD 1.x (a
-9-channel ``input_blocks.0.0`` is its inpainting variant). This version loads SD 1.x files; the others are
-recognised and refused with a message saying so.
+9-channel ``input_blocks.0.0`` is its inpainting variant). This version loads SD 1.x and 2.x files; SDXL and SD3
+are recognised and refused with a message saying so.
 """
 from __future__ import annotations
 
@@ -23,12 +28,15 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 FAMILIES = {"sd1": "Stable Diffusion 1.x", "sd1-inpaint": "Stable Diffusion 1.x inpainting",
             "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3"}
-LOADABLE = ("sd1", "sd1-inpaint")
+LOADABLE = ("sd1", "sd1-inpaint", "sd2")
+_OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                   "attn.out_proj": "self_attn.out_proj"}
 
 
 class SingleFileError(ValueError):
@@ -97,6 +105,43 @@ def vae_original_key(key: str, config: dict) -> str:
 def clip_original_key(key: str) -> str:
     """CLIPTextModel keys sit under ``cond_stage_model.transformer.text_model.`` (transformers 4 and 5 names)."""
     return CLIP_PREFIX + key.removeprefix("text_model.")
+
+
+def openclip_to_diffusers(tensors: dict, layers: int) -> dict[str, torch.Tensor]:
+    """CLIPTextModel tensors from an OpenCLIP text tower (SD 2.x layout): the first ``layers`` resblocks, the fused
+    ``in_proj`` split into q, k, v."""
+    p = OPENCLIP_PREFIX
+    out = {"embeddings.token_embedding.weight": tensors[p + "token_embedding.weight"],
+           "embeddings.position_embedding.weight": tensors[p + "positional_embedding"],
+           "final_layer_norm.weight": tensors[p + "ln_final.weight"], "final_layer_norm.bias": tensors[p + "ln_final.bias"]}
+    for i in range(layers):
+        block = f"{p}transformer.resblocks.{i}."
+        for theirs, ours in _OPENCLIP_LAYER.items():
+            for kind in ("weight", "bias"):
+                out[f"encoder.layers.{i}.{ours}.{kind}"] = tensors[f"{block}{theirs}.{kind}"]
+        for kind in ("weight", "bias"):
+            q, k, v = tensors[f"{block}attn.in_proj_{kind}"].chunk(3, dim=0)
+            for name, value in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                out[f"encoder.layers.{i}.self_attn.{name}.{kind}"] = value
+    return out
+
+
+def diffusers_to_openclip(state: dict, layers: int) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`openclip_to_diffusers` (the file gets the ``layers`` resblocks the model has)."""
+    p = OPENCLIP_PREFIX
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out = {p + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+           p + "positional_embedding": state["embeddings.position_embedding.weight"],
+           p + "ln_final.weight": state["final_layer_norm.weight"], p + "ln_final.bias": state["final_layer_norm.bias"]}
+    for i in range(layers):
+        block = f"{p}transformer.resblocks.{i}."
+        for theirs, ours in _OPENCLIP_LAYER.items():
+            for kind in ("weight", "bias"):
+                out[f"{block}{theirs}.{kind}"] = state[f"encoder.layers.{i}.{ours}.{kind}"]
+        for kind in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat([state[f"encoder.layers.{i}.self_attn.{n}.{kind}"]
+                                                            for n in ("q_proj", "k_proj", "v_proj")])
+    return out
 
 
 def _is_vae_attention_weight(original: str) -> bool:
@@ -181,7 +226,7 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
 
     from ldm import configs
     from ldm.loading import Components, read_json
-    from ldm.text import load_tokenizer
+    from ldm.text import EOS, OPENCLIP_PAD, load_tokenizer
 
     path = Path(path)
     tensors = read_state_dict(path, allow_pickle)
@@ -189,8 +234,8 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
     if family == "sd1" and tensors[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1] == 9:
         family = "sd1-inpaint"
     if family not in LOADABLE:
-        raise SingleFileError(f"{path} is a {FAMILIES[family]} checkpoint; this version loads only SD 1.x single "
-                              f"files: use a diffusers folder for it")
+        raise SingleFileError(f"{path} is a {FAMILIES[family]} checkpoint; this version loads SD 1.x and 2.x "
+                              f"single files only: use a diffusers folder for it")
     if config is not None:
         folder = Path(config)
         unet_config = read_json(folder / "unet" / "config.json")
@@ -199,11 +244,10 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
         scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
         tokenizer_dir = folder / "tokenizer"
     else:
-        unet_config, vae_config, text_config, scheduler = (dict(configs.SD15_UNET), dict(configs.SD15_VAE),
-                                                           dict(configs.SD15_TEXT), dict(configs.SD15_SCHEDULER))
+        unet_config, vae_config, text_config, scheduler = configs.family_configs(family, path.name)
         tokenizer_dir = None
-        if family == "sd1-inpaint":
-            unet_config["in_channels"] = 9
+        if prediction is None and family == "sd2":
+            prediction = configs.sd2_prediction(path.name)
     if prediction is not None:
         if prediction not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction must be epsilon or v_prediction, got {prediction!r}")
@@ -213,24 +257,37 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
     text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_config.items() if not k.startswith("_")}))
     _fill(unet, tensors, lambda k: UNET_PREFIX + unet_original_key(k, unet.config), "UNet", path)
     _fill(vae, tensors, lambda k: VAE_PREFIX + vae_original_key(k, vae.config), "VAE", path)
-    _fill(text_encoder, tensors, clip_original_key, "text encoder", path)
-    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None and tokenizer_dir.is_dir() else None)
+    if family == "sd2":
+        try:
+            text_tensors = openclip_to_diffusers(tensors, text_encoder.config.num_hidden_layers)
+        except KeyError as err:
+            raise SingleFileError(f"{path}: the OpenCLIP text encoder lacks {err.args[0]}") from None
+        _fill(text_encoder, {CLIP_PREFIX + k: v for k, v in text_tensors.items()}, clip_original_key,
+              "text encoder", path)
+    else:
+        _fill(text_encoder, tensors, clip_original_key, "text encoder", path)
+    pad = OPENCLIP_PAD if family == "sd2" else EOS
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None and tokenizer_dir.is_dir() else None, pad)
     return Components(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, scheduler, path)
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def original_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """The three networks' tensors under their original single-file names (VAE attention as 1x1 convs)."""
+def original_state_dict(unet, vae, text_encoder, family: str = "sd1") -> dict[str, torch.Tensor]:
+    """The three networks' tensors under their original single-file names (VAE attention as 1x1 convs; the text
+    encoder as CLIP (``sd1``) or OpenCLIP (``sd2``))."""
     out = {}
     for key, value in unet.state_dict().items():
         out[UNET_PREFIX + unet_original_key(key, unet.config)] = value
     for key, value in vae.state_dict().items():
         name = VAE_PREFIX + vae_original_key(key, vae.config)
         out[name] = value[:, :, None, None] if _is_vae_attention_weight(name) else value
-    for key, value in text_encoder.state_dict().items():
-        out[clip_original_key(key)] = value
+    if family == "sd2":
+        out.update(diffusers_to_openclip(text_encoder.state_dict(), text_encoder.config.num_hidden_layers))
+    else:
+        for key, value in text_encoder.state_dict().items():
+            out[clip_original_key(key)] = value
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
@@ -241,7 +298,8 @@ def save_single_file(components, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single files are written as .safetensors, got {path}")
-    tensors = original_state_dict(components.unet, components.vae, components.text_encoder)
+    family = "sd2" if components.text_encoder.config.hidden_act == "gelu" else "sd1"  # OpenCLIP vs CLIP-L
+    tensors = original_state_dict(components.unet, components.vae, components.text_encoder, family)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
     save_file(tensors, str(tmp), metadata={"format": "pt"})

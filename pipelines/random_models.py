@@ -17,6 +17,13 @@ PRESETS = {
         dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16),
         dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
     ),
+    "tiny-sd2": (  # SD 2.x's structure: linear projections, per-level heads, an OpenCLIP-like (gelu) text tower
+        dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
+             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+             attention_head_dim=(2, 4), use_linear_projection=True),
+        dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16),
+        dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu"),
+    ),
     "shapes": (
         dict(sample_size=16, layers_per_block=1, block_out_channels=(64, 128, 256), cross_attention_dim=128,
              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -60,10 +67,11 @@ def save_random_model(folder: str | Path, preset: str = "tiny", scheduler: dict 
     from ldm.configs import SD15_SCHEDULER
     from ldm.loading import Components
     from ldm.single_file import save_folder
-    from ldm.text import load_tokenizer
+    from ldm.text import EOS, OPENCLIP_PAD, load_tokenizer
 
     unet, vae, text_encoder = random_components(preset, seed)
-    components = Components(unet, vae, text_encoder, load_tokenizer(), {**SD15_SCHEDULER, **(scheduler or {})},
+    tokenizer = load_tokenizer(pad_token=OPENCLIP_PAD if text_encoder.config.hidden_act == "gelu" else EOS)
+    components = Components(unet, vae, text_encoder, tokenizer, {**SD15_SCHEDULER, **(scheduler or {})},
                             Path(folder))
     return save_folder(components, folder)
 

@@ -62,8 +62,7 @@ def test_cli_converts_both_ways(single_file, tmp_path):
 def test_other_families_and_bad_files_are_refused(single_file, tmp_path):
     folder, path = single_file
     for keys, family in ((["conditioner.embedders.1.model.ln_final.weight"], "Stable Diffusion XL"),
-                         (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3"),
-                         (["cond_stage_model.model.ln_final.weight"], "Stable Diffusion 2.x")):
+                         (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3")):
         other = tmp_path / f"{family.split()[-1]}.safetensors"
         save_file({k: torch.zeros(1) for k in keys}, str(other))
         with pytest.raises(SingleFileError, match=f"is a {family} checkpoint"):
@@ -85,3 +84,28 @@ def test_other_families_and_bad_files_are_refused(single_file, tmp_path):
         load_single_file(tmp_path / "mixed.safetensors", config=folder)
     with pytest.raises(SingleFileError, match="has shape"):  # the tiny file against SD 1.5's shipped configs
         load_single_file(path)
+
+
+def test_sd2_file_with_openclip_text_tower(tmp_path):
+    from pipelines.random_models import save_random_model
+
+    folder = save_random_model(tmp_path / "tiny-sd2", "tiny-sd2", {"prediction_type": "v_prediction"})
+    path = save_single_file(load_components(folder), tmp_path / "tiny-sd2-768-v.safetensors")
+    keys = set(load_file(str(path)))
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert detect_family(keys) == "sd2"
+    ours = load_single_file(path, config=folder)
+    assert_same_weights(ours, load_components(folder))
+    assert ours.tokenizer.pad_token == "!" and ours.scheduler_config["prediction_type"] == "v_prediction"
+    theirs = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    assert_same_weights(theirs, load_components(folder))
+
+
+def test_sd2_prediction_from_the_file_name():
+    from ldm.configs import family_configs, sd2_prediction
+
+    assert sd2_prediction("v2-1_768-ema-pruned.safetensors") == "v_prediction"
+    assert sd2_prediction("sd-2-base-v.safetensors") == "v_prediction"
+    assert sd2_prediction("v2-1_512-ema-pruned.safetensors") == "epsilon"
+    unet, vae, _, _ = family_configs("sd2", "v2-1_768-ema-pruned.safetensors")
+    assert unet["sample_size"] == 96 and vae["sample_size"] == 768
