@@ -64,11 +64,13 @@ def null_text_optimization(denoiser, trajectory: list[torch.Tensor], sigmas: tor
     """Null-text inversion (Mokady et al. 2022, Algorithm 1): for each DDIM step i, optimise the unconditional
     embedding so that the guided step from the current latent lands on the pivot trajectory (the inversion at
     guidance 1), then take that step. ``denoiser`` is a :class:`ldm.denoiser.Denoiser`; ``cond``/``uncond``
-    ``(1, L, D)``. Adam with the paper's schedule: lr ``lr * (1 - i / 100)``, early stop at
-    ``tolerance + 2e-5 * i``. Returns one embedding per step; ``callback(i, loss)`` runs after each step."""
+    ``(1, L, D)`` (or SDXL's dicts, whose ``hidden`` part is optimised). Adam with the paper's schedule: lr
+    ``lr * (1 - i / 100)``, early stop at ``tolerance + 2e-5 * i``. Returns one embedding per step;
+    ``callback(i, loss)`` runs after each step."""
     embeddings = []
     x = trajectory[-1]
-    null = uncond.detach().clone()
+    as_cond = (lambda h: {**uncond, "hidden": h}) if isinstance(uncond, dict) else (lambda h: h)
+    null = (uncond["hidden"] if isinstance(uncond, dict) else uncond).detach().clone()
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i].expand(x.shape[0])
         sigma_next = float(sigmas[i + 1])
@@ -79,7 +81,7 @@ def null_text_optimization(denoiser, trajectory: list[torch.Tensor], sigmas: tor
         optimizer = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
         loss = torch.tensor(0.0)
         for _ in range(inner_steps):
-            x_next = _guided_ddim_step(denoiser, x, sigma, sigma_next, out_cond, null, scale)
+            x_next = _guided_ddim_step(denoiser, x, sigma, sigma_next, out_cond, as_cond(null), scale)
             loss = torch.nn.functional.mse_loss(x_next / denoiser.noise_scale(sigma_next), target)
             optimizer.zero_grad()
             loss.backward()
@@ -89,7 +91,7 @@ def null_text_optimization(denoiser, trajectory: list[torch.Tensor], sigmas: tor
         null = null.detach()
         embeddings.append(null.clone())
         with torch.no_grad():
-            x = _guided_ddim_step(denoiser, x, sigma, sigma_next, out_cond, null, scale)
+            x = _guided_ddim_step(denoiser, x, sigma, sigma_next, out_cond, as_cond(null), scale)
         if callback is not None:
             callback(i, loss.item())
     return embeddings

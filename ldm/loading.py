@@ -28,6 +28,9 @@ class Components:
     tokenizer: object
     scheduler_config: dict
     path: Path
+    text_encoder_2: object = None  # SDXL's OpenCLIP bigG tower (CLIPTextModelWithProjection)
+    tokenizer_2: object = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is the zero embedding
 
 
 def refuse_pickle(path: Path, allow_pickle: bool) -> None:
@@ -105,4 +108,12 @@ def load_components(path: str | Path, allow_pickle: bool = False, config: str | 
     pad = OPENCLIP_PAD if text_encoder.config.hidden_size in (1024, 1280) else "<|endoftext|>"
     tokenizer = load_tokenizer(path / "tokenizer", pad_token=pad)
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
-    return Components(unet, vae, text_encoder, tokenizer, scheduler_config, path)
+    index = read_json(path / "model_index.json")
+    text_encoder_2 = tokenizer_2 = None
+    if (path / "text_encoder_2").is_dir():  # SDXL
+        from transformers import CLIPTextModelWithProjection
+
+        text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2")
+        tokenizer_2 = load_tokenizer(path / "tokenizer_2", pad_token=OPENCLIP_PAD)
+    return Components(unet, vae, text_encoder, tokenizer, scheduler_config, path, text_encoder_2, tokenizer_2,
+                      bool(index.get("force_zeros_for_empty_prompt", text_encoder_2 is not None)))

@@ -320,11 +320,19 @@ def save_folder(components, folder: str | Path) -> Path:
     save_tokenizer(components.tokenizer, folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config, indent=1))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", components.scheduler_config.get("_class_name", "DDIMScheduler")],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False},
-        indent=1))
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", components.scheduler_config.get("_class_name", "DDIMScheduler")],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    if components.text_encoder_2 is not None:  # SDXL
+        components.text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
+        save_tokenizer(components.tokenizer_2, folder / "tokenizer_2")
+        index = {k: v for k, v in index.items() if k not in ("safety_checker", "feature_extractor",
+                                                              "requires_safety_checker")}
+        index.update({"_class_name": "StableDiffusionXLPipeline",
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "force_zeros_for_empty_prompt": components.force_zeros_for_empty_prompt})
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder

@@ -103,10 +103,21 @@ def tokenize_batch(tokenizer, prompts: list[str], min_windows: int = 1) -> torch
 
 
 @torch.no_grad()
-def encode_tokens(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
-    """Encode ``(B, W, L)`` token windows with a CLIP text model and concatenate the windows' last hidden
-    states: ``(B, W * L, D)``."""
+def encode_tokens(text_encoder, token_ids: torch.Tensor, hidden_layer: int | None = None) -> torch.Tensor:
+    """Encode ``(B, W, L)`` token windows with a CLIP text model and concatenate the windows' hidden states:
+    ``(B, W * L, D)``. ``hidden_layer=None`` takes the final (layer-normed) states, as SD 1.x/2.x; ``-2`` the
+    penultimate layer's, as SDXL."""
     batch, windows, length = token_ids.shape
     flat = token_ids.reshape(batch * windows, length).to(text_encoder.device)
-    hidden = text_encoder(flat)[0]  # (B * W, L, D)
+    if hidden_layer is None:
+        hidden = text_encoder(flat)[0]  # (B * W, L, D)
+    else:
+        hidden = text_encoder(flat, output_hidden_states=True).hidden_states[hidden_layer]
     return hidden.reshape(batch, windows * length, hidden.shape[-1])
+
+
+@torch.no_grad()
+def pooled_embedding(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
+    """The projected pooled embedding ``(B, P)`` of each prompt's first window (CLIPTextModelWithProjection's
+    ``text_embeds``; SDXL's ``text_embeds`` condition)."""
+    return text_encoder(token_ids[:, 0].to(text_encoder.device)).text_embeds

@@ -81,10 +81,11 @@ def check_controlnet_fits(control_config, unet_config, source) -> None:
 
 
 def control_residuals(controlnet, x_in: torch.Tensor, timestep, cond: torch.Tensor, control: torch.Tensor,
-                      scale: float) -> dict:
+                      scale: float, added: dict | None = None) -> dict:
     """The UNet keyword arguments carrying ``scale`` times the ControlNet's residuals (eq. 3). ``control``
-    ``(B, 3, H, W)`` is repeated over the CFG halves of ``x_in`` ``(k B, C, h, w)``."""
+    ``(B, 3, H, W)`` is repeated over the CFG halves of ``x_in`` ``(k B, C, h, w)``; ``added``: SDXL's
+    ``text_embeds`` and ``time_ids``."""
     image = control.repeat(x_in.shape[0] // control.shape[0], 1, 1, 1).to(x_in.device, x_in.dtype)
     down, mid = controlnet(x_in, timestep, encoder_hidden_states=cond, controlnet_cond=image,
-                           conditioning_scale=scale, return_dict=False)
+                           conditioning_scale=scale, added_cond_kwargs=added, return_dict=False)
     return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

@@ -136,7 +136,7 @@ class EditingMixin:
         x0 = self.encode(pixels)
         sigmas = self.sigmas(request.steps, "ddim", request.spacing)
         denoiser = self.denoiser("ddim", request.spacing)
-        cond, uncond = self.encode_prompt(request.prompts, request.negatives)
+        cond, uncond = self.encode_prompt(request.prompts, request.negatives, tuple(pixels.shape[2:]))
         if null_text and request.guidance_scale <= 1:
             raise ValueError("null_text inversion is for guidance_scale > 1 (at 1 plain inversion is already exact)")
         pivot_scale = 1.0 if null_text else request.guidance_scale

@@ -61,6 +61,36 @@ def random_components(preset: str = "tiny", seed: int = 0):
     return unet.eval(), vae.eval(), text_encoder.eval()
 
 
+def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: int = 0) -> Path:
+    """A tiny SDXL-shaped model folder (two text towers, pooled embedding, size/crop micro-conditioning), the
+    sizes of diffusers' own SDXL tests."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.configs import SD15_SCHEDULER
+    from ldm.loading import Components
+    from ldm.single_file import save_folder
+    from ldm.text import EOS, OPENCLIP_PAD, load_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, scaling_factor=0.13025)
+    text = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                          pad_token_id=49407, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                          num_attention_heads=4, hidden_act="gelu", projection_dim=32)
+    components = Components(unet.eval(), vae.eval(), CLIPTextModel(text).eval(), load_tokenizer(pad_token=EOS),
+                            {**SD15_SCHEDULER, **(scheduler or {})}, Path(folder),
+                            CLIPTextModelWithProjection(text).eval(), load_tokenizer(pad_token=OPENCLIP_PAD), True)
+    return save_folder(components, folder)
+
+
 def save_random_model(folder: str | Path, preset: str = "tiny", scheduler: dict | None = None,
                       seed: int = 0) -> Path:
     """Write a complete StableDiffusionPipeline folder; ``scheduler`` overrides SD's scheduler config."""

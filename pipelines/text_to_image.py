@@ -21,7 +21,7 @@ from ldm.guidance import CFGDenoiser, check_guidance_scale
 from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
-from ldm.text import encode_tokens, tokenize_batch
+from ldm.text import encode_tokens, pooled_embedding, tokenize_batch
 from pipelines.checks import check_finite, check_positive_int, check_prompts
 from pipelines.controlnet import ControlNetMixin, control_residuals
 from pipelines.editing import EditingMixin
@@ -52,11 +52,14 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         self.vae = components.vae.eval()
         self.text_encoder = components.text_encoder.eval()
         self.tokenizer = components.tokenizer
+        self.text_encoder_2 = components.text_encoder_2.eval() if components.text_encoder_2 is not None else None
+        self.tokenizer_2 = components.tokenizer_2
+        self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.scheduler_config = dict(components.scheduler_config)
         self.name = name or components.path.name
         self.path = components.path
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        for network in (self.unet, self.vae, self.text_encoder):
+        for network in self.text_encoders + [self.unet, self.vae]:
             network.requires_grad_(False)  # inference; null-text inversion differentiates w.r.t. an embedding only
         self.attention = install_attention_hook(self.unet)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -71,6 +74,15 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         SD 1.5's) and ``prediction`` (``epsilon`` / ``v_prediction``) overrides the scheduler's."""
         components = load_components(DEFAULT_MODEL if path is None else path, allow_pickle, config, prediction)
         return cls(components).to(device, dtype)
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text towers and size/crop micro-conditioning (Podell et al. 2023, sec. 2.2)."""
+        return self.text_encoder_2 is not None
 
     @property
     def is_flow(self) -> bool:
@@ -96,7 +108,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.dtype = dtype or self.dtype
         vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
-        networks = [(self.unet, self.dtype), (self.text_encoder, self.dtype), (self.vae, vae_dtype)]
+        networks = [(self.unet, self.dtype), (self.vae, vae_dtype)] + [(t, self.dtype) for t in self.text_encoders]
         if self.controlnet is not None:
             networks.append((self.controlnet, self.dtype))
         for module, module_dtype in networks:
@@ -104,11 +116,28 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         return self
 
     # -- conditioning -------------------------------------------------------------------------------------------
-    def encode_prompt(self, prompts: list[str], negative: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings ``(B, W * 77, D)`` of prompts and negative prompts, padded to the same window count W."""
+    def encode_prompt(self, prompts: list[str], negative: list[str], size: tuple[int, int] | None = None):
+        """Embeddings ``(B, W * 77, D)`` of prompts and negative prompts, padded to the same window count W. For
+        SDXL, dicts: ``hidden`` (both towers' penultimate states side by side, ``(B, W * 77, 768 + 1280)``),
+        ``text_embeds`` (the second tower's pooled projection, ``(B, 1280)``) and ``time_ids`` ``(B, 6)`` =
+        (original size, crop top-left, target size), here ``(H, W, 0, 0, H, W)`` for ``size = (H, W)``; an empty
+        negative prompt is all zeros when the model says so (``force_zeros_for_empty_prompt``), as diffusers."""
         ids = tokenize_batch(self.tokenizer, prompts + negative)  # (2B, W, L)
-        hidden = encode_tokens(self.text_encoder, ids).float()
-        return hidden[:len(prompts)], hidden[len(prompts):]
+        if not self.is_sdxl:
+            hidden = encode_tokens(self.text_encoder, ids).float()
+            return hidden[:len(prompts)], hidden[len(prompts):]
+        ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])  # (2B, W, L)
+        hidden = torch.cat([encode_tokens(self.text_encoder, ids, -2),
+                            encode_tokens(self.text_encoder_2, ids_2, -2)], dim=-1).float()
+        pooled = pooled_embedding(self.text_encoder_2, ids_2).float()  # (2B, P)
+        if self.force_zeros_for_empty_prompt:
+            empty = torch.tensor([False] * len(prompts) + [not n for n in negative], device=hidden.device)
+            hidden[empty], pooled[empty] = 0.0, 0.0
+        height, width = size if size is not None else (self.unet.config.sample_size * self.vae_scale_factor,) * 2
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
+                                device=hidden.device).expand(len(hidden), -1)
+        both = {"hidden": hidden, "text_embeds": pooled, "time_ids": time_ids}
+        return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})
 
     # -- sampling set-up ---------------------------------------------------------------------------------------
     def default_spacing(self) -> str:
@@ -138,11 +167,17 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         control = request.control if request is not None else None
 
         def unet(x_in, timestep, cond):
+            added = None
+            if isinstance(cond, dict):  # SDXL
+                added = {"text_embeds": cond["text_embeds"].to(self.dtype), "time_ids": cond["time_ids"].to(self.dtype)}
+                cond = cond["hidden"]
             x_in, cond = x_in.to(self.dtype), cond.to(self.dtype)
             residuals = {} if control is None else control_residuals(self.controlnet, x_in, timestep, cond, control,
-                                                                      request.control_scale)
+                                                                      request.control_scale, added)
             if extra_channels is not None:  # repeated for the CFG halves
                 x_in = torch.cat([x_in, extra_channels.repeat(x_in.shape[0] // extra_channels.shape[0], 1, 1, 1)], 1)
+            if added is not None:
+                residuals["added_cond_kwargs"] = added
             return self.unet(x_in.to(self.dtype), timestep, encoder_hidden_states=cond, **residuals).sample
 
         prediction = "flow" if self.is_flow else self.prediction_type
@@ -250,12 +285,16 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         """Run the request's sampler with CFG over ``sigmas`` from VE latents ``x`` at ``sigmas[0]``; keeps the
         attention hook's step index in step with the sampler and shows a progress bar. ``uncond_per_step``
         (null-text inversion's embeddings, ``(1, L, D)`` each) replaces the unconditional embedding step by step."""
-        cond, uncond = self.encode_prompt(request.prompts, request.negatives)
+        cond, uncond = self.encode_prompt(request.prompts, request.negatives, (request.height, request.width))
         model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale)
 
         def set_uncond(step):
             if uncond_per_step is not None and step < len(uncond_per_step):
-                model.uncond = uncond_per_step[step].to(cond.device).expand(request.batch, -1, -1)
+                if isinstance(uncond, dict):
+                    model.uncond = {**uncond, "hidden": uncond_per_step[step].to(self.device).expand(
+                        request.batch, -1, -1)}
+                else:
+                    model.uncond = uncond_per_step[step].to(self.device).expand(request.batch, -1, -1)
 
         set_uncond(0)
         options = {"eta": request.eta} if request.sampler == "ddim" else {}
