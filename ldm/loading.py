@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+REQUIRED_COMPONENTS = ("vae", "text_encoder", "scheduler")  # and a denoiser: unet/ or (MMDiT) transformer/
 
 
 class ModelLoadError(ValueError):
@@ -28,9 +28,11 @@ class Components:
     tokenizer: object
     scheduler_config: dict
     path: Path
-    text_encoder_2: object = None  # SDXL's OpenCLIP bigG tower (CLIPTextModelWithProjection)
+    text_encoder_2: object = None  # SDXL's / SD3's OpenCLIP bigG tower (CLIPTextModelWithProjection)
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is the zero embedding
+    text_encoder_3: object = None  # SD3's optional T5 encoder
+    tokenizer_3: object = None
 
 
 def refuse_pickle(path: Path, allow_pickle: bool) -> None:
@@ -72,8 +74,11 @@ def check_model_folder(path: str | Path, allow_pickle: bool = False) -> Path:
     for name in REQUIRED_COMPONENTS:
         if not (path / name).is_dir():
             raise ModelLoadError(f"missing folder: {path / name}")
+    denoiser = "transformer" if (path / "transformer").is_dir() else "unet"
+    if not (path / denoiser).is_dir():
+        raise ModelLoadError(f"missing folder: {path / 'unet'} (or transformer/ for an MMDiT model)")
     read_json(path / "scheduler" / "scheduler_config.json")
-    for name in ("unet", "vae", "text_encoder"):
+    for name in (denoiser, "vae", "text_encoder"):
         component_weights(path / name, allow_pickle)
     return path
 
@@ -82,8 +87,8 @@ def load_components(path: str | Path, allow_pickle: bool = False, config: str | 
                     prediction: str | None = None) -> Components:
     """Load UNet, VAE, CLIP text encoder, tokenizer and scheduler config from a diffusers folder, or from an
     original-layout single file (``ldm.single_file``; ``config`` and ``prediction`` apply to those), offline."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    import transformers
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
     from ldm.text import OPENCLIP_PAD, load_tokenizer
 
@@ -101,19 +106,29 @@ def load_components(path: str | Path, allow_pickle: bool = False, config: str | 
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelLoadError(f"cannot load {path / name}: {first_line}") from None
 
-    unet = load(UNet2DConditionModel, "unet")
+    index = read_json(path / "model_index.json")
+
+    def text_class(name):  # CLIPTextModel, or CLIPTextModelWithProjection (SD3's first tower)
+        entry = index.get(name) or [None, "CLIPTextModel"]
+        if entry[1] not in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"):
+            raise ModelLoadError(f"{path}: {name} is a {entry[1]}, which this version does not load")
+        return getattr(transformers, entry[1])
+
+    mmdit = (path / "transformer").is_dir()
+    unet = load(SD3Transformer2DModel, "transformer") if mmdit else load(UNet2DConditionModel, "unet")
     vae = load(AutoencoderKL, "vae")
-    text_encoder = load(CLIPTextModel, "text_encoder")
+    text_encoder = load(text_class("text_encoder"), "text_encoder")
     # Without a tokenizer/ folder, the pad token follows the encoder family: OpenCLIP ViT-H / bigG pad with "!".
     pad = OPENCLIP_PAD if text_encoder.config.hidden_size in (1024, 1280) else "<|endoftext|>"
     tokenizer = load_tokenizer(path / "tokenizer", pad_token=pad)
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
-    index = read_json(path / "model_index.json")
-    text_encoder_2 = tokenizer_2 = None
-    if (path / "text_encoder_2").is_dir():  # SDXL
-        from transformers import CLIPTextModelWithProjection
-
-        text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2")
+    text_encoder_2 = tokenizer_2 = text_encoder_3 = tokenizer_3 = None
+    if (path / "text_encoder_2").is_dir():  # SDXL, SD3
+        text_encoder_2 = load(transformers.CLIPTextModelWithProjection, "text_encoder_2")
         tokenizer_2 = load_tokenizer(path / "tokenizer_2", pad_token=OPENCLIP_PAD)
+    if (path / "text_encoder_3").is_dir():  # SD3's T5 (optional)
+        text_encoder_3 = load(transformers.T5EncoderModel, "text_encoder_3")
+        tokenizer_3 = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer_3"), local_files_only=True)
+    force_zeros = bool(index.get("force_zeros_for_empty_prompt", text_encoder_2 is not None and not mmdit))
     return Components(unet, vae, text_encoder, tokenizer, scheduler_config, path, text_encoder_2, tokenizer_2,
-                      bool(index.get("force_zeros_for_empty_prompt", text_encoder_2 is not None)))
+                      force_zeros, text_encoder_3, tokenizer_3)

@@ -54,11 +54,13 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
 @torch.no_grad()
 def sample_euler(model, x, sigmas, generator=None, callback=None):
     """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma``
-    (Karras et al. 2022, Algorithm 2 without the second-order correction). First order."""
+    (Karras et al. 2022, Algorithm 2 without the second-order correction). First order. Written as
+    ``x' = x0 + sigma' d`` (equal to ``x + (sigma' - sigma) d``): at a flow model's first sigma (~1.7e7) the
+    other form loses the image to float32 cancellation."""
     for i in range(len(sigmas) - 1):
         x0 = model(x, _sigma(sigmas[i], x))
         d = (x - x0) / sigmas[i]
-        x = x + d * (sigmas[i + 1] - sigmas[i])
+        x = x0 + d * sigmas[i + 1]
         x = _step_callback(callback, i, sigmas[i], x, x0)
     return x
 
@@ -117,9 +119,9 @@ def sample_heun(model, x, sigmas, generator=None, callback=None):
         d = (x - x0) / sigma
         dt = sigma_next - sigma
         if sigma_next == 0:
-            x = x + d * dt
+            x = x0
         else:
-            x_pred = x + d * dt
+            x_pred = x0 + d * sigma_next  # = x + d * dt, without float32 cancellation at huge sigma
             d_next = (x_pred - model(x_pred, _sigma(sigma_next, x))) / sigma_next
             x = x + (d + d_next) / 2 * dt
         x = _step_callback(callback, i, sigma, x, x0)

@@ -314,18 +314,21 @@ def save_folder(components, folder: str | Path) -> Path:
     from ldm.text import save_tokenizer
 
     folder = Path(folder)
-    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    mmdit = "joint_attention_dim" in components.unet.config
+    denoiser = "transformer" if mmdit else "unet"
+    components.unet.save_pretrained(folder / denoiser, safe_serialization=True)
     components.vae.save_pretrained(folder / "vae", safe_serialization=True)
     components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     save_tokenizer(components.tokenizer, folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config, indent=1))
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             denoiser: ["diffusers", type(components.unet).__name__], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", type(components.text_encoder).__name__],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", components.scheduler_config.get("_class_name", "DDIMScheduler")],
              "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-    if components.text_encoder_2 is not None:  # SDXL
+    if components.text_encoder_2 is not None:  # SDXL, SD3
         components.text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
         save_tokenizer(components.tokenizer_2, folder / "tokenizer_2")
         index = {k: v for k, v in index.items() if k not in ("safety_checker", "feature_extractor",
@@ -334,5 +337,9 @@ def save_folder(components, folder: str | Path) -> Path:
                       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                       "tokenizer_2": ["transformers", "CLIPTokenizer"],
                       "force_zeros_for_empty_prompt": components.force_zeros_for_empty_prompt})
+    if mmdit:  # SD3, here without its optional T5
+        index = {k: v for k, v in index.items() if k != "force_zeros_for_empty_prompt"}
+        index.update({"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": [None, None],
+                      "tokenizer_3": [None, None], "image_encoder": [None, None], "feature_extractor": [None, None]})
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder

@@ -91,6 +91,33 @@ def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: in
     return save_folder(components, folder)
 
 
+def save_random_sd3(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny SD3-shaped model folder: an MMDiT (SD3Transformer2DModel), two CLIP towers with projections, no T5,
+    a VAE with shift and scaling factors and the flow-matching scheduler (shift 3), diffusers' SD3 test sizes."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ldm.loading import Components
+    from ldm.single_file import save_folder
+    from ldm.text import EOS, OPENCLIP_PAD, load_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64, out_channels=4)
+    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, scaling_factor=1.5035, shift_factor=0.0609)
+    text = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                          pad_token_id=49407, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                          num_attention_heads=4, hidden_act="gelu", projection_dim=32)
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    components = Components(transformer.eval(), vae.eval(), CLIPTextModelWithProjection(text).eval(),
+                            load_tokenizer(pad_token=EOS), scheduler, Path(folder),
+                            CLIPTextModelWithProjection(text).eval(), load_tokenizer(pad_token=OPENCLIP_PAD))
+    return save_folder(components, folder)
+
+
 def save_random_model(folder: str | Path, preset: str = "tiny", scheduler: dict | None = None,
                       seed: int = 0) -> Path:
     """Write a complete StableDiffusionPipeline folder; ``scheduler`` overrides SD's scheduler config."""

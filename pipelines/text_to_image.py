@@ -12,10 +12,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.attention import install_attention_hook
+from ldm.attention import AttentionHook, install_attention_hook
 from ldm.denoiser import Denoiser
 from ldm.guidance import CFGDenoiser, check_guidance_scale
 from ldm.loading import Components, load_components
@@ -55,13 +56,16 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         self.text_encoder_2 = components.text_encoder_2.eval() if components.text_encoder_2 is not None else None
         self.tokenizer_2 = components.tokenizer_2
         self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
+        self.text_encoder_3 = components.text_encoder_3.eval() if components.text_encoder_3 is not None else None
+        self.tokenizer_3 = components.tokenizer_3
         self.scheduler_config = dict(components.scheduler_config)
         self.name = name or components.path.name
         self.path = components.path
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         for network in self.text_encoders + [self.unet, self.vae]:
             network.requires_grad_(False)  # inference; null-text inversion differentiates w.r.t. an embedding only
-        self.attention = install_attention_hook(self.unet)
+        # MMDiT joint attention has no controller hook yet (prompt-to-prompt refuses those models).
+        self.attention = AttentionHook() if self.is_mmdit else install_attention_hook(self.unet)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.dtype = torch.float32
 
@@ -77,12 +81,17 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
 
     @property
     def text_encoders(self) -> list:
-        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+        return [t for t in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if t is not None]
+
+    @property
+    def is_mmdit(self) -> bool:
+        """An SD3-style MMDiT (Esser et al. 2024): joint text-image attention instead of cross-attention."""
+        return "joint_attention_dim" in self.unet.config
 
     @property
     def is_sdxl(self) -> bool:
         """Two text towers and size/crop micro-conditioning (Podell et al. 2023, sec. 2.2)."""
-        return self.text_encoder_2 is not None
+        return self.text_encoder_2 is not None and not self.is_mmdit
 
     @property
     def is_flow(self) -> bool:
@@ -123,6 +132,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         (original size, crop top-left, target size), here ``(H, W, 0, 0, H, W)`` for ``size = (H, W)``; an empty
         negative prompt is all zeros when the model says so (``force_zeros_for_empty_prompt``), as diffusers."""
         ids = tokenize_batch(self.tokenizer, prompts + negative)  # (2B, W, L)
+        if self.is_mmdit:
+            return self.encode_prompt_mmdit(prompts, negative, ids)
         if not self.is_sdxl:
             hidden = encode_tokens(self.text_encoder, ids).float()
             return hidden[:len(prompts)], hidden[len(prompts):]
@@ -137,6 +148,27 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
                                 device=hidden.device).expand(len(hidden), -1)
         both = {"hidden": hidden, "text_embeds": pooled, "time_ids": time_ids}
+        return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})
+
+    def encode_prompt_mmdit(self, prompts: list[str], negative: list[str], ids: torch.Tensor):
+        """SD3's conditioning (Esser et al. 2024, sec. 5.1), as diffusers builds it: the two CLIP towers'
+        penultimate states side by side, zero-padded to the joint width, followed by T5's states (zeros of 256
+        tokens without a T5); ``pooled``: both towers' pooled projections side by side."""
+        ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])
+        clip = torch.cat([encode_tokens(self.text_encoder, ids, -2), encode_tokens(self.text_encoder_2, ids_2, -2)],
+                         dim=-1).float()  # (2B, W * 77, D1 + D2)
+        width = self.unet.config.joint_attention_dim
+        clip = F.pad(clip, (0, width - clip.shape[-1]))
+        if self.text_encoder_3 is None:
+            t5 = torch.zeros(len(clip), 256, width, device=clip.device)
+        else:
+            tokens = self.tokenizer_3(prompts + negative, padding="max_length", max_length=256, truncation=True,
+                                      add_special_tokens=True, return_tensors="pt").input_ids
+            with torch.no_grad():
+                t5 = self.text_encoder_3(tokens.to(self.text_encoder_3.device))[0].float()
+        pooled = torch.cat([pooled_embedding(self.text_encoder, ids), pooled_embedding(self.text_encoder_2, ids_2)],
+                           dim=-1).float()  # (2B, P1 + P2)
+        both = {"hidden": torch.cat([clip, t5], dim=1), "pooled": pooled}
         return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})
 
     # -- sampling set-up ---------------------------------------------------------------------------------------
@@ -167,6 +199,10 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         control = request.control if request is not None else None
 
         def unet(x_in, timestep, cond):
+            if self.is_mmdit:
+                return self.unet(hidden_states=x_in.to(self.dtype), timestep=timestep,
+                                 encoder_hidden_states=cond["hidden"].to(self.dtype),
+                                 pooled_projections=cond["pooled"].to(self.dtype)).sample
             added = None
             if isinstance(cond, dict):  # SDXL
                 added = {"text_embeds": cond["text_embeds"].to(self.dtype), "time_ids": cond["time_ids"].to(self.dtype)}
