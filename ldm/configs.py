@@ -6,6 +6,9 @@ betas 0.00085 -> 0.012 over 1000 steps, epsilon prediction, "leading" spacing wi
 Stable Diffusion 2.x: linear projections in the transformers, per-level head counts 5/10/20/20 (64-wide heads),
 the OpenCLIP ViT-H/14 text tower without its last layer (SD 2 reads the penultimate one), 768 px for the
 v-prediction models and 512 px for the epsilon "base" ones.
+Stable Diffusion XL base: three levels (no attention at the first), 1/2/10 transformer layers, CLIP-L and OpenCLIP
+bigG/14 (with its projection) side by side, size/crop conditioning through ``text_time`` embeddings, VAE scaling
+0.13025.
 """
 import re
 SD15_UNET = {
@@ -34,10 +37,24 @@ SD15_SCHEDULER = {
     "clip_sample": False, "timestep_spacing": "leading",
 }
 
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+                                                                 "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048,
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "act_fn": "silu",
+    "flip_sin_to_cos": True, "freq_shift": 0,
+}
 SD2_UNET = {**SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
             "cross_attention_dim": 1024}
 SD2_TEXT = {**SD15_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
             "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512, "pad_token_id": 0}
+
+SDXL_VAE = {**SD15_VAE, "scaling_factor": 0.13025, "sample_size": 1024}
+SDXL_TEXT_2 = {**SD15_TEXT, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+               "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280, "pad_token_id": 0}
 
 
 def sd2_prediction(file_name: str) -> str:
@@ -45,13 +62,15 @@ def sd2_prediction(file_name: str) -> str:
     return "v_prediction" if re.search(r"768|[-_]v[-_.]", file_name.lower()) else "epsilon"
 
 
-def family_configs(family: str, file_name: str = "") -> tuple[dict, dict, dict, dict]:
-    """(UNet, VAE, text encoder, scheduler) configs of a family (``sd1``, ``sd1-inpaint``, ``sd2``)."""
+def family_configs(family: str, file_name: str = "") -> tuple[dict, dict, list[dict], dict]:
+    """(UNet, VAE, [text encoder(s)], scheduler) configs of a family (``sd1``, ``sd1-inpaint``, ``sd2``, ``sdxl``)."""
     if family in ("sd1", "sd1-inpaint"):
         unet = {**SD15_UNET, "in_channels": 9 if family == "sd1-inpaint" else 4}
-        return unet, dict(SD15_VAE), dict(SD15_TEXT), dict(SD15_SCHEDULER)
+        return unet, dict(SD15_VAE), [dict(SD15_TEXT)], dict(SD15_SCHEDULER)
     if family == "sd2":
         size = 96 if sd2_prediction(file_name) == "v_prediction" else 64
-        return {**SD2_UNET, "sample_size": size}, {**SD15_VAE, "sample_size": size * 8}, dict(SD2_TEXT), \
+        return {**SD2_UNET, "sample_size": size}, {**SD15_VAE, "sample_size": size * 8}, [dict(SD2_TEXT)], \
             dict(SD15_SCHEDULER)
+    if family == "sdxl":
+        return dict(SDXL_UNET), dict(SDXL_VAE), [dict(SD15_TEXT), dict(SDXL_TEXT_2)], dict(SD15_SCHEDULER)
     raise ValueError(f"no shipped configs for the {family} family")

@@ -15,8 +15,10 @@ its keys: we take it from the file name ("768" or "-v") unless ``prediction=`` s
 
 Family detection is by keys: ``conditioner.embedders.*`` is SDXL, ``cond_stage_model.model.*`` is SD 2.x
 (OpenCLIP), ``model.diffusion_model.joint_blocks.*`` is SD3, ``cond_stage_model.transformer.*`` is SD 1.x (a
-9-channel ``input_blocks.0.0`` is its inpainting variant). This version loads SD 1.x and 2.x files; SDXL and SD3
-are recognised and refused with a message saying so.
+9-channel ``input_blocks.0.0`` is its inpainting variant). SDXL files hold CLIP-L under
+``conditioner.embedders.0.transformer.`` and the OpenCLIP bigG tower (with its ``text_projection``) under
+``conditioner.embedders.1.model.``; the UNet's added-condition MLP is ``label_emb``. This version loads SD 1.x, 2.x
+and XL base files; SD3 (and the SDXL refiner) are recognised and refused with a message saying so.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 FAMILIES = {"sd1": "Stable Diffusion 1.x", "sd1-inpaint": "Stable Diffusion 1.x inpainting",
             "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3"}
-LOADABLE = ("sd1", "sd1-inpaint", "sd2")
+LOADABLE = ("sd1", "sd1-inpaint", "sd2", "sdxl")
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 _OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
                    "attn.out_proj": "self_attn.out_proj"}
 
@@ -56,7 +60,8 @@ def unet_original_key(key: str, config: dict) -> str:
     per level, the downsampler in its own input block, ``layers_per_block + 1`` output blocks per level)."""
     per_level = config["layers_per_block"] + 1
     simple = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
-              "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+              "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+              "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}  # SDXL
     for ours, theirs in simple.items():
         if key.startswith(ours):
             return theirs + key[len(ours):]
@@ -102,16 +107,19 @@ def vae_original_key(key: str, config: dict) -> str:
     raise SingleFileError(f"no original-layout name for VAE key {key}")
 
 
-def clip_original_key(key: str) -> str:
-    """CLIPTextModel keys sit under ``cond_stage_model.transformer.text_model.`` (transformers 4 and 5 names)."""
-    return CLIP_PREFIX + key.removeprefix("text_model.")
+def clip_original_key(key: str, prefix: str = CLIP_PREFIX) -> str:
+    """CLIPTextModel keys sit under ``cond_stage_model.transformer.text_model.`` (SDXL:
+    ``conditioner.embedders.0.transformer.text_model.``), in transformers 4 and 5 names."""
+    return prefix + key.removeprefix("text_model.")
 
 
-def openclip_to_diffusers(tensors: dict, layers: int) -> dict[str, torch.Tensor]:
-    """CLIPTextModel tensors from an OpenCLIP text tower (SD 2.x layout): the first ``layers`` resblocks, the fused
-    ``in_proj`` split into q, k, v."""
-    p = OPENCLIP_PREFIX
-    out = {"embeddings.token_embedding.weight": tensors[p + "token_embedding.weight"],
+def openclip_to_diffusers(tensors: dict, layers: int, p: str = OPENCLIP_PREFIX,
+                          projection: bool = False) -> dict[str, torch.Tensor]:
+    """CLIPTextModel tensors from an OpenCLIP text tower under prefix ``p`` (SD 2.x, SDXL's second tower): the
+    first ``layers`` resblocks, the fused ``in_proj`` split into q, k, v; with ``projection``, the
+    ``text_projection`` matrix ``(D, P)`` as CLIPTextModelWithProjection's linear weight ``(P, D)``."""
+    out = {} if not projection else {"text_projection.weight": tensors[p + "text_projection"].T.contiguous()}
+    out |= {"embeddings.token_embedding.weight": tensors[p + "token_embedding.weight"],
            "embeddings.position_embedding.weight": tensors[p + "positional_embedding"],
            "final_layer_norm.weight": tensors[p + "ln_final.weight"], "final_layer_norm.bias": tensors[p + "ln_final.bias"]}
     for i in range(layers):
@@ -126,11 +134,11 @@ def openclip_to_diffusers(tensors: dict, layers: int) -> dict[str, torch.Tensor]
     return out
 
 
-def diffusers_to_openclip(state: dict, layers: int) -> dict[str, torch.Tensor]:
+def diffusers_to_openclip(state: dict, layers: int, p: str = OPENCLIP_PREFIX) -> dict[str, torch.Tensor]:
     """The inverse of :func:`openclip_to_diffusers` (the file gets the ``layers`` resblocks the model has)."""
-    p = OPENCLIP_PREFIX
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    out = {p + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+    out = {} if "text_projection.weight" not in state else {p + "text_projection": state["text_projection.weight"].T}
+    out |= {p + "token_embedding.weight": state["embeddings.token_embedding.weight"],
            p + "positional_embedding": state["embeddings.position_embedding.weight"],
            p + "ln_final.weight": state["final_layer_norm.weight"], p + "ln_final.bias": state["final_layer_norm.bias"]}
     for i in range(layers):
@@ -222,7 +230,6 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
     file; default: Stable Diffusion 1.5's, shipped in ``ldm/configs.py``. ``prediction`` (``epsilon`` or
     ``v_prediction``) overrides the scheduler's, since the keys do not tell."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from ldm import configs
     from ldm.loading import Components, read_json
@@ -234,18 +241,21 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
     if family == "sd1" and tensors[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1] == 9:
         family = "sd1-inpaint"
     if family not in LOADABLE:
-        raise SingleFileError(f"{path} is a {FAMILIES[family]} checkpoint; this version loads SD 1.x and 2.x "
+        raise SingleFileError(f"{path} is a {FAMILIES[family]} checkpoint; this version loads SD 1.x, 2.x and XL "
                               f"single files only: use a diffusers folder for it")
+    sdxl = family == "sdxl"
     if config is not None:
         folder = Path(config)
         unet_config = read_json(folder / "unet" / "config.json")
         vae_config = read_json(folder / "vae" / "config.json")
-        text_config = read_json(folder / "text_encoder" / "config.json")
+        text_configs = [read_json(folder / "text_encoder" / "config.json")]
+        if sdxl:
+            text_configs.append(read_json(folder / "text_encoder_2" / "config.json"))
         scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
-        tokenizer_dir = folder / "tokenizer"
+        tokenizer_dirs = [folder / "tokenizer", folder / "tokenizer_2"]
     else:
-        unet_config, vae_config, text_config, scheduler = configs.family_configs(family, path.name)
-        tokenizer_dir = None
+        unet_config, vae_config, text_configs, scheduler = configs.family_configs(family, path.name)
+        tokenizer_dirs = [None, None]
         if prediction is None and family == "sd2":
             prediction = configs.sd2_prediction(path.name)
     if prediction is not None:
@@ -254,29 +264,52 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
         scheduler["prediction_type"] = prediction
     unet = UNet2DConditionModel.from_config(unet_config)
     vae = AutoencoderKL.from_config(vae_config)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_config.items() if not k.startswith("_")}))
     _fill(unet, tensors, lambda k: UNET_PREFIX + unet_original_key(k, unet.config), "UNet", path)
     _fill(vae, tensors, lambda k: VAE_PREFIX + vae_original_key(k, vae.config), "VAE", path)
+    text_encoder = _text_model(text_configs[0], projection=False)
     if family == "sd2":
-        try:
-            text_tensors = openclip_to_diffusers(tensors, text_encoder.config.num_hidden_layers)
-        except KeyError as err:
-            raise SingleFileError(f"{path}: the OpenCLIP text encoder lacks {err.args[0]}") from None
-        _fill(text_encoder, {CLIP_PREFIX + k: v for k, v in text_tensors.items()}, clip_original_key,
-              "text encoder", path)
+        _fill_openclip(text_encoder, tensors, OPENCLIP_PREFIX, path)
     else:
-        _fill(text_encoder, tensors, clip_original_key, "text encoder", path)
-    pad = OPENCLIP_PAD if family == "sd2" else EOS
-    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None and tokenizer_dir.is_dir() else None, pad)
-    return Components(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, scheduler, path)
+        prefix = SDXL_CLIP_PREFIX if sdxl else CLIP_PREFIX
+        _fill(text_encoder, tensors, lambda k: clip_original_key(k, prefix), "text encoder", path)
+    text_encoder_2 = tokenizer_2 = None
+    if sdxl:
+        text_encoder_2 = _text_model(text_configs[1], projection=True)
+        _fill_openclip(text_encoder_2, tensors, SDXL_OPENCLIP_PREFIX, path)
+        tokenizer_2 = load_tokenizer(_existing(tokenizer_dirs[1]), OPENCLIP_PAD)
+    tokenizer = load_tokenizer(_existing(tokenizer_dirs[0]), OPENCLIP_PAD if family == "sd2" else EOS)
+    return Components(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, scheduler, path,
+                      text_encoder_2.eval() if sdxl else None, tokenizer_2, sdxl)
+
+
+def _existing(folder):
+    return folder if folder is not None and Path(folder).is_dir() else None
+
+
+def _text_model(config: dict, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def _fill_openclip(text_encoder, tensors: dict, prefix: str, source) -> None:
+    """Load an OpenCLIP tower (``prefix``) into a transformers CLIP text model, checking names and shapes."""
+    projection = hasattr(text_encoder, "text_projection")
+    try:
+        ours = openclip_to_diffusers(tensors, text_encoder.config.num_hidden_layers, prefix, projection)
+    except KeyError as err:
+        raise SingleFileError(f"{source}: the OpenCLIP text encoder lacks {err.args[0]}") from None
+    _fill(text_encoder, {CLIP_PREFIX + k: v for k, v in ours.items()},
+          lambda k: CLIP_PREFIX + k.removeprefix("text_model."), "text encoder", source)
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def original_state_dict(unet, vae, text_encoder, family: str = "sd1") -> dict[str, torch.Tensor]:
-    """The three networks' tensors under their original single-file names (VAE attention as 1x1 convs; the text
-    encoder as CLIP (``sd1``) or OpenCLIP (``sd2``))."""
+def original_state_dict(unet, vae, text_encoder, family: str = "sd1", text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """The networks' tensors under their original single-file names (VAE attention as 1x1 convs; the text
+    encoder as CLIP (``sd1``) or OpenCLIP (``sd2``); SDXL: CLIP-L then OpenCLIP under ``conditioner.embedders``)."""
     out = {}
     for key, value in unet.state_dict().items():
         out[UNET_PREFIX + unet_original_key(key, unet.config)] = value
@@ -286,8 +319,13 @@ def original_state_dict(unet, vae, text_encoder, family: str = "sd1") -> dict[st
     if family == "sd2":
         out.update(diffusers_to_openclip(text_encoder.state_dict(), text_encoder.config.num_hidden_layers))
     else:
+        prefix = SDXL_CLIP_PREFIX if family == "sdxl" else CLIP_PREFIX
         for key, value in text_encoder.state_dict().items():
-            out[clip_original_key(key)] = value
+            if not key.endswith("position_ids"):
+                out[clip_original_key(key, prefix)] = value
+    if family == "sdxl":
+        out.update(diffusers_to_openclip(text_encoder_2.state_dict(), text_encoder_2.config.num_hidden_layers,
+                                         SDXL_OPENCLIP_PREFIX))
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
@@ -298,8 +336,14 @@ def save_single_file(components, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single files are written as .safetensors, got {path}")
-    family = "sd2" if components.text_encoder.config.hidden_act == "gelu" else "sd1"  # OpenCLIP vs CLIP-L
-    tensors = original_state_dict(components.unet, components.vae, components.text_encoder, family)
+    if "joint_attention_dim" in components.unet.config:
+        raise SingleFileError("writing MMDiT (SD3) single files is not supported yet")
+    if components.text_encoder_2 is not None:
+        family = "sdxl"
+    else:
+        family = "sd2" if components.text_encoder.config.hidden_act == "gelu" else "sd1"  # OpenCLIP vs CLIP-L
+    tensors = original_state_dict(components.unet, components.vae, components.text_encoder, family,
+                                  components.text_encoder_2)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
     save_file(tensors, str(tmp), metadata={"format": "pt"})

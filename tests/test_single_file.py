@@ -61,8 +61,7 @@ def test_cli_converts_both_ways(single_file, tmp_path):
 
 def test_other_families_and_bad_files_are_refused(single_file, tmp_path):
     folder, path = single_file
-    for keys, family in ((["conditioner.embedders.1.model.ln_final.weight"], "Stable Diffusion XL"),
-                         (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3")):
+    for keys, family in ((["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3"),):
         other = tmp_path / f"{family.split()[-1]}.safetensors"
         save_file({k: torch.zeros(1) for k in keys}, str(other))
         with pytest.raises(SingleFileError, match=f"is a {family} checkpoint"):
@@ -109,3 +108,31 @@ def test_sd2_prediction_from_the_file_name():
     assert sd2_prediction("v2-1_512-ema-pruned.safetensors") == "epsilon"
     unet, vae, _, _ = family_configs("sd2", "v2-1_768-ema-pruned.safetensors")
     assert unet["sample_size"] == 96 and vae["sample_size"] == 768
+
+
+def test_sdxl_file_with_two_text_towers(tmp_path):
+    from pipelines.random_models import save_random_sdxl
+
+    folder = save_random_sdxl(tmp_path / "tiny-sdxl")
+    path = save_single_file(load_components(folder), tmp_path / "tiny-sdxl.safetensors")
+    keys = set(load_file(str(path)))
+    for key in ("conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+                "conditioner.embedders.1.model.text_projection", "model.diffusion_model.label_emb.0.2.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight"):
+        assert key in keys, key
+    assert detect_family(keys) == "sdxl"
+    ours = load_single_file(path, config=folder)
+    assert_same_weights(ours, load_components(folder))
+    folder_2 = load_components(folder).text_encoder_2.state_dict()
+    assert all(torch.equal(v, folder_2[k]) for k, v in ours.text_encoder_2.state_dict().items())
+    from diffusers import StableDiffusionXLPipeline
+
+    theirs = StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    assert_same_weights(theirs, load_components(folder))  # UNet (label_emb), VAE, CLIP-L
+    # diffusers 0.42 with transformers 5 leaves its own bigG tower unloaded here (text_projection stays on the meta
+    # device), so the OpenCLIP map is checked against diffusers by the SD 2.x test, which shares it.
+    settings = dict(num_inference_steps=3, seed=1, output_type="latent", progress=False)
+    from_file = TextToImagePipeline.from_pretrained(path, config=folder)
+    assert from_file.is_sdxl
+    assert torch.equal(from_file("a red circle", **settings).images,
+                       TextToImagePipeline.from_pretrained(folder)("a red circle", **settings).images)
