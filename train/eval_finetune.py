@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--model", default=None, help="base model (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr-full", default="1e-4", help="full fine-tune learning rate (this UNet is ~300x "
+                        "smaller than SD's, whose DreamBooth default is 5e-6)")
+    parser.add_argument("--lr-lora", default="1e-3", help="LoRA learning rate")
+    parser.add_argument("--rank", default="8")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per placement prompt")
     parser.add_argument("--drift-seeds", type=int, default=2, help="seeds per evaluation prompt for the drift")
     parser.add_argument("--variants", nargs="+", default=[f"{m}:{p}" for m, p in VARIANTS],
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(["--model", str(base), "--instance-data", str(subject), "--instance-prompt", "a sks shape",
                       "--class-prompt", "a shape", "--prior-loss-weight", prior, "--method", method,
                       "--steps", str(args.steps), "--output-dir", str(out), "--sample-every", "0",
+                      "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
                       "--class-data-dir", str(work / "class_images")], "dreambooth")
         seconds = time.perf_counter() - started
         pipe = load_variant(base, result["saved"], method)
