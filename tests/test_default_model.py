@@ -1,0 +1,60 @@
+"""End-to-end checks on the shipped default model (weights/shapes-unet)."""
+import numpy as np
+import pytest
+import torch
+
+from pipelines.text_to_image import DEFAULT_MODEL, TextToImagePipeline
+from train.evaluate import score
+from train.shapes import parse_prompt
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return TextToImagePipeline.from_pretrained()
+
+
+def test_the_default_model_is_shipped_within_budget():
+    files = [p for p in DEFAULT_MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 40e6
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+
+
+def test_diffusers_loads_it_offline_and_agrees_with_us(pipe):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    theirs = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, local_files_only=True)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(latents=latents, num_inference_steps=10, guidance_scale=5.0, output_type="latent")
+    ours = pipe("a red circle at the top left", sampler="ddim", progress=False, **kwargs).images
+    reference = theirs("a red circle at the top left", **kwargs).images
+    torch.testing.assert_close(ours, reference, atol=1e-4 * max(1.0, float(reference.abs().max())), rtol=0)
+
+
+PROMPTS = ["a red circle at the top left", "a blue square on the right", "a green triangle at the bottom",
+           "a yellow circle in the center", "an orange square at the top", "a purple circle on the left"]
+
+
+def test_generated_images_show_the_prompted_colour_and_place(pipe):
+    """The evaluator reads colour and position back from images generated at 20 steps. (Shape is what this
+    model still gets wrong most of the time: see the README's accuracy table; it is not asserted here.)"""
+    images = pipe(PROMPTS, seed=0, num_inference_steps=20, progress=False).images
+    results = [score(parse_prompt(p), image) for p, image in zip(PROMPTS, images)]
+    correct = [r["color"] and r["position"] for r in results]
+    assert np.mean(correct) >= 5 / 6, list(zip(PROMPTS, results))
+
+
+def test_cli_generates_with_the_shipped_model_by_default(tmp_path):
+    from PIL import Image
+
+    from pipelines.cli import main
+    from pipelines.metadata import parse_parameters
+
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle at the top left", "-o", str(out), "--steps", "10", "--seed", "0"]) == 0
+    image = Image.open(out)
+    assert image.size == (128, 128)
+    assert parse_parameters(image.info["parameters"])["model"] == "shapes-unet"
+    found = score(parse_prompt("a red circle at the top left"), image.convert("RGB"))
+    assert found["color"] and found["position"]
