@@ -39,3 +39,19 @@ def test_swaps_keep_the_token_count():
         target, old, new = swapped(caption, attribute)
         assert target.startswith(expected) and old != new
         assert len(tokenizer(caption)["input_ids"]) == len(tokenizer(target)["input_ids"])
+
+
+def test_two_tone_mark_of_the_dreambooth_subject():
+    from train.eval_finetune import is_two_tone
+    from train.evaluate import BASE_SHAPES, detect_objects
+    from train.shapes import EXTRA_SHAPES
+
+    marks = {True: [], False: []}
+    for two_tone in (True, False):
+        for background in ("white", "black", "gray"):
+            for position in ("top left", "center", "bottom right"):
+                image = render(Scene(background, (make_object("red", "heart", position, "large", 128,
+                                                              two_tone=two_tone),), image_size=128))
+                found = detect_objects(image, BASE_SHAPES + EXTRA_SHAPES).objects[0]
+                marks[two_tone].append(is_two_tone(image, found))
+    assert sum(marks[True]) >= 8 and not any(marks[False])

@@ -5,7 +5,9 @@ The subject is a two-tone red heart (the renderer can draw it; the base vocabula
 For each variant we report:
 
 * placement: "a sks shape at <position> [on a <background> background]" over several seeds; the evaluator
-  (all shapes, hearts included) must find a heart at the asked position (and the asked background);
+  (all shapes, hearts included) must find the subject — a heart whose right half is a lighter tint of its left
+  half (the two-tone mark; a heart alone is not enough, since the evaluator reads many blobs as hearts) — at the
+  asked position (and the asked background);
 * language drift: the base model's own single-object accuracy on the evaluation prompts, before and after;
 * training time and the size of what was saved.
 
@@ -45,9 +47,25 @@ def placement_prompt(position: str, background: str | None) -> str:
     return f"a sks shape {where}" + (f" on a {background} background" if background else "")
 
 
+TWO_TONE_CONTRAST = 40.0  # RGB distance between the halves' median colours (a render's is ~120)
+
+
+def is_two_tone(image, obj) -> bool:
+    """The subject's mark: the right half of the object is clearly lighter than the left half."""
+    pixels = np.asarray(image, dtype=np.float64)[..., :3]
+    columns = np.arange(obj.mask.shape[1])[None, :]
+    left = pixels[obj.mask & (columns < obj.centroid[0] - 1)]
+    right = pixels[obj.mask & (columns > obj.centroid[0] + 1)]
+    if len(left) < 4 or len(right) < 4:
+        return False
+    lighter = np.median(right, axis=0) - np.median(left, axis=0)
+    return bool(np.linalg.norm(lighter) > TWO_TONE_CONTRAST and lighter.sum() > 0)
+
+
 def placement(pipe, seeds: int = 4, steps: int = 20, guidance: float = 7.5) -> dict:
-    """Fraction of generations where the evaluator finds a heart at the asked position (and background)."""
-    hits, hearts = [], []
+    """Fractions of generations where the evaluator finds the subject (a two-tone heart) at the asked position
+    (and background), and where it finds any heart."""
+    hits, hearts, subjects = [], [], []
     for position, background in PLACEMENT_PROMPTS:
         images = pipe([placement_prompt(position, background)] * seeds, seed=0, num_inference_steps=steps,
                       guidance_scale=guidance, progress=False).images
@@ -55,9 +73,12 @@ def placement(pipe, seeds: int = 4, steps: int = 20, guidance: float = 7.5) -> d
             found = detect_objects(image, BASE_SHAPES + EXTRA_SHAPES)
             obj = found.objects[0] if found.objects else None
             is_heart = obj is not None and obj.shape == "heart"
+            is_subject = is_heart and is_two_tone(image, obj)
             hearts.append(is_heart)
-            hits.append(is_heart and obj.position == position and background in (None, found.background))
-    return {"placement": float(np.mean(hits)), "heart": float(np.mean(hearts)), "count": len(hits)}
+            subjects.append(is_subject)
+            hits.append(is_subject and obj.position == position and background in (None, found.background))
+    return {"placement": float(np.mean(hits)), "subject": float(np.mean(subjects)), "heart": float(np.mean(hearts)),
+            "count": len(hits)}
 
 
 def base_accuracy(pipe, seeds: int = 2) -> float:
