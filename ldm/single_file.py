@@ -276,14 +276,10 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
     if sdxl:
         text_encoder_2 = _text_model(text_configs[1], projection=True)
         _fill_openclip(text_encoder_2, tensors, SDXL_OPENCLIP_PREFIX, path)
-        tokenizer_2 = load_tokenizer(_existing(tokenizer_dirs[1]), OPENCLIP_PAD)
-    tokenizer = load_tokenizer(_existing(tokenizer_dirs[0]), OPENCLIP_PAD if family == "sd2" else EOS)
+        tokenizer_2 = load_tokenizer(tokenizer_dirs[1], OPENCLIP_PAD)  # shipped CLIP BPE when the folder is absent
+    tokenizer = load_tokenizer(tokenizer_dirs[0], OPENCLIP_PAD if family == "sd2" else EOS)
     return Components(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, scheduler, path,
                       text_encoder_2.eval() if sdxl else None, tokenizer_2, sdxl)
-
-
-def _existing(folder):
-    return folder if folder is not None and Path(folder).is_dir() else None
 
 
 def _text_model(config: dict, projection: bool):

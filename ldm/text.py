@@ -107,17 +107,27 @@ def encode_tokens(text_encoder, token_ids: torch.Tensor, hidden_layer: int | Non
     """Encode ``(B, W, L)`` token windows with a CLIP text model and concatenate the windows' hidden states:
     ``(B, W * L, D)``. ``hidden_layer=None`` takes the final (layer-normed) states, as SD 1.x/2.x; ``-2`` the
     penultimate layer's, as SDXL."""
-    batch, windows, length = token_ids.shape
-    flat = token_ids.reshape(batch * windows, length).to(text_encoder.device)
-    if hidden_layer is None:
-        hidden = text_encoder(flat)[0]  # (B * W, L, D)
-    else:
-        hidden = text_encoder(flat, output_hidden_states=True).hidden_states[hidden_layer]
-    return hidden.reshape(batch, windows * length, hidden.shape[-1])
+    return _encode(text_encoder, token_ids, hidden_layer)[0]
 
 
 @torch.no_grad()
-def pooled_embedding(text_encoder, token_ids: torch.Tensor) -> torch.Tensor:
-    """The projected pooled embedding ``(B, P)`` of each prompt's first window (CLIPTextModelWithProjection's
-    ``text_embeds``; SDXL's ``text_embeds`` condition)."""
-    return text_encoder(token_ids[:, 0].to(text_encoder.device)).text_embeds
+def encode_tokens_and_pooled(text_encoder, token_ids: torch.Tensor, hidden_layer: int | None = None):
+    """:func:`encode_tokens` and, from the same pass, each prompt's pooled embedding ``(B, P)`` of its first window
+    (CLIPTextModelWithProjection's projected ``text_embeds``, SDXL's and SD3's pooled condition; a plain
+    CLIPTextModel's ``pooler_output``)."""
+    hidden, out, windows = _encode(text_encoder, token_ids, hidden_layer)
+    pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output  # (B * W, P)
+    return hidden, pooled[::windows]
+
+
+def _encode(text_encoder, token_ids: torch.Tensor, hidden_layer: int | None):
+    """One pass over all windows: ``(hidden (B, W * L, D), the model output, W)``."""
+    batch, windows, length = token_ids.shape
+    flat = token_ids.reshape(batch * windows, length).to(text_encoder.device)
+    if hidden_layer is None:
+        out = text_encoder(flat)
+        hidden = out[0]  # (B * W, L, D)
+    else:
+        out = text_encoder(flat, output_hidden_states=True)
+        hidden = out.hidden_states[hidden_layer]
+    return hidden.reshape(batch, windows * length, hidden.shape[-1]), out, windows

@@ -22,7 +22,7 @@ from ldm.guidance import CFGDenoiser, check_guidance_scale
 from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
-from ldm.text import encode_tokens, pooled_embedding, tokenize_batch
+from ldm.text import encode_tokens, encode_tokens_and_pooled, tokenize_batch
 from pipelines.checks import check_finite, check_positive_int, check_prompts
 from pipelines.controlnet import ControlNetMixin, control_residuals
 from pipelines.editing import EditingMixin
@@ -138,9 +138,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             hidden = encode_tokens(self.text_encoder, ids).float()
             return hidden[:len(prompts)], hidden[len(prompts):]
         ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])  # (2B, W, L)
-        hidden = torch.cat([encode_tokens(self.text_encoder, ids, -2),
-                            encode_tokens(self.text_encoder_2, ids_2, -2)], dim=-1).float()
-        pooled = pooled_embedding(self.text_encoder_2, ids_2).float()  # (2B, P)
+        hidden_2, pooled = encode_tokens_and_pooled(self.text_encoder_2, ids_2, -2)
+        hidden = torch.cat([encode_tokens(self.text_encoder, ids, -2), hidden_2], dim=-1).float()
+        pooled = pooled.float()  # (2B, P)
         if self.force_zeros_for_empty_prompt:
             empty = torch.tensor([False] * len(prompts) + [not n for n in negative], device=hidden.device)
             hidden[empty], pooled[empty] = 0.0, 0.0
@@ -155,8 +155,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         penultimate states side by side, zero-padded to the joint width, followed by T5's states (zeros of 256
         tokens without a T5); ``pooled``: both towers' pooled projections side by side."""
         ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])
-        clip = torch.cat([encode_tokens(self.text_encoder, ids, -2), encode_tokens(self.text_encoder_2, ids_2, -2)],
-                         dim=-1).float()  # (2B, W * 77, D1 + D2)
+        hidden_1, pooled_1 = encode_tokens_and_pooled(self.text_encoder, ids, -2)
+        hidden_2, pooled_2 = encode_tokens_and_pooled(self.text_encoder_2, ids_2, -2)
+        clip = torch.cat([hidden_1, hidden_2], dim=-1).float()  # (2B, W * 77, D1 + D2)
         width = self.unet.config.joint_attention_dim
         clip = F.pad(clip, (0, width - clip.shape[-1]))
         if self.text_encoder_3 is None:
@@ -166,8 +167,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                                       add_special_tokens=True, return_tensors="pt").input_ids
             with torch.no_grad():
                 t5 = self.text_encoder_3(tokens.to(self.text_encoder_3.device))[0].float()
-        pooled = torch.cat([pooled_embedding(self.text_encoder, ids), pooled_embedding(self.text_encoder_2, ids_2)],
-                           dim=-1).float()  # (2B, P1 + P2)
+        pooled = torch.cat([pooled_1, pooled_2], dim=-1).float()  # (2B, P1 + P2)
         both = {"hidden": torch.cat([clip, t5], dim=1), "pooled": pooled}
         return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})
 

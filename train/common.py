@@ -397,6 +397,19 @@ def ensure_output_dir(args: argparse.Namespace) -> Path:
 # --------------------------------------------------------------------------- the loop
 
 
+def check_resumable(args: argparse.Namespace, recipe: str, model_config: dict) -> Path | None:
+    """The checkpoint ``--resume`` names (checked to come from this recipe and model config), or None; a folder
+    that already holds checkpoints is only continued with ``--resume``. Recipes that write data before training
+    (class images, caches) call this first, so a bad resume writes nothing."""
+    found = find_checkpoint(args.output_dir, args.resume)
+    if found is not None:
+        read_checkpoint_state(found, recipe, model_config)
+    elif args.resume is None and list_checkpoints(args.output_dir):
+        raise ValueError(f"{args.output_dir} already holds checkpoints of a run; continue it with --resume latest "
+                         f"or use a new --output-dir")
+    return found
+
+
 def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_config: dict, model, optimizer,
                loss_fn, checkpoint_models: dict, log: RunLog, desc: str, after_step=None, sample_fn=None,
                max_grad_norm: float | None = 1.0) -> dict:
@@ -409,14 +422,11 @@ def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_conf
     Checkpoints: every ``--checkpoint-every`` steps and at the end; ``--resume`` restores before the first step.
     """
     start = 0
-    resume_from = find_checkpoint(args.output_dir, args.resume)
+    resume_from = check_resumable(args, recipe, model_config)
     if resume_from is not None:
         state = load_checkpoint(resume_from, recipe, model_config, checkpoint_models, optimizer, accelerator)
         start = int(state["step"])
         accelerator.print(f"resumed from {resume_from} at step {start}")
-    elif args.resume is None and list_checkpoints(args.output_dir):
-        raise ValueError(f"{args.output_dir} already holds checkpoints of a run; continue it with --resume latest "
-                         f"or use a new --output-dir")
     end = min(args.steps, start + args.stop_after) if args.stop_after else args.steps
     losses: list[float] = []
     bar = progress_bar(accelerator, args.steps, start, desc)

@@ -100,8 +100,7 @@ def swapped(caption: str, attribute: str) -> tuple[str, str, str]:
     """``(target caption, old word, new word)`` with the colour or shape word replaced."""
     words = caption.split()
     table = OTHER_COLOR if attribute == "color" else OTHER_SHAPE
-    index = 1  # "a <colour> <shape> ..."
-    index += attribute == "shape"
+    index = 2 if attribute == "shape" else 1  # "a <colour> <shape> ..."
     old, new = words[index], table[words[index]]
     words[index] = new
     return " ".join(words), old, new

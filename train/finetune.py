@@ -106,17 +106,6 @@ def check_args(args: argparse.Namespace, recipe: str) -> None:
         args.lr = DEFAULTS[recipe][2][METHODS.index(args.method)]
 
 
-def check_resumable(args: argparse.Namespace, recipe: str, config: dict) -> None:
-    """Before anything is written: a --resume checkpoint must come from this recipe and settings, and a folder
-    with checkpoints is only continued with --resume."""
-    found = common.find_checkpoint(args.output_dir, args.resume) if Path(args.output_dir).exists() else None
-    if found is not None:
-        common.read_checkpoint_state(found, recipe, config)
-    elif args.resume is None and Path(args.output_dir).exists() and common.list_checkpoints(args.output_dir):
-        raise ValueError(f"{args.output_dir} already holds checkpoints of a run; continue it with --resume latest "
-                         f"or use a new --output-dir")
-
-
 # --------------------------------------------------------------------------- the loss
 
 
@@ -262,7 +251,7 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     config = {"base": str(base.resolve()), "method": args.method, "rank": args.rank if args.method == "lora" else 0,
               "train_text_encoder": args.train_text_encoder, "resolution": resolution,
               "unet": {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}}
-    check_resumable(args, recipe, config)
+    common.check_resumable(args, recipe, config)
     out = common.ensure_output_dir(args)
     accelerator = common.make_accelerator(args)
     log = common.RunLog(out, accelerator.is_main_process)

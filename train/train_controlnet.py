@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from train import common
-from train.finetune import check_resumable, encode_images, to_network_units, training_target
+from train.finetune import encode_images, to_network_units, training_target
 
 RECIPE = "controlnet"
 
@@ -142,14 +142,15 @@ def run(argv: list[str] | None = None) -> dict:
     controlnet = build_controlnet(pipe.unet, pipe.vae_scale_factor, args.seed)
     config = {"base": str(pipe.path.resolve()), "control": args.control,
               "controlnet": {k: v for k, v in dict(controlnet.config).items() if not k.startswith("_")}}
-    check_resumable(args, RECIPE, config)
+    common.check_resumable(args, RECIPE, config)
     out = common.ensure_output_dir(args)
     accelerator = common.make_accelerator(args)
     log = common.RunLog(out, accelerator.is_main_process)
-    if accelerator.is_main_process:  # one process renders and encodes, the others wait and read the cache
-        load_or_build_data(args, pipe, size, out / "data.safetensors")
-    accelerator.wait_for_everyone()
-    data = load_or_build_data(args, pipe, size, out / "data.safetensors")
+    cache = out / "data.safetensors"
+    data = load_or_build_data(args, pipe, size, cache) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()  # one process renders and encodes, the others read its cache
+    if data is None:
+        data = load_or_build_data(args, pipe, size, cache)
     device = accelerator.device
 
     controlnet.train()
