@@ -7,10 +7,16 @@ formed explicitly and handed to ``controller(probs, is_cross=..., place=..., ste
 probabilities to use — the hook prompt-to-prompt (Hertz et al. 2022, sec. 3) is built on. ``place`` is the
 module's name in the network (e.g. ``"down_blocks.0.attentions.0.transformer_blocks.0.attn2"``) and ``step`` is
 the sampler's step index, set by the pipeline from the sampler's callback, never inferred by counting calls.
+
+MMDiT models (SD3, Esser et al. 2024) have no cross-attention: image and text tokens attend jointly
+(:class:`JointControlledAttnProcessor`). There the controller sees the image-query rows: the image -> text block
+(the CLIP tokens only) as cross-attention and the image -> image block as self-attention, and the rows are
+renormalised after it has edited them.
 """
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Protocol
 
 import torch
@@ -30,6 +36,10 @@ class AttentionHook:
     def __init__(self):
         self.controller: AttentionController | None = None
         self.step = 0
+        # MMDiT: the number of CLIP tokens at the start of the context (the keys a controller sees as "cross"), and
+        # how many identical tokens the last context token stands for (see JointControlledAttnProcessor).
+        self.text_tokens = 77
+        self.tail_repeats = 1
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -102,10 +112,89 @@ class ControlledAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def install_attention_hook(unet: torch.nn.Module) -> AttentionHook:
-    """Replace every attention processor of ``unet`` by a :class:`ControlledAttnProcessor` sharing one hook."""
+def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, L, H * D) -> (B, H, L, D)``."""
+    return tensor.view(tensor.shape[0], -1, heads, tensor.shape[-1] // heads).transpose(1, 2)
+
+
+class JointControlledAttnProcessor:
+    """MMDiT joint attention (Esser et al. 2024, sec. 4, fig. 2), equivalent to diffusers' ``JointAttnProcessor2_0``:
+    image tokens and context tokens are projected by their own weights and attend over the concatenation
+    ``[image; context]``. Two additions:
+
+    - ``hook.tail_repeats = n > 1``: the last context token stands for ``n`` identical tokens. SD3 without its T5
+      appends 256 all-zero T5 tokens; identical tokens stay identical through every layer (all maps but attention
+      are per token, and identical queries get identical outputs), and ``n`` identical keys/values weigh in the
+      softmax as one key with logit ``+ log n``. So one token with that bias gives exactly the outputs of the 256,
+      at a fraction of the cost.
+    - the controller hook of the module docstring (image -> CLIP-text block as cross, image -> image as self).
+    """
+
+    def __init__(self, hook: AttentionHook, place: str):
+        self.hook = hook
+        self.place = place
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        heads = attn.heads
+        query, key, value = (_heads(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        n_image = hidden_states.shape[1]
+        joint = encoder_hidden_states is not None
+        if joint:
+            c_query, c_key, c_value = (_heads(f(encoder_hidden_states), heads)
+                                       for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                c_query = attn.norm_added_q(c_query)
+            if attn.norm_added_k is not None:
+                c_key = attn.norm_added_k(c_key)
+            query, key, value = (torch.cat(pair, dim=2) for pair in
+                                 ((query, c_query), (key, c_key), (value, c_value)))  # (B, H, N + Lc, D)
+        bias = None
+        if joint and self.hook.tail_repeats > 1:
+            bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)  # (N + Lc,)
+            bias[-1] = math.log(self.hook.tail_repeats)
+            bias = bias.view(1, 1, 1, -1)  # broadcast over batch, heads and queries
+        scale = attn.scale
+        controller = self.hook.controller
+        if controller is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+        else:
+            scores = query @ key.transpose(-1, -2) * scale  # (B, H, N + Lc, N + Lc)
+            probs = (scores if bias is None else scores + bias).softmax(dim=-1)
+            probs = self.control(controller, probs, n_image, joint)
+            out = probs.to(value.dtype) @ value
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, heads * out.shape[-1]).to(query.dtype)  # (B, L, H*D)
+        image_out = attn.to_out[1](attn.to_out[0](out[:, :n_image]))
+        if not joint:
+            return image_out
+        context_out = out[:, n_image:]
+        if not attn.context_pre_only:
+            context_out = attn.to_add_out(context_out)
+        return image_out, context_out
+
+    def control(self, controller, probs: torch.Tensor, n_image: int, joint: bool) -> torch.Tensor:
+        """Let the controller edit the image-query rows' image -> CLIP-text block (as cross-attention) and image ->
+        image block (as self-attention); the edited rows are renormalised to sum to 1."""
+        step = self.hook.step
+        if not joint:
+            return controller(probs, is_cross=False, place=self.place, step=step)
+        text = slice(n_image, n_image + self.hook.text_tokens)
+        rows = probs[:, :, :n_image].clone()  # (B, H, N, N + Lc)
+        rows[..., text] = controller(rows[..., text].contiguous(), is_cross=True, place=self.place, step=step)
+        rows[..., :n_image] = controller(rows[..., :n_image].contiguous(), is_cross=False, place=self.place,
+                                         step=step)
+        rows = rows / rows.sum(dim=-1, keepdim=True)
+        return torch.cat([rows, probs[:, :, n_image:]], dim=2)
+
+
+def install_attention_hook(network: torch.nn.Module) -> AttentionHook:
+    """Replace every attention processor of a UNet by a :class:`ControlledAttnProcessor`, or of an MMDiT by a
+    :class:`JointControlledAttnProcessor`, all sharing one hook."""
     hook = AttentionHook()
-    processors = {name: ControlledAttnProcessor(hook, name.removesuffix(".processor"))
-                  for name in unet.attn_processors}
-    unet.set_attn_processor(processors)
+    kind = JointControlledAttnProcessor if "joint_attention_dim" in network.config else ControlledAttnProcessor
+    processors = {name: kind(hook, name.removesuffix(".processor")) for name in network.attn_processors}
+    network.set_attn_processor(processors)
     return hook

@@ -23,6 +23,7 @@ import torch
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 OPENCLIP_PAD = "!"  # OpenCLIP-based encoders (SD 2.x, SDXL's second encoder) pad with token 0, which is "!"
+T5_TOKENS = 256  # SD3's T5 sequence (diffusers' max_sequence_length); all zeros when the model has no T5
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 TRAIN_RECIPES = {"vae": "train.train_vae", "text-encoder": "train.train_text_encoder",
-                 "denoiser": "train.train_denoiser", "default": "train.default_model",
+                 "denoiser": "train.train_denoiser", "mmdit": "train.train_mmdit", "default": "train.default_model",
                  "dreambooth": "train.finetune:dreambooth", "lora": "train.finetune:lora",
                  "controlnet": "train.train_controlnet"}
 

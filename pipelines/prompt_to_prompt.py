@@ -24,8 +24,6 @@ class PromptToPromptMixin:
     @contextmanager
     def controlled(self, controller):
         """Install an attention controller for the duration of a block."""
-        if self.is_mmdit:
-            raise ValueError("prompt-to-prompt and attention maps on MMDiT joint attention are not implemented yet")
         self.attention.controller = controller
         try:
             yield controller

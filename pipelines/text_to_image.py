@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.attention import AttentionHook, install_attention_hook
+from ldm.attention import install_attention_hook
 from ldm.denoiser import Denoiser
 from ldm.guidance import CFGDenoiser, check_guidance_scale
 from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
-from ldm.text import encode_tokens, encode_tokens_and_pooled, tokenize_batch
+from ldm.text import T5_TOKENS, encode_tokens, encode_tokens_and_pooled, tokenize_batch
 from pipelines.checks import check_finite, check_positive_int, check_prompts
 from pipelines.controlnet import ControlNetMixin, control_residuals
 from pipelines.editing import EditingMixin
@@ -64,8 +64,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         for network in self.text_encoders + [self.unet, self.vae]:
             network.requires_grad_(False)  # inference; null-text inversion differentiates w.r.t. an embedding only
-        # MMDiT joint attention has no controller hook yet (prompt-to-prompt refuses those models).
-        self.attention = AttentionHook() if self.is_mmdit else install_attention_hook(self.unet)
+        self.attention = install_attention_hook(self.unet)
+        if self.is_mmdit and self.text_encoder_3 is None:  # SD3's 256 zero T5 tokens, computed as one (exact)
+            self.attention.tail_repeats = T5_TOKENS
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.dtype = torch.float32
 
@@ -152,8 +153,10 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
 
     def encode_prompt_mmdit(self, prompts: list[str], negative: list[str], ids: torch.Tensor):
         """SD3's conditioning (Esser et al. 2024, sec. 5.1), as diffusers builds it: the two CLIP towers'
-        penultimate states side by side, zero-padded to the joint width, followed by T5's states (zeros of 256
-        tokens without a T5); ``pooled``: both towers' pooled projections side by side."""
+        penultimate states side by side, zero-padded to the joint width, followed by T5's states; without a T5,
+        256 zero tokens, given here as one token that the attention processors count 256 times
+        (``ldm.attention.JointControlledAttnProcessor``); ``pooled``: both towers' pooled projections side by
+        side."""
         ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])
         hidden_1, pooled_1 = encode_tokens_and_pooled(self.text_encoder, ids, -2)
         hidden_2, pooled_2 = encode_tokens_and_pooled(self.text_encoder_2, ids_2, -2)
@@ -161,12 +164,13 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         width = self.unet.config.joint_attention_dim
         clip = F.pad(clip, (0, width - clip.shape[-1]))
         if self.text_encoder_3 is None:
-            t5 = torch.zeros(len(clip), 256, width, device=clip.device)
+            t5 = torch.zeros(len(clip), 1, width, device=clip.device)  # stands for T5_TOKENS zero tokens
         else:
-            tokens = self.tokenizer_3(prompts + negative, padding="max_length", max_length=256, truncation=True,
+            tokens = self.tokenizer_3(prompts + negative, padding="max_length", max_length=T5_TOKENS, truncation=True,
                                       add_special_tokens=True, return_tensors="pt").input_ids
             with torch.no_grad():
                 t5 = self.text_encoder_3(tokens.to(self.text_encoder_3.device))[0].float()
+        self.attention.text_tokens = clip.shape[1]  # the keys prompt-to-prompt edits: the CLIP tokens
         pooled = torch.cat([pooled_1, pooled_2], dim=-1).float()  # (2B, P1 + P2)
         both = {"hidden": torch.cat([clip, t5], dim=1), "pooled": pooled}
         return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})

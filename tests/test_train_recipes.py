@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from train import default_model, train_denoiser, train_text_encoder, train_vae
+from train import default_model, train_denoiser, train_mmdit, train_text_encoder, train_vae
 
 FAST = ["--mixed-precision", "no", "--log-every", "1"]
 
@@ -38,6 +38,12 @@ def denoiser_args(out, vae_dir, text_dir, *extra):
             str(text_dir / "text_encoder"), "--tokenizer", str(text_dir / "tokenizer"), "--image-size", "16",
             "--num-images", "16", "--caption-variants", "2", "--batch-size", "8", "--sample-steps", "2", *FAST,
             *extra]
+
+
+def mmdit_args(out, vae_dir, text_dir, *extra):
+    return ["--output-dir", str(out), "--preset", "tiny", "--vae", str(vae_dir), "--clip", str(text_dir / "clip"),
+            "--tokenizer", str(text_dir / "tokenizer"), "--image-size", "16", "--num-images", "16",
+            "--caption-variants", "2", "--batch-size", "8", "--sample-steps", "2", *FAST, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +88,28 @@ def test_v_target_matches_the_inference_denoiser():
     torch.testing.assert_close(denoiser(x_ve, sigma, None), x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(denoiser.timestep(sigma), t.float(), atol=1e-3, rtol=0)
     torch.testing.assert_close(denoiser.model_output(x_ve, sigma, None), v)  # the network saw x_t
+
+
+def test_flow_target_matches_the_inference_denoiser():
+    """x_t and the velocity built for training, fed to ldm's flow Denoiser (VE view x = x_t / (1 - t), sigma =
+    t / (1 - t)) with a network that returns the true velocity, give back x0 and the training timestep 1000 t;
+    the logit-normal times have the median sigmoid(m)."""
+    from ldm.denoiser import Denoiser
+    from ldm.schedules import FlowSchedule
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0.01, 0.3, 0.5, 0.97])
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    x_t, v = train_mmdit.flow_pair(x0, noise, t)
+    sigma = t / (1 - t)
+    denoiser = Denoiser(lambda x_in, timestep, cond: v, FlowSchedule(shift=train_mmdit.FLOW_SHIFT), "flow")
+    x_ve = x_t / (1 - t).view(-1, 1, 1, 1)
+    torch.testing.assert_close(denoiser(x_ve, sigma, None), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(denoiser.timestep(sigma), 1000 * t, atol=1e-3, rtol=0)
+    torch.testing.assert_close(denoiser.model_output(x_ve, sigma, None), v)
+    times = train_mmdit.logit_normal_times(20000, 1.0, 0.5, torch.Generator().manual_seed(0))
+    assert 0 < times.min() and times.max() < 1
+    assert times.median().item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item(), abs=0.01)
 
 
 def test_min_snr_weights_equal_the_capped_x0_weight():
@@ -187,6 +215,36 @@ def test_denoiser_overfits_a_fixed_batch(tmp_path, components):
     assert (tmp_path / "samples" / "step-0000020.png").is_file()
 
 
+def test_mmdit_overfits_a_fixed_batch_and_ships_a_folder_diffusers_loads(tmp_path, components):
+    """The MMDiT recipe learns (loss falls on 4 images); its StableDiffusion3Pipeline folder loads in diffusers
+    and in our pipeline, which agree on the same noise."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from pipelines.text_to_image import TextToImagePipeline
+
+    vae_dir, text_dir = components
+    result = train_mmdit.run(mmdit_args(tmp_path / "run", vae_dir, text_dir, "--steps", "20", "--num-images", "4",
+                                        "--batch-size", "32", "--lr", "2e-3", "--warmup", "0", "--sample-every",
+                                        "0"))
+    first, last = _first_last(result["losses"])
+    assert last < 0.75 * first, result["losses"]
+    report = train_mmdit.assemble(tmp_path / "run" / "final", vae_dir, text_dir / "tokenizer", tmp_path / "model",
+                                  dtype=torch.float32, verify=False)
+    assert report["total_bytes"] == default_model.common.folder_size(tmp_path / "model")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "model")
+    assert pipe.is_mmdit and pipe.is_flow
+    side = 16 // pipe.vae_scale_factor
+    latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
+    settings = dict(latents=latents, num_inference_steps=4, guidance_scale=3.0, output_type="latent", height=16,
+                    width=16)
+    ours = pipe("a red circle", sampler="flow_euler", progress=False, **settings).images
+    theirs_pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "model", local_files_only=True,
+                                                           text_encoder_3=None, tokenizer_3=None)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    theirs = theirs_pipe("a red circle", **settings).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+
+
 def _recipe_runs(name, components):
     vae_dir, text_dir = components
     return {
@@ -194,11 +252,12 @@ def _recipe_runs(name, components):
         "text": (train_text_encoder.run, lambda out, *x: text_args(out, *x), ["model"]),
         "denoiser": (train_denoiser.run, lambda out, *x: denoiser_args(out, vae_dir, text_dir, *x),
                      ["model", "ema"]),
+        "mmdit": (train_mmdit.run, lambda out, *x: mmdit_args(out, vae_dir, text_dir, *x), ["model", "ema"]),
     }[name]
 
 
 @pytest.mark.parametrize("recipe,precision", [("vae", "no"), ("text", "no"), ("denoiser", "no"),
-                                              ("denoiser", "bf16")])
+                                              ("denoiser", "bf16"), ("mmdit", "no")])
 def test_resume_equals_the_straight_run(tmp_path, components, recipe, precision):
     run, make_args, names = _recipe_runs(recipe, components)
     # (a later --mixed-precision overrides the one in FAST)
