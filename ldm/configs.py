@@ -9,6 +9,8 @@ v-prediction models and 512 px for the epsilon "base" ones.
 Stable Diffusion XL base: three levels (no attention at the first), 1/2/10 transformer layers, CLIP-L and OpenCLIP
 bigG/14 (with its projection) side by side, size/crop conditioning through ``text_time`` embeddings, VAE scaling
 0.13025.
+Stable Diffusion 3: the MMDiT's sizes are read from a file's shapes (``ldm.single_file.mmdit_config``); the VAE
+and the flow scheduler (shift 3) are here.
 """
 import re
 SD15_UNET = {
@@ -55,6 +57,15 @@ SD2_TEXT = {**SD15_TEXT, "hidden_size": 1024, "intermediate_size": 4096, "num_hi
 SDXL_VAE = {**SD15_VAE, "scaling_factor": 0.13025, "sample_size": 1024}
 SDXL_TEXT_2 = {**SD15_TEXT, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
                "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280, "pad_token_id": 0}
+
+
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def sd3_vae_config(latent_channels: int = 16, quant_conv: bool = False) -> dict:
+    """SD3's VAE: SD's layout with 16 latent channels, no quant convolutions, scaling 1.5305 and shift 0.0609."""
+    return {**SD15_VAE, "latent_channels": latent_channels, "sample_size": 1024, "scaling_factor": 1.5305,
+            "shift_factor": 0.0609, "use_quant_conv": quant_conv, "use_post_quant_conv": quant_conv}
 
 
 def sd2_prediction(file_name: str) -> str:

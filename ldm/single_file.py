@@ -17,8 +17,15 @@ Family detection is by keys: ``conditioner.embedders.*`` is SDXL, ``cond_stage_m
 (OpenCLIP), ``model.diffusion_model.joint_blocks.*`` is SD3, ``cond_stage_model.transformer.*`` is SD 1.x (a
 9-channel ``input_blocks.0.0`` is its inpainting variant). SDXL files hold CLIP-L under
 ``conditioner.embedders.0.transformer.`` and the OpenCLIP bigG tower (with its ``text_projection``) under
-``conditioner.embedders.1.model.``; the UNet's added-condition MLP is ``label_emb``. This version loads SD 1.x, 2.x
-and XL base files; SD3 (and the SDXL refiner) are recognised and refused with a message saying so.
+``conditioner.embedders.1.model.``; the UNet's added-condition MLP is ``label_emb``.
+
+SD3 files hold the MMDiT under ``model.diffusion_model.`` in Stability's names (``joint_blocks.N.x_block`` /
+``context_block`` with fused ``attn.qkv``, ``adaLN_modulation.1``, ``final_layer``), the 16-channel VAE under
+``first_stage_model.`` and, when included, the text towers in transformers' names under
+``text_encoders.clip_l.transformer.``, ``text_encoders.clip_g.transformer.`` and ``text_encoders.t5xxl.transformer.``.
+The MMDiT's sizes are read from the tensors' shapes (SD3 medium, 3.5 medium/large alike), the VAE's and towers'
+too. The T5 is loaded only when ``config=`` names a folder with ``tokenizer_3/`` (its tokenizer is not shipped);
+otherwise the model runs without it, as diffusers allows.
 """
 from __future__ import annotations
 
@@ -36,7 +43,10 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 FAMILIES = {"sd1": "Stable Diffusion 1.x", "sd1-inpaint": "Stable Diffusion 1.x inpainting",
             "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3"}
-LOADABLE = ("sd1", "sd1-inpaint", "sd2", "sdxl")
+LOADABLE = ("sd1", "sd1-inpaint", "sd2", "sdxl", "sd3")
+SD3_TEXT_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.",
+                     "text_encoder_2": "text_encoders.clip_g.transformer.",
+                     "text_encoder_3": "text_encoders.t5xxl.transformer."}
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 _OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
@@ -152,6 +162,126 @@ def diffusers_to_openclip(state: dict, layers: int, p: str = OPENCLIP_PREFIX) ->
     return out
 
 
+_MMDIT_SIMPLE = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj.": "x_embedder.proj.",
+                 "time_text_embed.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+                 "time_text_embed.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+                 "time_text_embed.text_embedder.linear_1.": "y_embedder.mlp.0.",
+                 "time_text_embed.text_embedder.linear_2.": "y_embedder.mlp.2.",
+                 "context_embedder.": "context_embedder.", "proj_out.": "final_layer.linear."}
+# block part -> (stream, original name, third of a fused qkv tensor or None)
+_MMDIT_BLOCK = {"attn.to_q.": ("x", "attn.qkv.", 0), "attn.to_k.": ("x", "attn.qkv.", 1),
+                "attn.to_v.": ("x", "attn.qkv.", 2), "attn.add_q_proj.": ("context", "attn.qkv.", 0),
+                "attn.add_k_proj.": ("context", "attn.qkv.", 1), "attn.add_v_proj.": ("context", "attn.qkv.", 2),
+                "attn2.to_q.": ("x", "attn2.qkv.", 0), "attn2.to_k.": ("x", "attn2.qkv.", 1),
+                "attn2.to_v.": ("x", "attn2.qkv.", 2), "attn.norm_q.": ("x", "attn.ln_q.", None),
+                "attn.norm_k.": ("x", "attn.ln_k.", None), "attn.norm_added_q.": ("context", "attn.ln_q.", None),
+                "attn.norm_added_k.": ("context", "attn.ln_k.", None), "attn2.norm_q.": ("x", "attn2.ln_q.", None),
+                "attn2.norm_k.": ("x", "attn2.ln_k.", None), "attn.to_out.0.": ("x", "attn.proj.", None),
+                "attn.to_add_out.": ("context", "attn.proj.", None), "attn2.to_out.0.": ("x", "attn2.proj.", None),
+                "norm1.linear.": ("x", "adaLN_modulation.1.", None),
+                "norm1_context.linear.": ("context", "adaLN_modulation.1.", None),
+                "ff.net.0.proj.": ("x", "mlp.fc1.", None), "ff.net.2.": ("x", "mlp.fc2.", None),
+                "ff_context.net.0.proj.": ("context", "mlp.fc1.", None), "ff_context.net.2.": ("context", "mlp.fc2.", None)}
+
+
+def mmdit_original_key(key: str, num_layers: int) -> tuple[str, int | None, bool]:
+    """The original name of an ``SD3Transformer2DModel`` key, which third of that fused ``qkv`` tensor it is (or
+    None), and whether its (shift, scale) halves are stored the other way round: diffusers' ``AdaLayerNormContinuous``
+    (the final layer, and the last block's pre-only context norm) takes (scale, shift), Stability's code (shift,
+    scale)."""
+    if key.startswith("norm_out.linear."):
+        return "final_layer.adaLN_modulation.1." + key.removeprefix("norm_out.linear."), None, True
+    for ours, theirs in _MMDIT_SIMPLE.items():
+        if key.startswith(ours):
+            return theirs + key[len(ours):], None, False
+    if m := re.match(r"transformer_blocks\.(\d+)\.(.+)", key):
+        block, rest = int(m[1]), m[2]
+        for ours, (stream, theirs, part) in _MMDIT_BLOCK.items():
+            if rest.startswith(ours):
+                swap = ours == "norm1_context.linear." and block == num_layers - 1
+                return f"joint_blocks.{block}.{stream}_block.{theirs}{rest[len(ours):]}", part, swap
+    raise SingleFileError(f"no original-layout name for MMDiT key {key}")
+
+
+def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) <-> (scale, shift) along the output dimension (its own inverse)."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def mmdit_from_original(tensors: dict, config: dict, source) -> dict[str, torch.Tensor]:
+    """The MMDiT state dict in diffusers' names from an original-layout file (``model.diffusion_model.``)."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        names = list(SD3Transformer2DModel.from_config(config).state_dict())
+    out, missing = {}, []
+    for key in names:
+        name, part, swap = mmdit_original_key(key, config["num_layers"])
+        value = tensors.get(UNET_PREFIX + name)
+        if value is None:
+            missing.append(UNET_PREFIX + name)
+            continue
+        value = value.chunk(3, dim=0)[part] if part is not None else value
+        out[key] = swap_halves(value) if swap else value
+    if missing:
+        raise SingleFileError(f"{source}: the MMDiT lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    return out
+
+
+def mmdit_to_original(transformer) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`mmdit_from_original`: fused ``qkv`` tensors concatenated from their thirds."""
+    out, fused = {}, {}
+    for key, value in transformer.state_dict().items():
+        name, part, swap = mmdit_original_key(key, transformer.config.num_layers)
+        value = swap_halves(value) if swap else value
+        if part is None:
+            out[UNET_PREFIX + name] = value
+        else:
+            fused.setdefault(UNET_PREFIX + name, {})[part] = value
+    out.update({name: torch.cat([parts[0], parts[1], parts[2]]) for name, parts in fused.items()})
+    return out
+
+
+def mmdit_config(tensors: dict) -> dict:
+    """SD3Transformer2DModel config read from an original file's tensor shapes (64-wide heads, as in every SD3)."""
+    t = {k.removeprefix(UNET_PREFIX): v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
+    patch = t["x_embedder.proj.weight"]  # (inner, C, p, p)
+    inner, channels, size = patch.shape[0], patch.shape[1], patch.shape[2]
+    if inner % 64:
+        raise SingleFileError(f"an MMDiT of width {inner} does not have SD3's 64-wide heads; pass config= a "
+                              f"diffusers folder with its transformer/config.json")
+    layers = 1 + max(int(k.split(".")[1]) for k in t if k.startswith("joint_blocks."))
+    config = {"sample_size": 128, "patch_size": size, "in_channels": channels, "num_layers": layers,
+              "attention_head_dim": 64, "num_attention_heads": inner // 64,
+              "joint_attention_dim": t["context_embedder.weight"].shape[1],
+              "caption_projection_dim": t["context_embedder.weight"].shape[0],
+              "pooled_projection_dim": t["y_embedder.mlp.0.weight"].shape[1],
+              "out_channels": t["final_layer.linear.weight"].shape[0] // size**2,
+              "pos_embed_max_size": round(t["pos_embed"].shape[1] ** 0.5),
+              "dual_attention_layers": sorted({int(k.split(".")[1]) for k in t if ".x_block.attn2." in k})}
+    if any(".attn.ln_q." in k for k in t):
+        config["qk_norm"] = "rms_norm"
+    return config
+
+
+def clip_config(tensors: dict, prefix: str) -> dict:
+    """A CLIPTextConfig (dict) read from a transformers-named text tower's tensor shapes under ``prefix``; CLIP-L
+    (width 768) uses quick_gelu, OpenCLIP towers gelu; heads are 64 wide."""
+    p = prefix + "text_model."
+    tokens, width = tensors[p + "embeddings.token_embedding.weight"].shape
+    layers = 1 + max(int(k[len(p):].split(".")[2]) for k in tensors if k.startswith(p + "encoder.layers."))
+    config = {"vocab_size": tokens, "hidden_size": width, "num_hidden_layers": layers,
+              "intermediate_size": tensors[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+              "num_attention_heads": max(width // 64, 1),
+              "max_position_embeddings": tensors[p + "embeddings.position_embedding.weight"].shape[0],
+              "hidden_act": "quick_gelu" if width == 768 else "gelu", "bos_token_id": 49406, "eos_token_id": 49407,
+              "pad_token_id": 49407}
+    projection = tensors.get(prefix + "text_projection.weight")
+    config["projection_dim"] = projection.shape[0] if projection is not None else width
+    return config
+
+
 def _is_vae_attention_weight(original: str) -> bool:
     return bool(re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", original))
 
@@ -241,8 +371,9 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
     if family == "sd1" and tensors[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1] == 9:
         family = "sd1-inpaint"
     if family not in LOADABLE:
-        raise SingleFileError(f"{path} is a {FAMILIES[family]} checkpoint; this version loads SD 1.x, 2.x and XL "
-                              f"single files only: use a diffusers folder for it")
+        raise SingleFileError(f"{path} is a {FAMILIES[family]} checkpoint, which this version does not load")
+    if family == "sd3":
+        return load_sd3_file(tensors, path, config)
     sdxl = family == "sdxl"
     if config is not None:
         folder = Path(config)
@@ -280,6 +411,64 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
     tokenizer = load_tokenizer(tokenizer_dirs[0], OPENCLIP_PAD if family == "sd2" else EOS)
     return Components(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, scheduler, path,
                       text_encoder_2.eval() if sdxl else None, tokenizer_2, sdxl)
+
+
+def load_sd3_file(tensors: dict, path: Path, config: str | Path | None = None):
+    """An SD3 single file as :class:`ldm.loading.Components`: the MMDiT (sizes from its shapes), the VAE, CLIP-L
+    and CLIP-G with projections (from the file, else from ``config``'s folders), the T5 when the file has it and
+    ``config`` gives ``tokenizer_3/``; the flow scheduler with shift 3 unless ``config`` has one."""
+    import transformers
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from ldm import configs
+    from ldm.loading import Components, read_json
+    from ldm.text import EOS, OPENCLIP_PAD, load_tokenizer
+
+    folder = Path(config) if config is not None else None
+    if folder is not None and (folder / "transformer" / "config.json").is_file():
+        mmdit = read_json(folder / "transformer" / "config.json")
+    else:
+        try:
+            mmdit = mmdit_config(tensors)
+        except KeyError as err:
+            raise SingleFileError(f"{path}: the MMDiT lacks {UNET_PREFIX}{err.args[0]}") from None
+    transformer = SD3Transformer2DModel.from_config(mmdit)
+    transformer.load_state_dict(mmdit_from_original(tensors, transformer.config, path))
+    vae_config = read_json(folder / "vae" / "config.json") if folder is not None else configs.sd3_vae_config(
+        tensors[VAE_PREFIX + "encoder.conv_out.weight"].shape[0] // 2,
+        VAE_PREFIX + "quant_conv.weight" in tensors)
+    vae = AutoencoderKL.from_config(vae_config)
+    _fill(vae, tensors, lambda k: VAE_PREFIX + vae_original_key(k, vae.config), "VAE", path)
+    towers = []
+    for name, pad in (("text_encoder", EOS), ("text_encoder_2", OPENCLIP_PAD)):
+        prefix = SD3_TEXT_PREFIXES[name]
+        if prefix + "text_model.embeddings.token_embedding.weight" in tensors:
+            own = folder / name / "config.json" if folder is not None else None
+            tower_config = read_json(own) if own is not None and own.is_file() else clip_config(tensors, prefix)
+            tower = _text_model(tower_config, projection=True)
+            if prefix + "text_projection.weight" not in tensors:  # SD3 files keep no projection for CLIP-L: the
+                tensors[prefix + "text_projection.weight"] = torch.eye(  # pooled output is used as it is (identity)
+                    tower.config.projection_dim, tower.config.hidden_size)
+            _fill(tower, tensors, lambda k, p=prefix: p + k, name.replace("_", " "), path)
+        elif folder is not None and (folder / name).is_dir():
+            tower = transformers.CLIPTextModelWithProjection.from_pretrained(str(folder / name), local_files_only=True)
+        else:
+            raise SingleFileError(f"{path} has no {name.replace('_', ' ')} ({prefix}...); pass config= a diffusers "
+                                  f"SD3 folder that has {name}/")
+        towers.append((tower.eval(), load_tokenizer(folder / name.replace("text_encoder", "tokenizer")
+                                                    if folder is not None else None, pad)))
+    t5 = t5_tokenizer = None
+    t5_prefix = SD3_TEXT_PREFIXES["text_encoder_3"]
+    if folder is not None and (folder / "tokenizer_3").is_dir() and any(k.startswith(t5_prefix) for k in tensors):
+        t5_config = transformers.T5Config.from_pretrained(str(folder / "text_encoder_3"), local_files_only=True)
+        t5 = transformers.T5EncoderModel(t5_config)
+        _fill(t5, tensors, lambda k: t5_prefix + k, "T5 encoder", path)
+        t5_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder / "tokenizer_3"), local_files_only=True)
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json") if folder is not None else dict(
+        configs.SD3_SCHEDULER)
+    (text_encoder, tokenizer), (text_encoder_2, tokenizer_2) = towers
+    return Components(transformer.eval(), vae.eval(), text_encoder, tokenizer, scheduler, path, text_encoder_2,
+                      tokenizer_2, False, t5.eval() if t5 is not None else None, t5_tokenizer)
 
 
 def _text_model(config: dict, projection: bool):
@@ -325,21 +514,35 @@ def original_state_dict(unet, vae, text_encoder, family: str = "sd1", text_encod
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
+def sd3_state_dict(components) -> dict[str, torch.Tensor]:
+    """An SD3 model's tensors under the original single-file names (MMDiT, VAE, the text towers it has)."""
+    out = mmdit_to_original(components.unet)
+    for key, value in components.vae.state_dict().items():
+        name = VAE_PREFIX + vae_original_key(key, components.vae.config)
+        out[name] = value[:, :, None, None] if _is_vae_attention_weight(name) else value
+    for name, prefix in SD3_TEXT_PREFIXES.items():
+        tower = getattr(components, name)
+        if tower is not None:
+            out.update({prefix + k: v for k, v in tower.state_dict().items() if not k.endswith("position_ids")})
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
 def save_single_file(components, path: str | Path) -> Path:
-    """Write a model's UNet, VAE and text encoder as one original-layout ``.safetensors`` file."""
+    """Write a model's denoiser, VAE and text encoder(s) as one original-layout ``.safetensors`` file."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"single files are written as .safetensors, got {path}")
     if "joint_attention_dim" in components.unet.config:
-        raise SingleFileError("writing MMDiT (SD3) single files is not supported yet")
-    if components.text_encoder_2 is not None:
-        family = "sdxl"
+        tensors = sd3_state_dict(components)
     else:
-        family = "sd2" if components.text_encoder.config.hidden_act == "gelu" else "sd1"  # OpenCLIP vs CLIP-L
-    tensors = original_state_dict(components.unet, components.vae, components.text_encoder, family,
-                                  components.text_encoder_2)
+        if components.text_encoder_2 is not None:
+            family = "sdxl"
+        else:
+            family = "sd2" if components.text_encoder.config.hidden_act == "gelu" else "sd1"  # OpenCLIP vs CLIP-L
+        tensors = original_state_dict(components.unet, components.vae, components.text_encoder, family,
+                                      components.text_encoder_2)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
