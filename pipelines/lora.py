@@ -7,7 +7,10 @@ B A x`` to a frozen linear layer ``W x``. Files are read in the two layouts user
   ``train/finetune.py`` writes and diffusers' ``save_lora_weights`` writes), text-encoder keys under
   ``text_encoder.``;
 * kohya / A1111: ``lora_unet_<module_with_underscores>.lora_down.weight`` with ``.alpha`` (most shared LoRAs),
-  converted by diffusers' own converter (``lora_state_dict``).
+  converted by diffusers' own converter (``lora_state_dict``); SDXL files' second text tower is ``lora_te2_``.
+
+SDXL LoRAs may adapt both text towers (``text_encoder.`` and ``text_encoder_2.``); SD3 LoRAs adapt the MMDiT
+(``transformer.``) and the CLIP towers.
 
 Injection and scaling are peft's, through diffusers' loaders, so a file behaves here exactly as it does in
 ``StableDiffusionPipeline.load_lora_weights``. Before anything is injected, every LoRA matrix is checked against
@@ -26,8 +29,8 @@ _DOWN = re.compile(r"[._](lora\.down|lora_A|lora_linear_layer\.down)\.weight$")
 _UP = re.compile(r"[._](lora\.up|lora_B|lora_linear_layer\.up)\.weight$")
 # diffusers' kohya converter emits the older attention-processor names ("attn1.processor.to_k_lora.down"); the
 # layers they stand for:
-_PROCESSOR_NAMES = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
-                    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+_DENOISER_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_TEXT_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 class LoraError(ValueError):
@@ -56,11 +59,17 @@ def read_lora_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[
         raise LoraError(f"cannot read LoRA file {path}: {str(err).splitlines()[0]}") from None
 
 
-def to_diffusers_layout(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """``(state_dict, network_alphas)`` in diffusers' layout; kohya files go through diffusers' converter."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+def to_diffusers_layout(tensors: dict[str, torch.Tensor], family: str = "sd",
+                        unet_config=None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """``(state_dict, network_alphas)`` in diffusers' layout for ``family`` (``sd``, ``sdxl``, ``sd3``); kohya
+    files go through diffusers' converter (SDXL's with the UNet config, to map original block numbers)."""
+    from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     try:
+        if family == "sd3":
+            return SD3LoraLoaderMixin.lora_state_dict(dict(tensors)), None
+        if family == "sdxl":
+            return StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(tensors), unet_config=unet_config)
         return StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
     except (ValueError, KeyError) as err:
         raise LoraError(f"unrecognised LoRA key layout (first keys: {', '.join(list(tensors)[:3])}): "
@@ -69,7 +78,8 @@ def to_diffusers_layout(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tor
 
 def check_lora_fits(state_dict: dict[str, torch.Tensor], networks: dict[str, torch.nn.Module], source: str) -> None:
     """Every ``down`` matrix ``(r, in)`` and ``up`` matrix ``(out, r)`` must match the linear (or 1x1 conv) layer it
-    targets in ``networks`` (``{"unet": ..., "text_encoder": ...}``); LoraError naming the first mismatch."""
+    targets in ``networks`` (``{"unet": ..., "text_encoder": ...}``, see ``LoraMixin.lora_networks``); LoraError
+    naming the first mismatch."""
     matched = 0
     for key, tensor in state_dict.items():
         match = _DOWN.search(key) or _UP.search(key)
@@ -82,7 +92,8 @@ def check_lora_fits(state_dict: dict[str, torch.Tensor], networks: dict[str, tor
         if key[match.start()] == "_":  # processor-style name
             parent, _, name = module_path.rpartition(".")
             parent = parent.removesuffix(".processor")
-            module_path = f"{parent}.{_PROCESSOR_NAMES[prefix].get(name, name)}"
+            names = _TEXT_NAMES if prefix.startswith("text_encoder") else _DENOISER_NAMES
+            module_path = f"{parent}.{names.get(name, name)}"
         network = networks[prefix]
         module = _find_module(network, module_path)
         if module is None:
@@ -115,6 +126,13 @@ class LoraMixin:
     """``load_lora`` / ``set_lora_scale`` / ``unload_lora`` for :class:`TextToImagePipeline`."""
 
     @property
+    def lora_networks(self) -> dict[str, torch.nn.Module]:
+        """The networks a LoRA file may adapt, under the key prefixes diffusers gives them."""
+        denoiser = "transformer" if self.is_mmdit else "unet"
+        networks = {denoiser: self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: network for name, network in networks.items() if network is not None}
+
+    @property
     def loras(self) -> dict[str, float]:
         """Loaded adapters and their scales, in load order."""
         return dict(self.__dict__.setdefault("_lora_scales", {}))
@@ -123,7 +141,7 @@ class LoraMixin:
                   allow_pickle: bool = False) -> str:
         """Load a LoRA file (diffusers/peft or kohya layout) as adapter ``name`` active at ``scale``; returns the
         name. Several LoRAs add up, each with its own scale."""
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin
 
         from pipelines.checks import check_finite
 
@@ -132,16 +150,25 @@ class LoraMixin:
         name = name or f"lora{len(scales)}_{Path(path).stem}"
         if name in scales:
             raise LoraError(f"a LoRA named {name!r} is already loaded; unload it first or pass another name")
-        state_dict, alphas = to_diffusers_layout(read_lora_file(path, allow_pickle))
-        if not any(k.startswith(("unet.", "text_encoder.")) for k in state_dict):
-            state_dict = {f"unet.{k}": v for k, v in state_dict.items()}  # a bare UNet state dict
-        check_lora_fits(state_dict, {"unet": self.unet, "text_encoder": self.text_encoder}, str(path))
-        if any(k.startswith("unet.") for k in state_dict):
-            StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, unet=self.unet, adapter_name=name)
-        if any(k.startswith("text_encoder.") for k in state_dict):
-            StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-                state_dict, alphas, text_encoder=self.text_encoder, prefix="text_encoder", adapter_name=name)
-        for network in (self.unet, self.text_encoder):
+        family = "sd3" if self.is_mmdit else "sdxl" if self.is_sdxl else "sd"
+        state_dict, alphas = to_diffusers_layout(read_lora_file(path, allow_pickle), family, self.unet.config)
+        networks = self.lora_networks
+        denoiser = next(iter(networks))
+        known = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")
+        if not any(k.startswith(known) for k in state_dict):
+            state_dict = {f"{denoiser}.{k}": v for k, v in state_dict.items()}  # a bare denoiser state dict
+        check_lora_fits(state_dict, networks, str(path))
+        if any(k.startswith(denoiser + ".") for k in state_dict):
+            if denoiser == "transformer":
+                SD3LoraLoaderMixin.load_lora_into_transformer(state_dict, transformer=self.unet, adapter_name=name)
+            else:
+                StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, unet=self.unet,
+                                                                   adapter_name=name)
+        for prefix in ("text_encoder", "text_encoder_2"):
+            if any(k.startswith(prefix + ".") for k in state_dict):
+                StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+                    state_dict, alphas, text_encoder=networks[prefix], prefix=prefix, adapter_name=name)
+        for network in networks.values():
             network.requires_grad_(False)
         scales[name] = scale
         self._apply_lora_scales()
@@ -164,12 +191,12 @@ class LoraMixin:
         if name is not None and name not in scales:
             raise LoraError(f"no LoRA named {name!r} is loaded; loaded: {', '.join(scales) or 'none'}")
         for adapter in [name] if name is not None else list(scales):
-            for network in (self.unet, self.text_encoder):
+            for network in self.lora_networks.values():
                 if adapter in _adapters_of(network):
                     delete_adapter_layers(network, adapter)
             del scales[adapter]
         if not scales:
-            for network in (self.unet, self.text_encoder):
+            for network in self.lora_networks.values():
                 recurse_remove_peft_layers(network)
                 network.__dict__.pop("_hf_peft_config_loaded", None)
                 if hasattr(network, "peft_config"):
@@ -180,7 +207,7 @@ class LoraMixin:
     def _apply_lora_scales(self) -> None:
         from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
-        for network in (self.unet, self.text_encoder):
+        for network in self.lora_networks.values():
             present = _adapters_of(network)
             names = [n for n in self._lora_scales if n in present]
             if names:

@@ -127,3 +127,58 @@ def test_lora_for_another_architecture_is_refused_untouched(trained, tmp_path):
     (tmp_path / "old.ckpt").write_bytes(b"pickle")
     with pytest.raises(LoraError, match="pickle"):
         pipe.load_lora(tmp_path / "old.ckpt")
+
+
+def random_lora_file(folder, family, tmp_path):
+    """A LoRA with random (non-zero) matrices on the denoiser's attention and on both text towers, written by
+    diffusers' own ``save_lora_weights`` for the family's pipeline."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from ldm.loading import load_components
+
+    components = load_components(folder)
+    layers = {}
+    for seed, (name, network, targets) in enumerate((
+            ("transformer" if family == "sd3" else "unet", components.unet, ["to_q", "to_k", "to_v", "to_out.0"]),
+            ("text_encoder", components.text_encoder, ["q_proj", "v_proj"]),
+            ("text_encoder_2", components.text_encoder_2, ["q_proj", "v_proj"]))):
+        torch.manual_seed(seed)
+        network.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        layers[f"{name}_lora_layers"] = {k: 2 * v for k, v in get_peft_model_state_dict(network).items()}
+    cls = StableDiffusion3Pipeline if family == "sd3" else StableDiffusionXLPipeline
+    cls.save_lora_weights(str(tmp_path / "lora"), safe_serialization=True, **layers)
+    return tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_lora_on_both_text_towers_and_the_mmdit_matches_diffusers(family, tmp_path):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    from pipelines.random_models import save_random_sd3, save_random_sdxl
+
+    folder = (save_random_sd3 if family == "sd3" else save_random_sdxl)(tmp_path / family)
+    lora = random_lora_file(folder, family, tmp_path)
+    assert {k.split(".")[0] for k in load_file(str(lora))} == {
+        "transformer" if family == "sd3" else "unet", "text_encoder", "text_encoder_2"}
+    sampler = "flow_euler" if family == "sd3" else "ddim"
+    settings = dict(latents=latents(), num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent")
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    base = pipe(PROMPT, sampler=sampler, progress=False, **settings).images
+    pipe.load_lora(lora, scale=0.8)
+    adapted = pipe(PROMPT, sampler=sampler, progress=False, **settings).images
+    assert (adapted - base).abs().max() > 0.01
+    if family == "sd3":
+        reference = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None,
+                                                             tokenizer_3=None)
+    else:
+        reference = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+        reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(lora), adapter_name="a")
+    reference.set_adapters(["a"], adapter_weights=[0.8])
+    expected = reference(PROMPT, **settings).images
+    torch.testing.assert_close(adapted, expected, atol=1e-4 * max(1.0, float(expected.abs().max())), rtol=0)
+    pipe.unload_lora()
+    assert torch.equal(pipe(PROMPT, sampler=sampler, progress=False, **settings).images, base)

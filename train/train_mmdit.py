@@ -255,6 +255,23 @@ def assemble(final_dir, vae_dir, tokenizer_dir, output, dtype=torch.float16, max
     return report
 
 
+def model_card(run_dir: str | Path) -> str:
+    """The shipped folder's README: what it is, how it was trained, the run's metrics."""
+    import json
+
+    metrics_file = Path(run_dir) / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    shown = ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in sorted(metrics.items()))
+    return "\n".join([
+        "# shapes-mmdit", "",
+        "A tiny SD3-style MMDiT (diffusers SD3Transformer2DModel, 3 joint blocks of width 128, patch 2) trained",
+        "from scratch with rectified flow and logit-normal flow times on the procedural shapes world by",
+        "`python -m train.train_mmdit` (see train/README.md), on the VAE and CLIP text tower of shapes-unet",
+        "(both SD3 text towers are that tower; no T5). Load it with `ldm` or with diffusers'",
+        "`StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)`.", "",
+        "## Training metrics", "", f"- mmdit: {shown}", ""])
+
+
 def verify_folder(folder) -> dict:
     """Load the folder offline with diffusers' StableDiffusion3Pipeline (told there is no T5, as for SD3 checkpoints
     used without one) and generate one small image."""
@@ -381,7 +398,7 @@ def run(argv: list[str] | None = None) -> dict:
         common.write_json(out / "final" / "scheduler_config.json", SCHEDULER_CONFIG)
         common.finish_run(accelerator, log, out, "mmdit", metrics, out / "final" / "transformer")
         if args.output:
-            report = assemble(out / "final", args.vae, args.tokenizer, args.output)
+            report = assemble(out / "final", args.vae, args.tokenizer, args.output, card=model_card(out))
             accelerator.print(f"wrote {args.output}: {report['total_bytes'] / 1e6:.2f} MB")
     accelerator.end_training()
     return {**result, "metrics": metrics, "final_dir": out / "final"}
