@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-REQUIRED_COMPONENTS = ("vae", "text_encoder", "scheduler")  # and a denoiser: unet/ or (MMDiT) transformer/
+REQUIRED_COMPONENTS = ("vae", "scheduler")  # and a denoiser (unet/ or transformer/) and a text encoder (SDXL's
+# refiner has only text_encoder_2/)
 
 
 class ModelLoadError(ValueError):
@@ -33,6 +34,7 @@ class Components:
     force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is the zero embedding
     text_encoder_3: object = None  # SD3's optional T5 encoder
     tokenizer_3: object = None
+    requires_aesthetics_score: bool = False  # SDXL refiner: time_ids end with an aesthetic score
 
 
 def refuse_pickle(path: Path, allow_pickle: bool) -> None:
@@ -78,7 +80,11 @@ def check_model_folder(path: str | Path, allow_pickle: bool = False) -> Path:
     if not (path / denoiser).is_dir():
         raise ModelLoadError(f"missing folder: {path / 'unet'} (or transformer/ for an MMDiT model)")
     read_json(path / "scheduler" / "scheduler_config.json")
-    for name in (denoiser, "vae", "text_encoder"):
+    text = "text_encoder" if (path / "text_encoder").is_dir() or not (path / "text_encoder_2").is_dir() \
+        else "text_encoder_2"
+    if not (path / text).is_dir():
+        raise ModelLoadError(f"missing folder: {path / 'text_encoder'}")
+    for name in (denoiser, "vae", text):
         component_weights(path / name, allow_pickle)
     return path
 
@@ -117,10 +123,12 @@ def load_components(path: str | Path, allow_pickle: bool = False, config: str | 
     mmdit = (path / "transformer").is_dir()
     unet = load(SD3Transformer2DModel, "transformer") if mmdit else load(UNet2DConditionModel, "unet")
     vae = load(AutoencoderKL, "vae")
-    text_encoder = load(text_class("text_encoder"), "text_encoder")
-    # Without a tokenizer/ folder, the pad token follows the encoder family: OpenCLIP ViT-H / bigG pad with "!".
-    pad = OPENCLIP_PAD if text_encoder.config.hidden_size in (1024, 1280) else "<|endoftext|>"
-    tokenizer = load_tokenizer(path / "tokenizer", pad_token=pad)
+    text_encoder = tokenizer = None
+    if (path / "text_encoder").is_dir():
+        text_encoder = load(text_class("text_encoder"), "text_encoder")
+        # Without a tokenizer/ folder, the pad token follows the encoder family: OpenCLIP ViT-H / bigG pad with "!".
+        pad = OPENCLIP_PAD if text_encoder.config.hidden_size in (1024, 1280) else "<|endoftext|>"
+        tokenizer = load_tokenizer(path / "tokenizer", pad_token=pad)
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     text_encoder_2 = tokenizer_2 = text_encoder_3 = tokenizer_3 = None
     if (path / "text_encoder_2").is_dir():  # SDXL, SD3
@@ -131,4 +139,4 @@ def load_components(path: str | Path, allow_pickle: bool = False, config: str | 
         tokenizer_3 = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer_3"), local_files_only=True)
     force_zeros = bool(index.get("force_zeros_for_empty_prompt", text_encoder_2 is not None and not mmdit))
     return Components(unet, vae, text_encoder, tokenizer, scheduler_config, path, text_encoder_2, tokenizer_2,
-                      force_zeros, text_encoder_3, tokenizer_3)
+                      force_zeros, text_encoder_3, tokenizer_3, bool(index.get("requires_aesthetics_score", False)))

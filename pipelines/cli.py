@@ -158,8 +158,15 @@ def cmd_generate(args) -> int:
     settings = generation_settings(args)
     paths = output_paths(Path(args.output), args.n)
     pipe = load_pipeline(args, settings)
+    refiner = {}
+    if args.refiner:
+        from pipelines.text_to_image import TextToImagePipeline
+
+        refiner = {"refiner": TextToImagePipeline.from_pretrained(args.refiner).to(pipe.device, pipe.dtype),
+                   "refiner_switch": args.refiner_switch}
+        refiner["refiner"].name = str(args.refiner)
     save_images(pipe(settings["prompt"], num_images_per_prompt=args.n, **pipeline_arguments(settings),
-                     **control_arguments(args)), paths)
+                     **control_arguments(args), **refiner), paths)
     return 0
 
 
@@ -305,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--from", dest="from_image", help="regenerate from the parameters stored in this PNG")
     gen.add_argument("--n", type=int, default=1, help="number of images")
     gen.add_argument("--size", help="N or WxH (default: the model's native size)")
+    gen.add_argument("--refiner", help="a second model folder (SDXL's refiner) that finishes the sampling")
+    gen.add_argument("--refiner-switch", type=float, default=0.8,
+                     help="fraction of the schedule after which --refiner takes over (default 0.8)")
     add_sampling_options(gen)
     add_model_options(gen)
     add_control_options(gen)

@@ -29,6 +29,8 @@ FIELDS = (
     ("loras", "Lora", str),
     ("controlnet", "ControlNet", str),
     ("control_scale", "Control scale", float),
+    ("refiner", "Refiner", str),  # A1111's labels for its SDXL refiner stage
+    ("refiner_switch", "Refiner switch at", float),
 )
 
 

@@ -91,6 +91,48 @@ def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: in
     return save_folder(components, folder)
 
 
+def save_random_sdxl_refiner(folder: str | Path, seed: int = 1) -> Path:
+    """A tiny SDXL-refiner-shaped model folder: the second text tower only, and ``time_ids`` of (original size,
+    crop, aesthetic score) (``requires_aesthetics_score``), the sizes of diffusers' own refiner tests."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ldm.text import OPENCLIP_PAD, load_tokenizer, save_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=72,
+        cross_attention_dim=32, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, scaling_factor=0.13025)
+    text = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                          pad_token_id=49407, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                          num_attention_heads=4, hidden_act="gelu", projection_dim=32)
+    folder = Path(folder)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    CLIPTextModelWithProjection(text).save_pretrained(folder / "text_encoder_2", safe_serialization=True)
+    save_tokenizer(load_tokenizer(pad_token=OPENCLIP_PAD), folder / "tokenizer_2")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    from ldm.configs import SD15_SCHEDULER
+
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    index = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": [None, None], "tokenizer": [None, None],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return folder
+
+
 def save_random_sd3(folder: str | Path, seed: int = 0) -> Path:
     """A tiny SD3-shaped model folder: an MMDiT (SD3Transformer2DModel), two CLIP towers with projections, no T5,
     a VAE with shift and scaling factors and the flow-matching scheduler (shift 3), diffusers' SD3 test sizes."""

@@ -51,13 +51,15 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
     def __init__(self, components: Components, name: str | None = None):
         self.unet = components.unet.eval()
         self.vae = components.vae.eval()
-        self.text_encoder = components.text_encoder.eval()
-        self.tokenizer = components.tokenizer
+        self.text_encoder = components.text_encoder.eval() if components.text_encoder is not None else None
+        # SDXL's refiner has only the second tower; its tokenizer then serves word positions (prompt-to-prompt)
+        self.tokenizer = components.tokenizer if components.tokenizer is not None else components.tokenizer_2
         self.text_encoder_2 = components.text_encoder_2.eval() if components.text_encoder_2 is not None else None
         self.tokenizer_2 = components.tokenizer_2
         self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.text_encoder_3 = components.text_encoder_3.eval() if components.text_encoder_3 is not None else None
         self.tokenizer_3 = components.tokenizer_3
+        self.requires_aesthetics_score = components.requires_aesthetics_score
         self.scheduler_config = dict(components.scheduler_config)
         self.name = name or components.path.name
         self.path = components.path
@@ -128,10 +130,12 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
     # -- conditioning -------------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], negative: list[str], size: tuple[int, int] | None = None):
         """Embeddings ``(B, W * 77, D)`` of prompts and negative prompts, padded to the same window count W. For
-        SDXL, dicts: ``hidden`` (both towers' penultimate states side by side, ``(B, W * 77, 768 + 1280)``),
-        ``text_embeds`` (the second tower's pooled projection, ``(B, 1280)``) and ``time_ids`` ``(B, 6)`` =
-        (original size, crop top-left, target size), here ``(H, W, 0, 0, H, W)`` for ``size = (H, W)``; an empty
-        negative prompt is all zeros when the model says so (``force_zeros_for_empty_prompt``), as diffusers."""
+        SDXL, dicts: ``hidden`` (both towers' penultimate states side by side, ``(B, W * 77, 768 + 1280)``; the
+        refiner has the second tower only), ``text_embeds`` (the second tower's pooled projection, ``(B, 1280)``)
+        and ``time_ids`` ``(B, 6)`` = (original size, crop top-left, target size), here ``(H, W, 0, 0, H, W)`` for
+        ``size = (H, W)``; the refiner's ``(B, 5)`` end with an aesthetic score instead of the target size (6 for
+        prompts, 2.5 for negative prompts: diffusers' defaults). An empty negative prompt is all zeros when the
+        model says so (``force_zeros_for_empty_prompt``), as diffusers."""
         ids = tokenize_batch(self.tokenizer, prompts + negative)  # (2B, W, L)
         if self.is_mmdit:
             return self.encode_prompt_mmdit(prompts, negative, ids)
@@ -140,14 +144,18 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             return hidden[:len(prompts)], hidden[len(prompts):]
         ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])  # (2B, W, L)
         hidden_2, pooled = encode_tokens_and_pooled(self.text_encoder_2, ids_2, -2)
-        hidden = torch.cat([encode_tokens(self.text_encoder, ids, -2), hidden_2], dim=-1).float()
+        towers = ([encode_tokens(self.text_encoder, ids, -2)] if self.text_encoder is not None else []) + [hidden_2]
+        hidden = torch.cat(towers, dim=-1).float()
         pooled = pooled.float()  # (2B, P)
         if self.force_zeros_for_empty_prompt:
             empty = torch.tensor([False] * len(prompts) + [not n for n in negative], device=hidden.device)
             hidden[empty], pooled[empty] = 0.0, 0.0
         height, width = size if size is not None else (self.unet.config.sample_size * self.vae_scale_factor,) * 2
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
-                                device=hidden.device).expand(len(hidden), -1)
+        if self.requires_aesthetics_score:
+            rows = [[height, width, 0, 0, 6.0]] * len(prompts) + [[height, width, 0, 0, 2.5]] * len(negative)
+        else:
+            rows = [[height, width, 0, 0, height, width]] * len(hidden)
+        time_ids = torch.tensor(rows, dtype=torch.float32, device=hidden.device)
         both = {"hidden": hidden, "text_embeds": pooled, "time_ids": time_ids}
         return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})
 
@@ -380,18 +388,43 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                  seed: int | None = None, generator=None, latents: torch.Tensor | None = None,
                  guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
                  output_type: str = "pil", callback: Callable | None = None, progress: bool = True,
-                 control_image=None, controlnet_conditioning_scale: float = 1.0) -> GenerationOutput:
+                 control_image=None, controlnet_conditioning_scale: float = 1.0,
+                 refiner: "TextToImagePipeline | None" = None, refiner_switch: float = 0.8) -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
-        or one per prompt) needs a loaded ControlNet. See README for every argument."""
+        or one per prompt) needs a loaded ControlNet. ``refiner``: a second pipeline (SDXL's refiner) that takes
+        over at ``refiner_switch`` of the schedule (see :meth:`refiner_split`). See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
                                output_type, control_image, controlnet_conditioning_scale)
         noise = self.initial_noise(request, latents)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
         denoiser = self.denoiser(request.sampler, request.spacing, request=request)
-        x = self.denoise(request, denoiser, noise * denoiser.noise_scale(sigmas[0]), sigmas, callback, progress)
-        return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])))
+        x = noise * denoiser.noise_scale(sigmas[0])
+        if refiner is None:
+            x = self.denoise(request, denoiser, x, sigmas, callback, progress)
+            return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])))
+        split = self.refiner_split(refiner, sigmas, refiner_switch)
+        x = self.denoise(request, denoiser, x, sigmas[:split + 1], callback, progress)
+        later = None if callback is None else (lambda i, *rest: callback(i + split, *rest))
+        refined = refiner.denoiser(request.sampler, request.spacing)
+        x = refiner.denoise(request, refined, x, sigmas[split:], later, progress)
+        return self.finish(request, refined.to_model_space(x, float(sigmas[-1])), refiner=refiner.name,
+                           refiner_switch=refiner_switch)
+
+    def refiner_split(self, refiner: "TextToImagePipeline", sigmas: torch.Tensor, switch: float) -> int:
+        """The index of the sigma where the refiner takes over (Podell et al. 2023, sec. 2.5: the refiner
+        denoises the last, low-noise part): as diffusers' ``denoising_end`` / ``denoising_start``, the base model
+        keeps the steps whose timestep is at least ``round(T (1 - switch))``."""
+        check_finite("refiner_switch", switch, 0.0, 1.0)
+        if self.is_flow or refiner.is_flow:
+            raise ValueError("a refiner stage is for SDXL-style (discrete-schedule) models, not flow models")
+        if refiner.vae.config.latent_channels != self.vae.config.latent_channels:
+            raise ValueError(f"the refiner {refiner.name} does not share this model's latent space")
+        train_steps = self.scheduler_config.get("num_train_timesteps", 1000)
+        cutoff = int(round(train_steps - switch * train_steps))
+        timesteps = self.schedule().sigma_to_t(sigmas[:-1])
+        return int((timesteps >= cutoff - 1e-3).sum())
 
     def to_output(self, images: torch.Tensor, output_type: str):
         """Images ``(B, 3, H, W)`` in [0, 1] as a tensor (``"pt"``), an array ``(B, H, W, 3)`` or PIL images."""

@@ -50,3 +50,39 @@ def test_editing_runs_on_sdxl(folder):
     source, edited = pipe.prompt_to_prompt([PROMPT, "a blue circle at the top left"], seed=0, num_inference_steps=4,
                                            output_type="np", progress=False).images
     assert source.shape == edited.shape == (16, 16, 3)
+
+
+def test_base_then_refiner_matches_diffusers_ensemble_of_experts(folder, tmp_path):
+    """Base to 80 % of the schedule, then the refiner (second tower only, aesthetic-score time_ids): equal to
+    diffusers' StableDiffusionXLPipeline(denoising_end=0.8) followed by StableDiffusionXLImg2ImgPipeline
+    (denoising_start=0.8) on the same weights and noise."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from pipelines.random_models import save_random_sdxl_refiner
+
+    refiner_folder = save_random_sdxl_refiner(tmp_path / "refiner")
+    base, refiner = TextToImagePipeline.from_pretrained(folder), TextToImagePipeline.from_pretrained(refiner_folder)
+    assert refiner.is_sdxl and refiner.text_encoder is None and refiner.requires_aesthetics_score
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent")
+    ours = base(PROMPT, latents=latents, sampler="ddim", refiner=refiner, refiner_switch=0.8, progress=False,
+                **settings).images
+    plain = base(PROMPT, latents=latents, sampler="ddim", progress=False, **settings).images
+    assert (ours - plain).abs().max() > 1e-3  # the refiner did the last steps
+    their_base = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    their_base.scheduler = DDIMScheduler.from_config(their_base.scheduler.config)
+    their_refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder, local_files_only=True)
+    their_refiner.scheduler = DDIMScheduler.from_config(their_refiner.scheduler.config)
+    for pipe in (their_base, their_refiner):
+        pipe.set_progress_bar_config(disable=True)
+    halfway = their_base(PROMPT, latents=latents, denoising_end=0.8, **settings).images
+    theirs = their_refiner(PROMPT, image=halfway, denoising_start=0.8, **settings).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+
+    from pipelines.cli import main as ldm
+    from pipelines.metadata import read_parameters
+
+    out = tmp_path / "refined.png"
+    assert ldm(["generate", PROMPT, "--model", str(folder), "--refiner", str(refiner_folder), "--steps", "4",
+                "--seed", "0", "-o", str(out)]) == 0
+    assert read_parameters(out)["refiner"] == str(refiner_folder)
