@@ -61,10 +61,27 @@ def random_components(preset: str = "tiny", seed: int = 0):
     return unet.eval(), vae.eval(), text_encoder.eval()
 
 
+def _tiny_sdxl_unet_and_vae(cross_attention_dim: int, time_ids: int):
+    """An SDXL-shaped UNet (``text_time`` added conditioning: ``time_ids`` 8-wide embeddings and a 32-wide pooled
+    embedding) and VAE at diffusers' test sizes; the base has 6 time ids, the refiner 5."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=8 * time_ids + 32, cross_attention_dim=cross_attention_dim,
+        norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, scaling_factor=0.13025)
+    return unet.eval(), vae.eval()
+
+
 def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: int = 0) -> Path:
     """A tiny SDXL-shaped model folder (two text towers, pooled embedding, size/crop micro-conditioning), the
     sizes of diffusers' own SDXL tests."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ldm.configs import SD15_SCHEDULER
@@ -73,15 +90,7 @@ def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: in
     from ldm.text import EOS, OPENCLIP_PAD, load_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=32, scaling_factor=0.13025)
+    unet, vae = _tiny_sdxl_unet_and_vae(cross_attention_dim=64, time_ids=6)
     text = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                           pad_token_id=49407, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                           num_attention_heads=4, hidden_act="gelu", projection_dim=32)
@@ -96,21 +105,12 @@ def save_random_sdxl_refiner(folder: str | Path, seed: int = 1) -> Path:
     crop, aesthetic score) (``requires_aesthetics_score``), the sizes of diffusers' own refiner tests."""
     import json
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from ldm.text import OPENCLIP_PAD, load_tokenizer, save_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=72,
-        cross_attention_dim=32, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=32, scaling_factor=0.13025)
+    unet, vae = _tiny_sdxl_unet_and_vae(cross_attention_dim=32, time_ids=5)
     text = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                           pad_token_id=49407, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                           num_attention_heads=4, hidden_act="gelu", projection_dim=32)

@@ -316,6 +316,44 @@ def load_checkpoint(path: str | Path, recipe: str, model_config: dict, models: d
     return state
 
 
+class EMA:
+    """An exponential moving average of a model's weights (float32), with the warm-up ``min(decay, (1 + step) /
+    (10 + step))`` (as diffusers' EMAModel); ``state`` is the dict checkpoints save and restore in place."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model, self.decay = model, decay
+        self.state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        params = [v.float() for v in self.model.state_dict().values()]
+        torch._foreach_lerp_(list(self.state.values()), params, 1.0 - decay)
+
+    def averaged(self) -> torch.nn.Module:
+        """A copy of the model holding the averaged weights, in eval mode."""
+        import copy
+
+        net = copy.deepcopy(self.model)
+        net.load_state_dict(self.state)
+        return net.eval()
+
+
+def publish_folder(tmp: Path, output: Path, report: dict, max_bytes: int | None, verify) -> dict:
+    """Finish an assembled model folder written to ``tmp``: refuse it over ``max_bytes`` (removing it), run
+    ``verify(tmp)`` into ``report["verify"]`` if given, then replace ``output`` with it. Returns ``report``."""
+    if max_bytes is not None and report["total_bytes"] > max_bytes:
+        shutil.rmtree(tmp)
+        raise ValueError(f"the assembled model is {report['total_bytes'] / 1e6:.2f} MB, over the "
+                         f"{max_bytes / 1e6:.2f} MB limit: {report['bytes']}")
+    if verify is not None:
+        report["verify"] = verify(tmp)
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return report
+
+
 # --------------------------------------------------------------------------- logging, images, files
 
 

@@ -204,15 +204,7 @@ def assemble(vae_dir, text_encoder_dir, unet_dir, output, tokenizer_dir=None, dt
                   ("unet", "vae", "text_encoder", "tokenizer", "scheduler")},
         "total_bytes": common.folder_size(tmp),
     }
-    if max_bytes is not None and report["total_bytes"] > max_bytes:
-        raise ValueError(f"the assembled model is {report['total_bytes'] / 1e6:.2f} MB, over the "
-                         f"{max_bytes / 1e6:.2f} MB limit: {report['bytes']}")
-    if verify:
-        report["verify"] = verify_folder(tmp)
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
-    return report
+    return common.publish_folder(tmp, output, report, max_bytes, verify_folder if verify else None)
 
 
 def verify_folder(folder) -> dict:

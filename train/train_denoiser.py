@@ -250,6 +250,35 @@ def load_or_build_cache(args: argparse.Namespace, vae, tokenizer, accelerator, p
     return cache
 
 
+class LatentBatches:
+    """Training batches from the latent cache, reproducible per (step, micro-batch, rank): latents sampled from the
+    cached posteriors, shifted and scaled as the VAE config says, and one caption variant's token ids per image,
+    replaced by the empty caption with probability ``--uncond-prob``."""
+
+    def __init__(self, args: argparse.Namespace, cache: dict, vae_config, empty_ids: list[int], rank: int):
+        # Contiguous, so a fresh cache and one loaded from disk give the network identically laid-out inputs
+        # (oneDNN's bf16 kernels depend on memory layout, and exact resumes depend on that).
+        self.mean, self.std = cache["mean"].float().contiguous(), cache["std"].float().contiguous()
+        self.ids = cache["ids"].long()
+        self.scaling, self.shift = float(vae_config.scaling_factor), float(getattr(vae_config, "shift_factor", 0) or 0)
+        self.empty_ids = torch.tensor(empty_ids)  # (77,)
+        self.args, self.rank = args, rank
+
+    def draw(self, step: int, micro: int):
+        """``(x0 (B, C, h, w), token ids (B, 77), the noise generator of this micro-batch)``."""
+        args = self.args
+        rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, self.rank)
+        idx = torch.from_numpy(rng.integers(0, len(self.mean), size=args.batch_size))
+        variant = torch.from_numpy(rng.integers(0, args.caption_variants, size=args.batch_size))
+        drop = torch.from_numpy(rng.random(args.batch_size) < args.uncond_prob)
+        ids = self.ids[idx, variant]  # (B, 77)
+        ids[drop] = self.empty_ids
+        gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, self.rank)
+        shape = self.mean[idx].shape
+        x0 = (self.mean[idx] + self.std[idx] * torch.randn(shape, generator=gen) - self.shift) * self.scaling
+        return x0, ids, gen
+
+
 # --------------------------------------------------------------------------- sampling
 
 
@@ -316,12 +345,7 @@ def run(argv: list[str] | None = None) -> dict:
     device = accelerator.device
 
     cache = load_or_build_cache(args, vae, tokenizer, accelerator, Path(args.latent_cache or out / "latents.safetensors"))
-    # Contiguous, so a fresh cache and one loaded from disk give the network identically laid-out inputs (oneDNN's
-    # bf16 kernels depend on memory layout, and exact resumes depend on that).
-    lat_mean, lat_std = cache["mean"].float().contiguous(), cache["std"].float().contiguous()
-    cap_ids = cache["ids"].long()
-    scaling = float(vae.config.scaling_factor)
-    empty_ids = torch.tensor(token_windows(tokenizer, "")[0])  # (77,)
+    batches = LatentBatches(args, cache, vae.config, token_windows(tokenizer, "")[0], accelerator.process_index)
     text_encoder.to(device)
     vae.to(device)
     ab = alphas_cumprod().to(device)
@@ -336,22 +360,12 @@ def run(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(unet, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    ema = {k: v.detach().clone().float() for k, v in unwrapped.state_dict().items()} if args.ema_decay else None
-    rank = accelerator.process_index
-    n = len(lat_mean)
+    ema = common.EMA(unwrapped, args.ema_decay) if args.ema_decay else None
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
-        rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, rank)
-        idx = torch.from_numpy(rng.integers(0, n, size=args.batch_size))
-        variant = torch.from_numpy(rng.integers(0, args.caption_variants, size=args.batch_size))
-        drop = torch.from_numpy(rng.random(args.batch_size) < args.uncond_prob)
-        ids = cap_ids[idx, variant]  # (B, 77)
-        ids[drop] = empty_ids
-        gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, rank)
-        shape = lat_mean[idx].shape
-        x0 = (lat_mean[idx] + lat_std[idx] * torch.randn(shape, generator=gen)) * scaling  # (B, C, h, w)
+        x0, ids, gen = batches.draw(step, micro)  # (B, C, h, w), (B, 77)
         t = torch.randint(0, len(ab), (args.batch_size,), generator=gen)
-        noise = torch.randn(shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         x_t, v = add_noise(x0, noise, ab[t])
         with accelerator.autocast():
@@ -362,18 +376,11 @@ def run(argv: list[str] | None = None) -> dict:
         return (per_sample * loss_weights(ab[t], args.loss_weighting, args.min_snr_gamma)).mean()
 
     def after_step(step: int) -> None:
-        if ema is None:
-            return
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            params = [v for v in unwrapped.state_dict().values()]
-            torch._foreach_lerp_(list(ema.values()), [p.float() for p in params], 1.0 - decay)
+        if ema is not None:
+            ema.update(step)
 
     def averaged_unet():
-        net = copy.deepcopy(unwrapped)
-        if ema is not None:
-            net.load_state_dict(ema)
-        return net.eval()
+        return ema.averaged() if ema is not None else copy.deepcopy(unwrapped).eval()
 
     def sample_fn(step: int) -> None:
         gen = common.torch_generator(args.seed, common.STREAM_SAMPLE)
@@ -381,7 +388,7 @@ def run(argv: list[str] | None = None) -> dict:
                                args.sample_steps, args.sample_guidance, accelerator.autocast)
         common.save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=len(SAMPLE_PROMPTS))
 
-    models = {"model": model} if ema is None else {"model": model, "ema": ema}
+    models = {"model": model} if ema is None else {"model": model, "ema": ema.state}
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
                                model=model, optimizer=optimizer, loss_fn=loss_fn, checkpoint_models=models,
                                log=log, desc="denoiser", after_step=after_step, sample_fn=sample_fn)
@@ -390,7 +397,7 @@ def run(argv: list[str] | None = None) -> dict:
         accelerator.end_training()
         return result
     metrics = {"steps": args.steps, "params": common.count_parameters(unwrapped), "batch_size": args.batch_size,
-               "steps_per_second": result["steps_per_second"], "num_images": n,
+               "steps_per_second": result["steps_per_second"], "num_images": len(cache["mean"]),
                "final_loss": result["losses"][-1] if result["losses"] else None}
     if accelerator.is_main_process:
         final = averaged_unet()

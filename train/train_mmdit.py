@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from train import common
-from train.train_denoiser import SAMPLE_PROMPTS, load_or_build_cache
+from train.train_denoiser import SAMPLE_PROMPTS, LatentBatches, load_or_build_cache
 
 FLOW_SHIFT = 1.0
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
@@ -243,16 +243,7 @@ def assemble(final_dir, vae_dir, tokenizer_dir, output, dtype=torch.float16, max
     report = {"params": {"transformer": common.count_parameters(transformer), "vae": common.count_parameters(vae),
                          "text_encoder": common.count_parameters(tower)},
               "bytes": {sub: common.folder_size(tmp / sub) for sub in parts}, "total_bytes": common.folder_size(tmp)}
-    if max_bytes is not None and report["total_bytes"] > max_bytes:
-        shutil.rmtree(tmp)
-        raise ValueError(f"the assembled model is {report['total_bytes'] / 1e6:.2f} MB, over the "
-                         f"{max_bytes / 1e6:.2f} MB limit: {report['bytes']}")
-    if verify:
-        report["verify"] = verify_folder(tmp)
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
-    return report
+    return common.publish_folder(tmp, output, report, max_bytes, verify_folder if verify else None)
 
 
 def model_card(run_dir: str | Path) -> str:
@@ -324,10 +315,7 @@ def run(argv: list[str] | None = None) -> dict:
     device = accelerator.device
 
     cache = load_or_build_cache(args, vae, tokenizer, accelerator, Path(args.latent_cache or out / "latents.safetensors"))
-    lat_mean, lat_std = cache["mean"].float().contiguous(), cache["std"].float().contiguous()
-    cap_ids = cache["ids"].long()
-    scaling, shift = float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
-    empty_ids = torch.tensor(token_windows(tokenizer, "")[0])  # (77,)
+    batches = LatentBatches(args, cache, vae.config, token_windows(tokenizer, "")[0], accelerator.process_index)
     tower.to(device)
     vae.to(device)
 
@@ -335,22 +323,12 @@ def run(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    ema = {k: v.detach().clone().float() for k, v in unwrapped.state_dict().items()} if args.ema_decay else None
-    rank = accelerator.process_index
-    n = len(lat_mean)
+    ema = common.EMA(unwrapped, args.ema_decay) if args.ema_decay else None
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
-        rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, rank)
-        idx = torch.from_numpy(rng.integers(0, n, size=args.batch_size))
-        variant = torch.from_numpy(rng.integers(0, args.caption_variants, size=args.batch_size))
-        drop = torch.from_numpy(rng.random(args.batch_size) < args.uncond_prob)
-        ids = cap_ids[idx, variant]  # (B, 77)
-        ids[drop] = empty_ids
-        gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, rank)
-        shape = lat_mean[idx].shape
-        x0 = (lat_mean[idx] + lat_std[idx] * torch.randn(shape, generator=gen) - shift) * scaling  # (B, C, h, w)
+        x0, ids, gen = batches.draw(step, micro)  # (B, C, h, w), (B, 77)
         t = logit_normal_times(args.batch_size, args.logit_mean, args.logit_std, gen)
-        noise = torch.randn(shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
         x_t, v = flow_pair(x0, noise, t)
         x_t, v, t = x_t.to(device), v.to(device), t.to(device)
         with accelerator.autocast():
@@ -361,18 +339,11 @@ def run(argv: list[str] | None = None) -> dict:
         return (pred.float() - v).square().mean()
 
     def after_step(step: int) -> None:
-        if ema is None:
-            return
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            params = [v for v in unwrapped.state_dict().values()]
-            torch._foreach_lerp_(list(ema.values()), [p.float() for p in params], 1.0 - decay)
+        if ema is not None:
+            ema.update(step)
 
     def averaged():
-        net = copy.deepcopy(unwrapped)
-        if ema is not None:
-            net.load_state_dict(ema)
-        return net.eval()
+        return ema.averaged() if ema is not None else copy.deepcopy(unwrapped).eval()
 
     def sample_fn(step: int) -> None:
         gen = common.torch_generator(args.seed, common.STREAM_SAMPLE)
@@ -380,7 +351,7 @@ def run(argv: list[str] | None = None) -> dict:
                                args.sample_guidance, accelerator.autocast)
         common.save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=len(SAMPLE_PROMPTS))
 
-    models = {"model": model} if ema is None else {"model": model, "ema": ema}
+    models = {"model": model} if ema is None else {"model": model, "ema": ema.state}
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
                                model=model, optimizer=optimizer, loss_fn=loss_fn, checkpoint_models=models,
                                log=log, desc="mmdit", after_step=after_step, sample_fn=sample_fn)
@@ -389,7 +360,7 @@ def run(argv: list[str] | None = None) -> dict:
         accelerator.end_training()
         return result
     metrics = {"steps": args.steps, "params": common.count_parameters(unwrapped), "batch_size": args.batch_size,
-               "steps_per_second": result["steps_per_second"], "num_images": n,
+               "steps_per_second": result["steps_per_second"], "num_images": len(cache["mean"]),
                "final_loss": result["losses"][-1] if result["losses"] else None}
     if accelerator.is_main_process:
         final = averaged()
