@@ -16,7 +16,6 @@ from train.evaluate import (
 )
 from train.shapes import (
     BASE_SHAPES,
-    EXTRA_SHAPES,
     OBJECT_COLORS,
     ExpectedObject,
     ExpectedScene,
