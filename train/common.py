@@ -339,13 +339,14 @@ class EMA:
         return net.eval()
 
 
-def publish_folder(tmp: Path, output: Path, report: dict, max_bytes: int | None, verify) -> dict:
-    """Finish an assembled model folder written to ``tmp``: refuse it over ``max_bytes`` (removing it), run
-    ``verify(tmp)`` into ``report["verify"]`` if given, then replace ``output`` with it. Returns ``report``."""
-    if max_bytes is not None and report["total_bytes"] > max_bytes:
+def publish_folder(tmp: Path, output: Path, report: dict, max_bytes: int | None, verify,
+                   counted: str = "total_bytes") -> dict:
+    """Finish an assembled model folder written to ``tmp``: refuse it when ``report[counted]`` is over ``max_bytes``
+    (removing it), run ``verify(tmp)`` into ``report["verify"]`` if given, then replace ``output`` with it."""
+    if max_bytes is not None and report[counted] > max_bytes:
         shutil.rmtree(tmp)
-        raise ValueError(f"the assembled model is {report['total_bytes'] / 1e6:.2f} MB, over the "
-                         f"{max_bytes / 1e6:.2f} MB limit: {report['bytes']}")
+        raise ValueError(f"the assembled model's {counted.replace('_', ' ')} are {report[counted] / 1e6:.2f} MB, "
+                         f"over the {max_bytes / 1e6:.2f} MB limit: {report['bytes']}")
     if verify is not None:
         report["verify"] = verify(tmp)
     if output.exists():

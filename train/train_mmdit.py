@@ -193,7 +193,7 @@ def sample_images(transformer, vae, tower, tokenizer, prompts, generator: torch.
 def assemble(final_dir, vae_dir, tokenizer_dir, output, dtype=torch.float16, max_bytes: int | None = 40_000_000,
              verify: bool = True, card: str | None = None) -> dict:
     """Write a diffusers ``StableDiffusion3Pipeline`` folder (transformer, vae, text_encoder and text_encoder_2 =
-    the same tower, tokenizer and tokenizer_2, flow scheduler; no T5) in ``dtype``; check its size and, with
+    the same tower, tokenizer and tokenizer_2, flow scheduler; no T5) in ``dtype``; check its weights' size and, with
     ``verify``, that diffusers loads it offline and generates finite pixels. Returns sizes and parameter counts."""
     import shutil
 
@@ -212,6 +212,8 @@ def assemble(final_dir, vae_dir, tokenizer_dir, output, dtype=torch.float16, max
     vae = AutoencoderKL.from_pretrained(str(common.require_model_folder(vae_dir, "vae", (
         "diffusion_pytorch_model.safetensors",))), local_files_only=True)
     tokenizer = load_tokenizer(tokenizer_dir)
+    if vae.config.shift_factor is None:  # diffusers' SD3 pipeline adds it unconditionally; training used 0
+        vae.register_to_config(shift_factor=0.0)
     if transformer.config.joint_attention_dim != 2 * tower.config.hidden_size:
         raise ValueError(f"transformer joint_attention_dim {transformer.config.joint_attention_dim} != twice the "
                          f"text tower's hidden_size {tower.config.hidden_size}")
@@ -242,8 +244,10 @@ def assemble(final_dir, vae_dir, tokenizer_dir, output, dtype=torch.float16, max
     parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     report = {"params": {"transformer": common.count_parameters(transformer), "vae": common.count_parameters(vae),
                          "text_encoder": common.count_parameters(tower)},
-              "bytes": {sub: common.folder_size(tmp / sub) for sub in parts}, "total_bytes": common.folder_size(tmp)}
-    return common.publish_folder(tmp, output, report, max_bytes, verify_folder if verify else None)
+              "bytes": {sub: common.folder_size(tmp / sub) for sub in parts}, "total_bytes": common.folder_size(tmp),
+              "weight_bytes": sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))}
+    # The budget counts the weights (fp16 safetensors); the two tokenizer vocabularies add 3 MB of text files.
+    return common.publish_folder(tmp, output, report, max_bytes, verify_folder if verify else None, "weight_bytes")
 
 
 def model_card(run_dir: str | Path) -> str:
