@@ -132,3 +132,14 @@ def _encode(text_encoder, token_ids: torch.Tensor, hidden_layer: int | None):
         out = text_encoder(flat, output_hidden_states=True)
         hidden = out.hidden_states[hidden_layer]
     return hidden.reshape(batch, windows * length, hidden.shape[-1]), out, windows
+
+
+def sd3_context(clip_states: list[torch.Tensor], width: int, t5: torch.Tensor | None = None) -> torch.Tensor:
+    """SD3's joint-attention context (Esser et al. 2024, sec. 5.1), as diffusers builds it: the CLIP towers'
+    states ``(B, L, D_i)`` side by side, zero-padded to ``width``, then T5's states ``(B, T5_TOKENS, width)``;
+    without a T5, ONE zero token that the joint attention processors count ``T5_TOKENS`` times
+    (``ldm.attention.JointControlledAttnProcessor``, exact). Returns ``(B, L + tail, width)``."""
+    clip = torch.cat(clip_states, dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+    tail = t5 if t5 is not None else clip.new_zeros(len(clip), 1, width)
+    return torch.cat([clip, tail], dim=1)

@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -22,7 +21,7 @@ from ldm.guidance import CFGDenoiser, check_guidance_scale
 from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
-from ldm.text import T5_TOKENS, encode_tokens, encode_tokens_and_pooled, tokenize_batch
+from ldm.text import T5_TOKENS, encode_tokens, encode_tokens_and_pooled, sd3_context, tokenize_batch
 from pipelines.checks import check_finite, check_positive_int, check_prompts
 from pipelines.controlnet import ControlNetMixin, control_residuals
 from pipelines.editing import EditingMixin
@@ -160,27 +159,21 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})
 
     def encode_prompt_mmdit(self, prompts: list[str], negative: list[str], ids: torch.Tensor):
-        """SD3's conditioning (Esser et al. 2024, sec. 5.1), as diffusers builds it: the two CLIP towers'
-        penultimate states side by side, zero-padded to the joint width, followed by T5's states; without a T5,
-        256 zero tokens, given here as one token that the attention processors count 256 times
-        (``ldm.attention.JointControlledAttnProcessor``); ``pooled``: both towers' pooled projections side by
-        side."""
+        """SD3's conditioning: ``hidden``, both CLIP towers' penultimate states and T5's (``ldm.text.sd3_context``);
+        ``pooled``, both towers' pooled projections side by side."""
         ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])
         hidden_1, pooled_1 = encode_tokens_and_pooled(self.text_encoder, ids, -2)
         hidden_2, pooled_2 = encode_tokens_and_pooled(self.text_encoder_2, ids_2, -2)
-        clip = torch.cat([hidden_1, hidden_2], dim=-1).float()  # (2B, W * 77, D1 + D2)
-        width = self.unet.config.joint_attention_dim
-        clip = F.pad(clip, (0, width - clip.shape[-1]))
-        if self.text_encoder_3 is None:
-            t5 = torch.zeros(len(clip), 1, width, device=clip.device)  # stands for T5_TOKENS zero tokens
-        else:
+        t5 = None
+        if self.text_encoder_3 is not None:
             tokens = self.tokenizer_3(prompts + negative, padding="max_length", max_length=T5_TOKENS, truncation=True,
                                       add_special_tokens=True, return_tensors="pt").input_ids
             with torch.no_grad():
                 t5 = self.text_encoder_3(tokens.to(self.text_encoder_3.device))[0].float()
-        self.attention.text_tokens = clip.shape[1]  # the keys prompt-to-prompt edits: the CLIP tokens
+        self.attention.text_tokens = hidden_1.shape[1]  # the keys prompt-to-prompt edits: the CLIP tokens
+        hidden = sd3_context([hidden_1.float(), hidden_2.float()], self.unet.config.joint_attention_dim, t5)
         pooled = torch.cat([pooled_1, pooled_2], dim=-1).float()  # (2B, P1 + P2)
-        both = {"hidden": torch.cat([clip, t5], dim=1), "pooled": pooled}
+        both = {"hidden": hidden, "pooled": pooled}
         return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})
 
     # -- sampling set-up ---------------------------------------------------------------------------------------

@@ -318,14 +318,17 @@ def load_checkpoint(path: str | Path, recipe: str, model_config: dict, models: d
 
 class EMA:
     """An exponential moving average of a model's weights (float32), with the warm-up ``min(decay, (1 + step) /
-    (10 + step))`` (as diffusers' EMAModel); ``state`` is the dict checkpoints save and restore in place."""
+    (10 + step))`` (as diffusers' EMAModel); ``state`` is the dict checkpoints save and restore in place.
+    ``decay = 0`` keeps no average: ``averaged()`` is then a copy of the model itself."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.model, self.decay = model, decay
-        self.state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.state = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if decay else None
 
     @torch.no_grad()
     def update(self, step: int) -> None:
+        if self.state is None:
+            return
         decay = min(self.decay, (1 + step) / (10 + step))
         params = [v.float() for v in self.model.state_dict().values()]
         torch._foreach_lerp_(list(self.state.values()), params, 1.0 - decay)
@@ -335,8 +338,13 @@ class EMA:
         import copy
 
         net = copy.deepcopy(self.model)
-        net.load_state_dict(self.state)
+        if self.state is not None:
+            net.load_state_dict(self.state)
         return net.eval()
+
+    def checkpoint_models(self, model) -> dict:
+        """What a checkpoint saves: the (prepared) model, and the average when there is one."""
+        return {"model": model} if self.state is None else {"model": model, "ema": self.state}
 
 
 def publish_folder(tmp: Path, output: Path, report: dict, max_bytes: int | None, verify,

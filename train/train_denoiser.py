@@ -24,7 +24,6 @@ through ``ldm.denoiser.Denoiser`` and ``ldm.guidance.CFGDenoiser``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -360,7 +359,7 @@ def run(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(unet, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    ema = common.EMA(unwrapped, args.ema_decay) if args.ema_decay else None
+    ema = common.EMA(unwrapped, args.ema_decay)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
         x0, ids, gen = batches.draw(step, micro)  # (B, C, h, w), (B, 77)
@@ -375,23 +374,16 @@ def run(argv: list[str] | None = None) -> dict:
         per_sample = (pred.float() - v).square().mean(dim=(1, 2, 3))  # (B,)
         return (per_sample * loss_weights(ab[t], args.loss_weighting, args.min_snr_gamma)).mean()
 
-    def after_step(step: int) -> None:
-        if ema is not None:
-            ema.update(step)
-
-    def averaged_unet():
-        return ema.averaged() if ema is not None else copy.deepcopy(unwrapped).eval()
-
     def sample_fn(step: int) -> None:
         gen = common.torch_generator(args.seed, common.STREAM_SAMPLE)
-        images = sample_images(averaged_unet(), vae, text_encoder, tokenizer, SAMPLE_PROMPTS, gen,
+        images = sample_images(ema.averaged(), vae, text_encoder, tokenizer, SAMPLE_PROMPTS, gen,
                                args.sample_steps, args.sample_guidance, accelerator.autocast)
         common.save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=len(SAMPLE_PROMPTS))
 
-    models = {"model": model} if ema is None else {"model": model, "ema": ema.state}
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
-                               model=model, optimizer=optimizer, loss_fn=loss_fn, checkpoint_models=models,
-                               log=log, desc="denoiser", after_step=after_step, sample_fn=sample_fn)
+                               model=model, optimizer=optimizer, loss_fn=loss_fn,
+                               checkpoint_models=ema.checkpoint_models(model),
+                               log=log, desc="denoiser", after_step=ema.update, sample_fn=sample_fn)
     if not result["finished"]:
         accelerator.print(f"stopped at step {result['end_step']} of {args.steps}; continue with --resume latest")
         accelerator.end_training()
@@ -400,7 +392,7 @@ def run(argv: list[str] | None = None) -> dict:
                "steps_per_second": result["steps_per_second"], "num_images": len(cache["mean"]),
                "final_loss": result["losses"][-1] if result["losses"] else None}
     if accelerator.is_main_process:
-        final = averaged_unet()
+        final = ema.averaged()
         final.save_pretrained(out / "final" / "unet", safe_serialization=True)
         common.write_json(out / "final" / "schedule.json", SCHEDULE_CONFIG)
         common.finish_run(accelerator, log, out, "denoiser", metrics, out / "final" / "unet")

@@ -24,7 +24,6 @@ latent cache of that recipe is reused when its VAE and data flags match (``--lat
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -115,11 +114,11 @@ def text_tower_with_projection(clip_dir: str | Path):
 def encode_captions(tower, ids: torch.Tensor):
     """SD3's conditioning from token ids ``(B, 77)`` with two copies of one tower: ``context (B, 78, 2D)`` (the
     penultimate states side by side, then one zero token standing for the 256 T5 tokens) and ``pooled (B, 2P)``."""
+    from ldm.text import sd3_context
+
     out = tower(ids, output_hidden_states=True)
     hidden = out.hidden_states[-2]  # (B, 77, D)
-    context = torch.cat([hidden, hidden], dim=-1)
-    context = torch.cat([context, context.new_zeros(len(ids), 1, context.shape[-1])], dim=1)
-    return context, torch.cat([out.text_embeds, out.text_embeds], dim=-1)
+    return sd3_context([hidden, hidden], 2 * hidden.shape[-1]), torch.cat([out.text_embeds, out.text_embeds], -1)
 
 
 def transformer_config(preset: dict, vae_config, tower_config, image_size: int) -> dict:
@@ -318,7 +317,8 @@ def run(argv: list[str] | None = None) -> dict:
     log = common.RunLog(out, accelerator.is_main_process)
     device = accelerator.device
 
-    cache = load_or_build_cache(args, vae, tokenizer, accelerator, Path(args.latent_cache or out / "latents.safetensors"))
+    cache_file = Path(args.latent_cache or out / "latents.safetensors")
+    cache = load_or_build_cache(args, vae, tokenizer, accelerator, cache_file)
     batches = LatentBatches(args, cache, vae.config, token_windows(tokenizer, "")[0], accelerator.process_index)
     tower.to(device)
     vae.to(device)
@@ -327,7 +327,7 @@ def run(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    ema = common.EMA(unwrapped, args.ema_decay) if args.ema_decay else None
+    ema = common.EMA(unwrapped, args.ema_decay)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
         x0, ids, gen = batches.draw(step, micro)  # (B, C, h, w), (B, 77)
@@ -342,23 +342,16 @@ def run(argv: list[str] | None = None) -> dict:
                          pooled_projections=pooled).sample
         return (pred.float() - v).square().mean()
 
-    def after_step(step: int) -> None:
-        if ema is not None:
-            ema.update(step)
-
-    def averaged():
-        return ema.averaged() if ema is not None else copy.deepcopy(unwrapped).eval()
-
     def sample_fn(step: int) -> None:
         gen = common.torch_generator(args.seed, common.STREAM_SAMPLE)
-        images = sample_images(averaged(), vae, tower, tokenizer, SAMPLE_PROMPTS, gen, args.sample_steps,
+        images = sample_images(ema.averaged(), vae, tower, tokenizer, SAMPLE_PROMPTS, gen, args.sample_steps,
                                args.sample_guidance, accelerator.autocast)
         common.save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=len(SAMPLE_PROMPTS))
 
-    models = {"model": model} if ema is None else {"model": model, "ema": ema.state}
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
-                               model=model, optimizer=optimizer, loss_fn=loss_fn, checkpoint_models=models,
-                               log=log, desc="mmdit", after_step=after_step, sample_fn=sample_fn)
+                               model=model, optimizer=optimizer, loss_fn=loss_fn,
+                               checkpoint_models=ema.checkpoint_models(model),
+                               log=log, desc="mmdit", after_step=ema.update, sample_fn=sample_fn)
     if not result["finished"]:
         accelerator.print(f"stopped at step {result['end_step']} of {args.steps}; continue with --resume latest")
         accelerator.end_training()
@@ -367,7 +360,7 @@ def run(argv: list[str] | None = None) -> dict:
                "steps_per_second": result["steps_per_second"], "num_images": len(cache["mean"]),
                "final_loss": result["losses"][-1] if result["losses"] else None}
     if accelerator.is_main_process:
-        final = averaged()
+        final = ema.averaged()
         final.save_pretrained(out / "final" / "transformer", safe_serialization=True)
         tower.save_pretrained(out / "final" / "text_encoder", safe_serialization=True)
         common.write_json(out / "final" / "scheduler_config.json", SCHEDULER_CONFIG)
