@@ -347,14 +347,13 @@ class EMA:
         return {"model": model} if self.state is None else {"model": model, "ema": self.state}
 
 
-def publish_folder(tmp: Path, output: Path, report: dict, max_bytes: int | None, verify,
-                   counted: str = "total_bytes") -> dict:
-    """Finish an assembled model folder written to ``tmp``: refuse it when ``report[counted]`` is over ``max_bytes``
-    (removing it), run ``verify(tmp)`` into ``report["verify"]`` if given, then replace ``output`` with it."""
-    if max_bytes is not None and report[counted] > max_bytes:
+def publish_folder(tmp: Path, output: Path, report: dict, max_bytes: int | None, verify) -> dict:
+    """Finish an assembled model folder written to ``tmp``: refuse it when ``report["total_bytes"]`` is over
+    ``max_bytes`` (removing it), run ``verify(tmp)`` into ``report["verify"]`` if given, then replace ``output``."""
+    if max_bytes is not None and report["total_bytes"] > max_bytes:
         shutil.rmtree(tmp)
-        raise ValueError(f"the assembled model's {counted.replace('_', ' ')} are {report[counted] / 1e6:.2f} MB, "
-                         f"over the {max_bytes / 1e6:.2f} MB limit: {report['bytes']}")
+        raise ValueError(f"the assembled model is {report['total_bytes'] / 1e6:.2f} MB, over the "
+                         f"{max_bytes / 1e6:.2f} MB limit: {report['bytes']}")
     if verify is not None:
         report["verify"] = verify(tmp)
     if output.exists():
@@ -420,7 +419,13 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def folder_size(folder: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    """Bytes of the regular files under ``folder``; symbolic links (a second name for a part stored once) are not
+    followed or counted."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        total += sum(os.lstat(os.path.join(root, f)).st_size for f in files
+                     if not os.path.islink(os.path.join(root, f)))
+    return total
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -38,8 +38,8 @@ SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train
 
 PRESETS: dict[str, dict] = {
     # sample_size, in/out_channels, joint_attention_dim and pooled_projection_dim are filled in from the VAE and
-    # the text towers. 3 joint blocks of width 128 (1.8 M parameters): with two copies of the shapes CLIP tower
-    # (14 MB each in fp16), the VAE and two tokenizers, this keeps the shipped folder within 40 MB.
+    # the text towers. 3 joint blocks of width 128 (1.7 M parameters, 3.6 MB in fp16): the shapes CLIP tower
+    # (14.3 MB, stored once for both SD3 text slots), the VAE (5.2 MB) and the tokenizer dominate the folder.
     "default": {"patch_size": 2, "num_layers": 3, "attention_head_dim": 32, "num_attention_heads": 4,
                 "caption_projection_dim": 128, "pos_embed_max_size": 16},
     "tiny": {"patch_size": 2, "num_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
@@ -192,7 +192,7 @@ def sample_images(transformer, vae, tower, tokenizer, prompts, generator: torch.
 def assemble(final_dir, vae_dir, tokenizer_dir, output, dtype=torch.float16, max_bytes: int | None = 40_000_000,
              verify: bool = True, card: str | None = None) -> dict:
     """Write a diffusers ``StableDiffusion3Pipeline`` folder (transformer, vae, text_encoder and text_encoder_2 =
-    the same tower, tokenizer and tokenizer_2, flow scheduler; no T5) in ``dtype``; check its weights' size and, with
+    links to the same tower, tokenizer and tokenizer_2, flow scheduler; no T5) in ``dtype``; check its size and, with
     ``verify``, that diffusers loads it offline and generates finite pixels. Returns sizes and parameter counts."""
     import shutil
 
@@ -223,10 +223,13 @@ def assemble(final_dir, vae_dir, tokenizer_dir, output, dtype=torch.float16, max
     tmp.mkdir(parents=True)
     torch.nn.Module.to(transformer, dtype).save_pretrained(str(tmp / "transformer"), safe_serialization=True)
     torch.nn.Module.to(vae, dtype).save_pretrained(str(tmp / "vae"), safe_serialization=True)
-    for name in ("text_encoder", "text_encoder_2"):
-        save_text_encoder(torch.nn.Module.to(tower, dtype), tmp / name)
-    for name in ("tokenizer", "tokenizer_2"):
-        save_tokenizer_files(tokenizer, tmp / name)
+    save_text_encoder(torch.nn.Module.to(tower, dtype), tmp / "text_encoder")
+    save_tokenizer_files(tokenizer, tmp / "tokenizer")
+    # Both SD3 text slots hold the same tower and tokenizer: the second slots are relative links to the first, so
+    # the folder stores them once (diffusers and transformers read through the links; a copy of the folder made
+    # with shutil.copytree or cp -rL holds two real copies and loads the same).
+    for link, target in (("text_encoder_2", "text_encoder"), ("tokenizer_2", "tokenizer")):
+        (tmp / link).symlink_to(target, target_is_directory=True)
     FlowMatchEulerDiscreteScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "_class_name"}
                                     ).save_pretrained(str(tmp / "scheduler"))
     index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": __import__("diffusers").__version__,
@@ -243,10 +246,9 @@ def assemble(final_dir, vae_dir, tokenizer_dir, output, dtype=torch.float16, max
     parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     report = {"params": {"transformer": common.count_parameters(transformer), "vae": common.count_parameters(vae),
                          "text_encoder": common.count_parameters(tower)},
-              "bytes": {sub: common.folder_size(tmp / sub) for sub in parts}, "total_bytes": common.folder_size(tmp),
-              "weight_bytes": sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))}
-    # The budget counts the weights (fp16 safetensors); the two tokenizer vocabularies add 3 MB of text files.
-    return common.publish_folder(tmp, output, report, max_bytes, verify_folder if verify else None, "weight_bytes")
+              "bytes": {sub: common.folder_size(tmp / sub) for sub in parts if not (tmp / sub).is_symlink()},
+              "total_bytes": common.folder_size(tmp)}
+    return common.publish_folder(tmp, output, report, max_bytes, verify_folder if verify else None)
 
 
 def model_card(run_dir: str | Path) -> str:
