@@ -10,8 +10,8 @@ the sampler's step index, set by the pipeline from the sampler's callback, never
 
 MMDiT models (SD3, Esser et al. 2024) have no cross-attention: image and text tokens attend jointly
 (:class:`JointControlledAttnProcessor`). There the controller sees the image-query rows: the image -> text block
-(the CLIP tokens only) as cross-attention and the image -> image block as self-attention, and the rows are
-renormalised after it has edited them.
+(the CLIP tokens only) as cross-attention and the image -> image block as self-attention; what it returns for a
+block is scaled back to the row's own attention mass on that block.
 """
 from __future__ import annotations
 
@@ -177,16 +177,17 @@ class JointControlledAttnProcessor:
 
     def control(self, controller, probs: torch.Tensor, n_image: int, joint: bool) -> torch.Tensor:
         """Let the controller edit the image-query rows' image -> CLIP-text block (as cross-attention) and image ->
-        image block (as self-attention); the edited rows are renormalised to sum to 1."""
+        image block (as self-attention). Each edited block is scaled back to the row's own mass on that block: a
+        replaced map takes the source's distribution over the block's keys while keeping how much the edited image
+        attends to text and to itself, so rows still sum to 1 (and reweighting changes a word's share)."""
         step = self.hook.step
         if not joint:
             return controller(probs, is_cross=False, place=self.place, step=step)
-        text = slice(n_image, n_image + self.hook.text_tokens)
         rows = probs[:, :, :n_image].clone()  # (B, H, N, N + Lc)
-        rows[..., text] = controller(rows[..., text].contiguous(), is_cross=True, place=self.place, step=step)
-        rows[..., :n_image] = controller(rows[..., :n_image].contiguous(), is_cross=False, place=self.place,
-                                         step=step)
-        rows = rows / rows.sum(dim=-1, keepdim=True)
+        for block, is_cross in ((slice(n_image, n_image + self.hook.text_tokens), True), (slice(0, n_image), False)):
+            mass = rows[..., block].sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+            edited = controller(rows[..., block].contiguous(), is_cross=is_cross, place=self.place, step=step)
+            rows[..., block] = edited * (mass / edited.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(rows.dtype).tiny))
         return torch.cat([rows, probs[:, :, n_image:]], dim=2)
 
 
