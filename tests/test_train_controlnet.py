@@ -91,3 +91,33 @@ class MaskPainter:
 def test_iou_measure_on_perfect_masks():
     result = evaluate_iou(MaskPainter(), "mask", count=4)
     assert result["mean_iou"] > 0.9 and result["iou>=0.8"] == 1.0
+
+
+class ScaledMaskPainter(MaskPainter):
+    """Paints the control mask only when the conditioning scale is at least 1 (else nothing): what `ldm eval --task
+    controlnet` reports per scale must follow."""
+
+    def load_controlnet(self, path):
+        self.loaded = path
+
+    def __call__(self, prompt, control_image, controlnet_conditioning_scale=1.0, **settings):
+        if controlnet_conditioning_scale >= 1.0:
+            return super().__call__(prompt, control_image)
+        blank = Image.fromarray(np.full((64, 64, 3), 255, np.uint8))
+        return type("Output", (), {"images": [blank]})
+
+
+def test_eval_task_controlnet_reports_iou_per_scale(tmp_path):
+    import argparse
+    import json
+
+    from train.eval_model import controlnet_main
+
+    pipe = ScaledMaskPainter()
+    args = argparse.Namespace(controlnet="cn-folder", control="mask", scenes=3, steps=4, cfg=7.5,
+                              json=str(tmp_path / "iou.json"))
+    assert controlnet_main(pipe, args) == 0 and pipe.loaded == "cn-folder"
+    results = json.loads((tmp_path / "iou.json").read_text())
+    assert [results[s]["mean_iou"] > 0.9 for s in ("0.0", "0.5", "1.0", "1.5")] == [False, False, True, True]
+    with pytest.raises(ValueError, match="needs --controlnet"):
+        controlnet_main(pipe, argparse.Namespace(controlnet=None))

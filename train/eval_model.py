@@ -98,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="also write all results to this JSON file")
     parser.add_argument("--grid", help="write the first setting's images (seed 0 of every prompt) to this PNG")
-    parser.add_argument("--task", choices=["generation", "editing"], default="generation",
-                        help="editing: inversion, prompt-to-prompt, inpainting and SDEdit tables (train/eval_editing.py)")
+    parser.add_argument("--task", choices=["generation", "editing", "controlnet"], default="generation",
+                        help="editing: inversion, prompt-to-prompt, inpainting and SDEdit tables (train/eval_editing.py); "
+                             "controlnet: mask IoU of held-out scenes vs conditioning scale (needs --controlnet)")
+    parser.add_argument("--controlnet", help="with --task controlnet: the trained ControlNet folder")
+    parser.add_argument("--control", default="mask", help="with --task controlnet: its control type")
+    parser.add_argument("--scenes", type=int, default=16, help="with --task controlnet: held-out scenes per scale")
     parser.add_argument("--tables", nargs="+", default=None, help="with --task editing: which tables "
                         "(inversion p2p p2p_real inpaint sdedit; default all)")
     args = parser.parse_args(argv)
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                                                dtype=pick_dtype(args.dtype))
     if args.task == "editing":
         return editing_main(pipe, args)
+    if args.task == "controlnet":
+        return controlnet_main(pipe, args)
     base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg)
     if args.sweep == "guidance":
         runs = [(f"CFG {g}", {**base, "guidance_scale": g}) for g in (1.0, 3.0, 5.0, 7.5)]
@@ -145,6 +151,27 @@ def editing_main(pipe, args) -> int:
         results[name] = evaluate_editing(pipe, [name])[name]
         print(f"## {name}")
         print(json.dumps(results[name], indent=1))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=1)
+    return 0
+
+
+def controlnet_main(pipe, args) -> int:
+    """``ldm eval --task controlnet``: mean IoU between each held-out scene's object mask and the objects the
+    evaluator finds in the image generated from its control and caption, at conditioning scales 0 (the base
+    model), 0.5, 1 and 1.5 (``train.train_controlnet.evaluate_iou``)."""
+    from train.train_controlnet import evaluate_iou
+
+    if not args.controlnet:
+        raise ValueError("--task controlnet needs --controlnet FOLDER")
+    pipe.load_controlnet(args.controlnet)
+    results = {}
+    for scale in (0.0, 0.5, 1.0, 1.5):
+        results[scale] = evaluate_iou(pipe, args.control, count=args.scenes, scale=scale, steps=args.steps,
+                                      guidance=args.cfg)
+        print(f"scale {scale}: mean IoU {results[scale]['mean_iou']:.3f}, IoU >= 0.8 in "
+              f"{100 * results[scale]['iou>=0.8']:.0f} % of {args.scenes} scenes", flush=True)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=1)
