@@ -55,3 +55,25 @@ def test_two_tone_mark_of_the_dreambooth_subject():
                 found = detect_objects(image, BASE_SHAPES + EXTRA_SHAPES).objects[0]
                 marks[two_tone].append(is_two_tone(image, found))
     assert sum(marks[True]) >= 8 and not any(marks[False])
+
+
+class ForgetfulPipe:
+    """Stands in for a pipeline whose img2img returns the render below strength 0.5 and a blank image above."""
+
+    vae_scale_factor = 8
+
+    class unet:
+        class config:
+            sample_size = 16
+
+    def img2img(self, image, prompt, strength, **settings):
+        out = image if strength < 0.5 else render(Scene("white", (), image_size=128))
+        return type("Output", (), {"images": [out]})
+
+
+def test_resample_table_reads_where_the_model_forgets():
+    from train.eval_editing import resample_table
+
+    table = resample_table(ForgetfulPipe(), strengths=(0.2, 0.8), count=4, guidances=(1.0,))
+    assert table["CFG 1.0, strength 0.2"] == {"shape": 1.0, "all": 1.0}
+    assert table["CFG 1.0, strength 0.8"] == {"shape": 0.0, "all": 0.0}

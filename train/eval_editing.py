@@ -203,8 +203,32 @@ def sdedit_table(pipe, strengths=(0.2, 0.4, 0.6, 0.8, 1.0), count: int = 16, ste
     return table
 
 
+def resample_table(pipe, strengths=(0.2, 0.4, 0.6, 0.8, 1.0), count: int = 24, steps: int = 20,
+                   guidances=(1.0, 7.5), seed: int = 5) -> dict:
+    """SDEdit of renders towards their own caption: for each strength (how far down the schedule the render's
+    latent is noised) and guidance, how often the evaluator still reads the caption's shape, and everything
+    (colour + shape + position). A model that had learnt the world would keep them at every strength below 1;
+    the strength where they drop is where along the schedule the model loses what the render showed."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    material = single_object_scenes(count, seed, size)
+    table = {}
+    for guidance in guidances:
+        for strength in strengths:
+            shape, everything = [], []
+            for k, (scene, caption) in enumerate(material):
+                out = pipe.img2img(render(scene), caption, strength=strength, seed=k, num_inference_steps=steps,
+                                   guidance_scale=guidance, progress=False).images[0]
+                result = score(parse_prompt(caption), out)
+                shape.append(result["shape"])
+                everything.append(result["all"])
+            table[f"CFG {guidance}, strength {strength}"] = {"shape": float(np.mean(shape)),
+                                                               "all": float(np.mean(everything))}
+    return table
+
+
 TABLES = {"inversion": inversion_table, "p2p": p2p_generated_table, "p2p_real": p2p_real_table,
-          "inpaint": inpaint_table, "sdedit": sdedit_table}
+          "inpaint": inpaint_table, "sdedit": sdedit_table,
+          "resample": resample_table}
 
 
 def evaluate_editing(pipe, tables=tuple(TABLES)) -> dict:
