@@ -421,11 +421,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 def folder_size(folder: str | Path) -> int:
     """Bytes of the regular files under ``folder``; symbolic links (a second name for a part stored once) are not
     followed or counted."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        total += sum(os.lstat(os.path.join(root, f)).st_size for f in files
-                     if not os.path.islink(os.path.join(root, f)))
-    return total
+    paths = (os.path.join(root, name) for root, _, files in os.walk(folder) for name in files)
+    return sum(os.lstat(path).st_size for path in paths if not os.path.islink(path))
 
 
 def write_json(path: str | Path, data: Any) -> None:

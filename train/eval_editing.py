@@ -210,15 +210,16 @@ def resample_table(pipe, strengths=(0.2, 0.4, 0.6, 0.8, 1.0), count: int = 24, s
     (colour + shape + position). A model that had learnt the world would keep them at every strength below 1;
     the strength where they drop is where along the schedule the model loses what the render showed."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    material = single_object_scenes(count, seed, size)
+    scenes = single_object_scenes(count, seed, size)
+    material = [(render(scene), caption, parse_prompt(caption)) for scene, caption in scenes]  # rendered once
     table = {}
     for guidance in guidances:
         for strength in strengths:
             shape, everything = [], []
-            for k, (scene, caption) in enumerate(material):
-                out = pipe.img2img(render(scene), caption, strength=strength, seed=k, num_inference_steps=steps,
+            for k, (image, caption, expected) in enumerate(material):
+                out = pipe.img2img(image, caption, strength=strength, seed=k, num_inference_steps=steps,
                                    guidance_scale=guidance, progress=False).images[0]
-                result = score(parse_prompt(caption), out)
+                result = score(expected, out)
                 shape.append(result["shape"])
                 everything.append(result["all"])
             table[f"CFG {guidance}, strength {strength}"] = {"shape": float(np.mean(shape)),
@@ -227,8 +228,7 @@ def resample_table(pipe, strengths=(0.2, 0.4, 0.6, 0.8, 1.0), count: int = 24, s
 
 
 TABLES = {"inversion": inversion_table, "p2p": p2p_generated_table, "p2p_real": p2p_real_table,
-          "inpaint": inpaint_table, "sdedit": sdedit_table,
-          "resample": resample_table}
+          "inpaint": inpaint_table, "sdedit": sdedit_table, "resample": resample_table}
 
 
 def evaluate_editing(pipe, tables=tuple(TABLES)) -> dict:

@@ -243,11 +243,10 @@ def assemble(final_dir, vae_dir, tokenizer_dir, output, dtype=torch.float16, max
     common.write_json(tmp / "model_index.json", index)
     if card:
         (tmp / "README.md").write_text(card)
-    parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")  # the stored ones, not the links
     report = {"params": {"transformer": common.count_parameters(transformer), "vae": common.count_parameters(vae),
                          "text_encoder": common.count_parameters(tower)},
-              "bytes": {sub: common.folder_size(tmp / sub) for sub in parts if not (tmp / sub).is_symlink()},
-              "total_bytes": common.folder_size(tmp)}
+              "bytes": {sub: common.folder_size(tmp / sub) for sub in parts}, "total_bytes": common.folder_size(tmp)}
     return common.publish_folder(tmp, output, report, max_bytes, verify_folder if verify else None)
 
 
