@@ -187,7 +187,8 @@ class JointControlledAttnProcessor:
         for block, is_cross in ((slice(n_image, n_image + self.hook.text_tokens), True), (slice(0, n_image), False)):
             mass = rows[..., block].sum(dim=-1, keepdim=True)  # (B, H, N, 1)
             edited = controller(rows[..., block].contiguous(), is_cross=is_cross, place=self.place, step=step)
-            rows[..., block] = edited * (mass / edited.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(rows.dtype).tiny))
+            edited_mass = edited.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(rows.dtype).tiny)
+            rows[..., block] = edited * (mass / edited_mass)
         return torch.cat([rows, probs[:, :, n_image:]], dim=2)
 
 

@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write all results to this JSON file")
     parser.add_argument("--grid", help="write the first setting's images (seed 0 of every prompt) to this PNG")
     parser.add_argument("--task", choices=["generation", "editing", "controlnet"], default="generation",
-                        help="editing: inversion, prompt-to-prompt, inpainting and SDEdit tables (train/eval_editing.py); "
-                             "controlnet: mask IoU of held-out scenes vs conditioning scale (needs --controlnet)")
+                        help="editing: inversion, prompt-to-prompt, inpainting and SDEdit tables "
+                             "(train/eval_editing.py); controlnet: mask IoU of held-out scenes vs conditioning scale "
+                             "(needs --controlnet)")
     parser.add_argument("--controlnet", help="with --task controlnet: the trained ControlNet folder")
     parser.add_argument("--control", default="mask", help="with --task controlnet: its control type")
     parser.add_argument("--scenes", type=int, default=16, help="with --task controlnet: held-out scenes per scale")
