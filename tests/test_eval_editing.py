@@ -41,20 +41,19 @@ def test_swaps_keep_the_token_count():
         assert len(tokenizer(caption)["input_ids"]) == len(tokenizer(target)["input_ids"])
 
 
-def test_two_tone_mark_of_the_dreambooth_subject():
-    from train.eval_finetune import is_two_tone
+def test_dreambooth_subject_is_read_back_and_survives_the_shipped_vae():
+    """The subject check finds the purple ring in its renders and not in look-alikes; the shipped VAE keeps it
+    (a denoiser on these latents can draw it), which is why the subject is not a two-tone heart."""
+    from pipelines.text_to_image import TextToImagePipeline
+    from train.eval_finetune import is_subject, subject_images, subject_survives_vae
     from train.evaluate import BASE_SHAPES, detect_objects
     from train.shapes import EXTRA_SHAPES
 
-    marks = {True: [], False: []}
-    for two_tone in (True, False):
-        for background in ("white", "black", "gray"):
-            for position in ("top left", "center", "bottom right"):
-                image = render(Scene(background, (make_object("red", "heart", position, "large", 128,
-                                                              two_tone=two_tone),), image_size=128))
-                found = detect_objects(image, BASE_SHAPES + EXTRA_SHAPES).objects[0]
-                marks[two_tone].append(is_two_tone(image, found))
-    assert sum(marks[True]) >= 8 and not any(marks[False])
+    subjects = subject_images()
+    assert all(is_subject(detect_objects(image, BASE_SHAPES + EXTRA_SHAPES)) for image in subjects)
+    for look_alike in (scene("purple", "circle"), scene("green", "ring"), scene("purple", "heart")):
+        assert not is_subject(detect_objects(look_alike, BASE_SHAPES + EXTRA_SHAPES))
+    assert subject_survives_vae(TextToImagePipeline.from_pretrained(), subjects) == 1.0
 
 
 class ForgetfulPipe:

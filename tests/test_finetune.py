@@ -1,6 +1,7 @@
 """DreamBooth / LoRA recipes at smoke scale: the loss is eq. 2 of the paper, resumed training equals uninterrupted
 training, class images are generated once and checked, bad input is refused before anything is written."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from safetensors.torch import load_file
 from pipelines.cli import main as ldm
 from pipelines.metadata import parse_parameters
 from pipelines.random_models import save_random_model
-from train.datasets import DatasetError
-from train.finetune import prior_preservation_loss, run, training_target
+from train.datasets import DatasetError, scan_folder
+from train.finetune import instance_captions, prior_preservation_loss, run, training_target
 
 from test_lora import render_subjects
 
@@ -115,3 +116,20 @@ def test_bad_input_writes_nothing(setup, tmp_path, capsys):
     assert ldm(["generate", "a sks shape", "-o", str(image), "--model", str(model), "--steps", "2", "--seed", "1",
                 "--lora", f"{out / 'final' / 'pytorch_lora_weights.safetensors'}:0.5"]) == 0
     assert parse_parameters(Image.open(image).info["parameters"])["loras"].endswith(":0.5")
+
+
+def test_instance_images_may_carry_their_own_captions(setup, tmp_path):
+    """Captions beside instance images (kohya style) replace the instance prompt for those images; each must name
+    the identifier, else the run stops before writing anything."""
+    model, subjects = setup
+    captioned = tmp_path / "captioned"
+    shutil.copytree(subjects, captioned)
+    files = sorted(captioned.glob("*.png"))
+    files[0].with_suffix(".txt").write_text("a sks shape at the top left")
+    captions = instance_captions(scan_folder(captioned, captions="optional"), "a sks shape", "sks")
+    assert captions == ["a sks shape at the top left"] + ["a sks shape"] * (len(files) - 1)
+    files[1].with_suffix(".txt").write_text("a heart at the top left")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"captions of {files[1].name} do not contain the identifier 'sks'"):
+        run(dreambooth_args(model, captioned, out, "--steps", "1"), "dreambooth")
+    assert not out.exists()

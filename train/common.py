@@ -523,6 +523,16 @@ def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_conf
             "steps_per_second": done / elapsed if done else None}
 
 
+def stopped_early(accelerator, result: dict, total_steps: int) -> bool:
+    """After :func:`train_loop`: True when ``--stop-after`` cut the run short; then it has said how to continue and
+    ended the run, and the recipe returns without saving a final model."""
+    if result["finished"]:
+        return False
+    accelerator.print(f"stopped at step {result['end_step']} of {total_steps}; continue with --resume latest")
+    accelerator.end_training()
+    return True
+
+
 def finish_run(accelerator, log: "RunLog", out: Path, label: str, metrics: dict, saved: Path) -> None:
     """Write ``metrics.json``, the final log record and a one-line summary of what was saved where."""
     write_json(out / "metrics.json", metrics)

@@ -1,15 +1,20 @@
 """The fine-tuning issue's DreamBooth table: a subject the base model never saw, learnt from 4 renders.
 
-The subject is a two-tone red heart (the renderer can draw it; the base vocabulary has no hearts). DreamBooth
-(``train/finetune.py``) binds it to "sks" with full fine-tuning or LoRA, with or without prior preservation.
-For each variant we report:
+The subject is a purple ring (the renderer draws rings; the base vocabulary has none, so the base model never
+saw one). DreamBooth (``train/finetune.py``) binds it to "sks" with full fine-tuning or LoRA, with or without
+prior preservation. For each variant we report:
 
 * placement: "a sks shape at <position> [on a <background> background]" over several seeds; the evaluator
-  (all shapes, hearts included) must find the subject — a heart whose right half is a lighter tint of its left
-  half (the two-tone mark; a heart alone is not enough, since the evaluator reads many blobs as hearts) — at the
-  asked position (and the asked background);
+  (all shapes, rings included) must find the subject — a purple ring — at the asked position (and the asked
+  background);
 * language drift: the base model's own single-object accuracy on the evaluation prompts, before and after;
 * training time and the size of what was saved.
+
+A two-tone heart, the issue's other example and this table's subject until 2026-11, cannot serve: the shipped
+VAE, trained on flat colours, paints both halves of it one colour, so no denoiser on its latents can draw the
+mark (the lighter right half was read on 3 of the 4 subject renders and on none of their round trips; the
+fine-tuned models drew plain red hearts). ``subject_survives_vae`` checks the ring: 4 of 4 round trips are
+still read as a purple ring at the same place.
 
 Run: ``python -m train.eval_finetune --work-dir runs/dreambooth [--model weights/shapes-unet]``.
 """
@@ -26,20 +31,52 @@ import numpy as np
 from train.evaluate import BASE_SHAPES, detect_objects, evaluate_pairs
 from train.shapes import EXTRA_SHAPES, Scene, make_object, render
 
+SUBJECT_COLOR, SUBJECT_SHAPE = "purple", "ring"
 SUBJECT_POSITIONS = ("top left", "center", "bottom right", "top right")
+SUBJECT_BACKGROUNDS = ("white", "gray", "black", "white")
 PLACEMENT_PROMPTS = (("top left", None), ("bottom right", None), ("top right", "black"), ("bottom left", "gray"),
                      ("center", "white"), ("top", None), ("left", "black"), ("bottom", None))
 VARIANTS = (("full", 1.0), ("full", 0.0), ("lora", 1.0), ("lora", 0.0))
 
 
+def subject_images(size: int = 128) -> list:
+    """Four renders of the subject at different places and backgrounds."""
+    return [render(Scene(background, (make_object(SUBJECT_COLOR, SUBJECT_SHAPE, position, "large", size),),
+                         image_size=size))
+            for position, background in zip(SUBJECT_POSITIONS, SUBJECT_BACKGROUNDS)]
+
+
 def write_subject(folder: Path, size: int = 128) -> Path:
-    """Four renders of the subject (two-tone red heart) at different places and backgrounds."""
+    """The subject renders as ``subject-<k>.png`` (no captions: they share the instance prompt)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for k, (position, background) in enumerate(zip(SUBJECT_POSITIONS, ("white", "gray", "black", "white"))):
-        scene = Scene(background, (make_object("red", "heart", position, "large", size, two_tone=True),),
-                      image_size=size)
-        render(scene).save(folder / f"subject-{k}.png")
+    for k, image in enumerate(subject_images(size)):
+        image.save(folder / f"subject-{k}.png")
     return folder
+
+
+def is_subject(found) -> bool:
+    """The evaluator's largest object is the subject (its shape and colour)."""
+    obj = found.objects[0] if found.objects else None
+    return obj is not None and obj.shape == SUBJECT_SHAPE and obj.color == SUBJECT_COLOR
+
+
+def subject_survives_vae(pipe, images) -> float:
+    """Fraction of ``images`` whose VAE round trip (posterior mean) the evaluator still reads as the subject at
+    the same place: the ceiling on what any denoiser on these latents can learn to draw."""
+    import torch
+
+    pixels = torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image in images])
+    pixels = pixels.float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        decoded = pipe.to_pil(pipe.decode(latents))
+    kept = []
+    for image, back in zip(images, decoded):
+        before, after = (detect_objects(x, BASE_SHAPES + EXTRA_SHAPES) for x in (image, back))
+        kept.append(is_subject(before) and is_subject(after)
+                    and after.objects[0].position == before.objects[0].position)
+    return float(np.mean(kept))
 
 
 def placement_prompt(position: str, background: str | None) -> str:
@@ -47,37 +84,20 @@ def placement_prompt(position: str, background: str | None) -> str:
     return f"a sks shape {where}" + (f" on a {background} background" if background else "")
 
 
-TWO_TONE_CONTRAST = 40.0  # RGB distance between the halves' median colours (a render's is ~120)
-
-
-def is_two_tone(image, obj) -> bool:
-    """The subject's mark: the right half of the object is clearly lighter than the left half."""
-    pixels = np.asarray(image, dtype=np.float64)[..., :3]
-    columns = np.arange(obj.mask.shape[1])[None, :]
-    left = pixels[obj.mask & (columns < obj.centroid[0] - 1)]
-    right = pixels[obj.mask & (columns > obj.centroid[0] + 1)]
-    if len(left) < 4 or len(right) < 4:
-        return False
-    lighter = np.median(right, axis=0) - np.median(left, axis=0)
-    return bool(np.linalg.norm(lighter) > TWO_TONE_CONTRAST and lighter.sum() > 0)
-
-
 def placement(pipe, seeds: int = 4, steps: int = 20, guidance: float = 7.5) -> dict:
-    """Fractions of generations where the evaluator finds the subject (a two-tone heart) at the asked position
-    (and background), and where it finds any heart."""
-    hits, hearts, subjects = [], [], []
+    """Fractions of generations where the evaluator finds the subject at the asked position (and background),
+    finds the subject anywhere, and finds any ring."""
+    hits, subjects, rings = [], [], []
     for position, background in PLACEMENT_PROMPTS:
         images = pipe([placement_prompt(position, background)] * seeds, seed=0, num_inference_steps=steps,
                       guidance_scale=guidance, progress=False).images
         for image in images:
             found = detect_objects(image, BASE_SHAPES + EXTRA_SHAPES)
-            obj = found.objects[0] if found.objects else None
-            is_heart = obj is not None and obj.shape == "heart"
-            is_subject = is_heart and is_two_tone(image, obj)
-            hearts.append(is_heart)
-            subjects.append(is_subject)
-            hits.append(is_subject and obj.position == position and background in (None, found.background))
-    return {"placement": float(np.mean(hits)), "subject": float(np.mean(subjects)), "heart": float(np.mean(hearts)),
+            subject = is_subject(found)
+            rings.append(bool(found.objects) and found.objects[0].shape == SUBJECT_SHAPE)
+            subjects.append(subject)
+            hits.append(subject and found.objects[0].position == position and background in (None, found.background))
+    return {"placement": float(np.mean(hits)), "subject": float(np.mean(subjects)), "ring": float(np.mean(rings)),
             "count": len(hits)}
 
 
@@ -107,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.eval_finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--model", default=None, help="base model (default: the shipped one)")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr-full", default="1e-4", help="full fine-tune learning rate (this UNet is ~300x "
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--lr-full", default="3e-4", help="full fine-tune learning rate (this UNet is ~300x "
                         "smaller than SD's, whose DreamBooth default is 5e-6)")
     parser.add_argument("--lr-lora", default="1e-3", help="LoRA learning rate")
     parser.add_argument("--rank", default="8")
@@ -122,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.model) if args.model else DEFAULT_MODEL
     subject = write_subject(work / "subject")
     base_pipe = TextToImagePipeline.from_pretrained(base)
-    rows = {"base model": {"placement": placement(base_pipe, args.seeds)["placement"],
-                           "base accuracy": base_accuracy(base_pipe, args.drift_seeds)}}
+    rows = {"base model": {**placement(base_pipe, args.seeds),
+                           "base accuracy": base_accuracy(base_pipe, args.drift_seeds),
+                           "subject survives the VAE": subject_survives_vae(base_pipe, subject_images())}}
     for variant in args.variants:
         method, _, prior = variant.partition(":")
         out = work / f"{method}-prior{prior}"

@@ -2,8 +2,9 @@
 
 ``ldm train dreambooth``: Ruiz et al. 2022, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for
 Subject-Driven Generation". 3-5 images of a subject are bound to a rare identifier in an instance prompt ("a sks
-shape"). Class-specific prior preservation (sec. 4.2, eq. 2) keeps the model's knowledge of the class: before
-training the model itself generates ``--num-class-images`` images of the class prompt ("a shape", cached in
+shape"; an image with its own caption naming the identifier, as kohya's trainers take them, uses that caption).
+Class-specific prior preservation (sec. 4.2, eq. 2) keeps the model's knowledge of the class: before training
+the model itself generates ``--num-class-images`` images of the class prompt ("a shape", cached in
 ``<output-dir>/class_images``), and every step adds their denoising loss with weight lambda:
 
     L = E[ w_t || x_hat(a_t x + s_t eps) - x ||^2 ] + lambda E[ w_t' || x_hat(a_t' x_pr + s_t' eps') - x_pr ||^2 ]
@@ -53,8 +54,11 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
     g = p.add_argument_group(recipe)
     g.add_argument("--model", default=None, help="base model folder (default: the shipped default model)")
     if recipe == "dreambooth":
-        g.add_argument("--instance-data", required=True, help="folder of 3-5 subject images (captions not needed)")
-        g.add_argument("--instance-prompt", required=True, help='e.g. "a sks shape"; must contain --identifier')
+        g.add_argument("--instance-data", required=True,
+                       help="folder of 3-5 subject images; an image's own caption (metadata.jsonl or .txt, "
+                            "containing the identifier) replaces the instance prompt for that image")
+        g.add_argument("--instance-prompt", required=True,
+                       help='e.g. "a sks shape"; must contain --identifier; used for uncaptioned images')
         g.add_argument("--identifier", default="sks", help="the rare token naming the subject")
         g.add_argument("--class-prompt", default=None, help='e.g. "a shape"; needed for prior preservation')
         g.add_argument("--prior-loss-weight", type=float, default=1.0, help="lambda of eq. 2; 0 = no prior loss")
@@ -81,13 +85,29 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- checks
 
 
+def names_identifier(text: str, identifier: str) -> bool:
+    """Whether ``text`` contains ``identifier`` as a whole word."""
+    return re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", text) is not None
+
+
 def check_instance_prompt(prompt: str, identifier: str) -> None:
     """The instance prompt must name the subject by its identifier, as a whole word."""
     if not identifier.strip():
         raise ValueError("--identifier must not be empty")
-    if not re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", prompt):
+    if not names_identifier(prompt, identifier):
         raise ValueError(f"--instance-prompt {prompt!r} does not contain the identifier {identifier!r}; "
                          f"write it as e.g. \"a {identifier} shape\" (or set --identifier)")
+
+
+def instance_captions(examples, instance_prompt: str, identifier: str) -> list[str]:
+    """DreamBooth captions: each image's own caption where it has one (kohya-style per-image captions such as
+    "a sks shape at the top left"), else the instance prompt. Every caption must name the identifier."""
+    captions = [e.caption or instance_prompt for e in examples]
+    missing = [e.path.name for e, caption in zip(examples, captions) if not names_identifier(caption, identifier)]
+    if missing:
+        raise ValueError(f"the captions of {', '.join(missing)} do not contain the identifier {identifier!r}; "
+                         f"add it (\"a {identifier} shape ...\") or remove them to use --instance-prompt")
+    return captions
 
 
 def check_args(args: argparse.Namespace, recipe: str) -> None:
@@ -237,6 +257,8 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     check_args(args, recipe)
     data_dir = args.instance_data if recipe == "dreambooth" else args.data
     examples = scan_folder(data_dir, captions="optional" if recipe == "dreambooth" else "required")
+    captions = (instance_captions(examples, args.instance_prompt, args.identifier) if recipe == "dreambooth"
+                else [e.caption for e in examples])
     base = Path(args.model) if args.model else DEFAULT_MODEL
     pipe = TextToImagePipeline.from_pretrained(base)
     if pipe.is_flow:
@@ -258,7 +280,6 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
 
     # Subject / dataset images and captions; class images from the base model, before any weight changes.
     pixels = load_pixels([e.path for e in examples], resolution, args.resize)
-    captions = [args.instance_prompt] * len(examples) if recipe == "dreambooth" else [e.caption for e in examples]
     class_latents = None
     if args.prior_loss_weight > 0:
         folder = Path(args.class_data_dir) if args.class_data_dir else out / "class_images"
@@ -330,8 +351,7 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
                                model=modules, optimizer=optimizer, loss_fn=loss_fn,
                                checkpoint_models=checkpoint_models, log=log, desc=recipe, sample_fn=sample_fn)
     modules.eval()
-    if not result["finished"]:
-        accelerator.print(f"stopped at step {result['end_step']} of {args.steps}; continue with --resume latest")
+    if common.stopped_early(accelerator, result, args.steps):
         return result
     saved = save_final(args, pipe, base, out / "final") if accelerator.is_main_process else None
     metrics = {"steps": args.steps, "method": args.method, "trainable_params": sum(p.numel() for p in

@@ -195,9 +195,7 @@ def run(argv: list[str] | None = None) -> dict:
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config, model=model,
                                optimizer=optimizer, loss_fn=loss_fn, checkpoint_models={"controlnet": model},
                                log=log, desc=RECIPE, sample_fn=sample_fn)
-    if not result["finished"]:
-        accelerator.print(f"stopped at step {result['end_step']} of {args.steps}; continue with --resume latest")
-        accelerator.end_training()
+    if common.stopped_early(accelerator, result, args.steps):
         return result
     final = out / "final" / "controlnet"
     metrics = {"steps": args.steps, "control": args.control, "params": common.count_parameters(model),

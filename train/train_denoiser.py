@@ -384,9 +384,7 @@ def run(argv: list[str] | None = None) -> dict:
                                model=model, optimizer=optimizer, loss_fn=loss_fn,
                                checkpoint_models=ema.checkpoint_models(model),
                                log=log, desc="denoiser", after_step=ema.update, sample_fn=sample_fn)
-    if not result["finished"]:
-        accelerator.print(f"stopped at step {result['end_step']} of {args.steps}; continue with --resume latest")
-        accelerator.end_training()
+    if common.stopped_early(accelerator, result, args.steps):
         return result
     metrics = {"steps": args.steps, "params": common.count_parameters(unwrapped), "batch_size": args.batch_size,
                "steps_per_second": result["steps_per_second"], "num_images": len(cache["mean"]),

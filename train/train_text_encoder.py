@@ -200,9 +200,7 @@ def run(argv: list[str] | None = None) -> dict:
                                model=model, optimizer=optimizer, loss_fn=loss_fn,
                                checkpoint_models={"model": model}, log=log, desc="text-encoder",
                                after_step=after_step, sample_fn=sample_fn)
-    if not result["finished"]:
-        accelerator.print(f"stopped at step {result['end_step']} of {args.steps}; continue with --resume latest")
-        accelerator.end_training()
+    if common.stopped_early(accelerator, result, args.steps):
         return result
     clip = accelerator.unwrap_model(model).eval()
     text = text_model_from_clip(clip)

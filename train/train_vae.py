@@ -242,9 +242,7 @@ def run(argv: list[str] | None = None) -> dict:
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
                                model=model, optimizer=optimizer, loss_fn=loss_fn,
                                checkpoint_models={"model": model}, log=log, desc="vae", sample_fn=sample_fn)
-    if not result["finished"]:
-        accelerator.print(f"stopped at step {result['end_step']} of {args.steps}; continue with --resume latest")
-        accelerator.end_training()
+    if common.stopped_early(accelerator, result, args.steps):
         return result
     vae = accelerator.unwrap_model(model).vae.eval()
     metrics = {"steps": args.steps, "params": common.count_parameters(vae),
