@@ -64,12 +64,10 @@ def subject_survives_vae(pipe, images) -> float:
     the same place: the ceiling on what any denoiser on these latents can learn to draw."""
     import torch
 
-    pixels = torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image in images])
-    pixels = pixels.float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
-    vae = pipe.vae
-    with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-        decoded = pipe.to_pil(pipe.decode(latents))
+    from pipelines.images import image_tensor
+
+    pixels = torch.cat([image_tensor(image, pipe.vae_scale_factor) for image in images])  # (N, 3, H, W)
+    decoded = pipe.to_pil(pipe.decode(pipe.encode(pixels)))  # encode / decode run without gradients
     kept = []
     for image, back in zip(images, decoded):
         before, after = (detect_objects(x, BASE_SHAPES + EXTRA_SHAPES) for x in (image, back))
