@@ -91,7 +91,7 @@ class EditingMixin:
         start = self.start_index(request.steps, strength)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)[start:]
         noise = randn_like(x0, request.generators).to(x0.device)
-        extra_channels, blend = None, None
+        extra_channels, step_callback = None, callback
         if self.is_inpainting_unet:
             masked = self.encode(pixels * (mask < 0.5))
             nearest = F.interpolate(mask, size=x0.shape[2:]).to(x0.device)
@@ -101,9 +101,10 @@ class EditingMixin:
                 known = x0 + float(sigmas[i + 1]) * noise
                 x = latent_mask * x + (1 - latent_mask) * known
                 return callback(i, sigma, x, x0_estimate) if callback is not None else x
+            step_callback = blend
         denoiser = self.denoiser(request.sampler, request.spacing, extra_channels, request)
         x = x0 + float(sigmas[0]) * noise
-        x = self.denoise(request, denoiser, x, sigmas, blend or callback, progress)
+        x = self.denoise(request, denoiser, x, sigmas, step_callback, progress)
         latents = denoiser.to_model_space(x, float(sigmas[-1]))
         if request.output_type == "latent":
             return self.finish(request, latents, strength=strength)

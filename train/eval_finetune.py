@@ -12,8 +12,8 @@ prior preservation. For each variant we report:
 
 A two-tone heart, the issue's other example, cannot serve: the shipped VAE, trained on flat colours, paints both
 halves of it one colour, so no denoiser on its latents can draw the mark (the lighter right half was read on 3 of
-the 4 subject renders and on none of their round trips; fine-tuned models drew plain red hearts). ``subject_survives_vae`` checks the ring: 4 of 4 round trips are
-still read as a purple ring at the same place.
+the 4 subject renders and on none of their round trips; fine-tuned models drew plain red hearts).
+``subject_survives_vae`` checks the ring: 4 of 4 round trips are still read as a purple ring at the same place.
 
 Run: ``python -m train.eval_finetune --work-dir runs/dreambooth [--model weights/shapes-unet]``.
 """
