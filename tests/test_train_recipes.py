@@ -7,6 +7,7 @@ scale) assembles a float16 diffusers folder that StableDiffusionPipeline and ldm
 """
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -289,6 +290,11 @@ def test_resume_from_another_model_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="recipe 'vae', not 'text-encoder'"):
         train_text_encoder.run(text_args(tmp_path / "t", "--steps", "2", "--resume",
                                           str(tmp_path / "checkpoints" / "step-0000001")))
+    # pickled files of a checkpoint are read with weights_only=True: an arbitrary object is refused, not run
+    torch.save({"state": {}, "param_groups": [], "hook": argparse.Namespace()},
+               tmp_path / "checkpoints" / "step-0000001" / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"refusing to unpickle .*optimizer\.pt"):
+        train_vae.run(vae_args(tmp_path, "--steps", "2", "--resume", "latest"))
 
 
 def test_bad_inputs_fail_clearly(tmp_path, components):

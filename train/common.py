@@ -286,6 +286,25 @@ def read_checkpoint_state(path: str | Path, recipe: str, model_config: dict) -> 
     return state
 
 
+# What unpickling numpy's RNG state (a uint32 array) needs: checkpoints' pickled files (optimizer state, RNG states)
+# are read with ``weights_only=True`` and these allowed, so a shared checkpoint cannot run code on resume.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+NUMPY_ARRAY_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_plain(file: Path):
+    """A checkpoint's pickled file read with ``weights_only=True`` (tensors, numbers, strings, containers and numpy
+    arrays only); anything else is refused with a one-line error."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).splitlines()[-1].strip() if str(error) else "unreadable"
+        raise ValueError(f"refusing to unpickle {file}: it holds more than tensors and plain data ({first})") from None
+
+
 def load_checkpoint(path: str | Path, recipe: str, model_config: dict, models: dict, optimizer,
                     accelerator=None) -> dict:
     """Restore models, optimizer and RNG states; returns ``state.json``. Dict entries of ``models`` are
@@ -304,10 +323,10 @@ def load_checkpoint(path: str | Path, recipe: str, model_config: dict, models: d
                 model[key].copy_(value)
         else:
             _unwrap(accelerator, model).load_state_dict(tensors)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
     rng_file = path / "rng.pt"
     if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
+        rng = load_plain(rng_file)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
