@@ -115,7 +115,11 @@ class PromptToPrompt:
         self.self_steps = int(self_replace_steps * num_steps)
         self.mapping = self._mapping(src_ids, tgt_ids, edit)  # (L,) source index per target token, -1 = new
         self.scale = torch.ones(length)  # (L,) reweighting of the edited prompt's tokens
+        if equalizer and edit != "reweight":
+            raise ValueError(f"equalizer weights are used by edit='reweight' only, not edit={edit!r}")
         for word, weight in (equalizer or {}).items():
+            if not 0.0 <= float(weight) <= 10.0:  # also refuses NaN
+                raise ValueError(f"equalizer weight of {word!r} must be a number in [0, 10], got {weight!r}")
             self.scale[token_positions(tokenizer, target, word)] = float(weight)
         self.blend_positions = None
         if local_blend:

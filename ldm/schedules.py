@@ -121,6 +121,9 @@ class DiscreteSchedule:
         (Lin et al. 2023, table 2): ``leading`` = k * (T // n) + offset, ``trailing`` = round(T - k * T / n) - 1,
         ``linspace`` = linspace(0, T - 1, n) (fractional, interpolated)."""
         T = self.num_train_timesteps
+        if spacing in ("leading", "trailing") and steps > T:  # leading would repeat t = 0, trailing other steps
+            raise ValueError(f"num_inference_steps {steps} exceeds the schedule's {T} training steps with "
+                             f"{spacing!r} spacing; use at most {T} (or 'linspace' / 'karras')")
         if spacing == "leading":
             return (np.arange(steps) * (T // steps)).round()[::-1].astype(np.float64) + steps_offset
         if spacing == "trailing":

@@ -12,6 +12,12 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_non_negative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def check_prompts(prompt, name: str = "prompt") -> list[str]:
     """A prompt is a string or a non-empty list of strings (the empty string means unconditional)."""
     if isinstance(prompt, str):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ldm.guidance import CFGDenoiser
 from ldm.inversion import invert_ddim, null_text_optimization
 from ldm.samplers import randn_like
-from pipelines.checks import check_strength
+from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_strength
 from pipelines.images import image_tensor, mask_tensor
 
 
@@ -82,6 +82,7 @@ class EditingMixin:
         input channels (as SD-inpainting). The decoded result is composited over the input, so pixels where the
         mask is 0 are the input's exactly; ``feather`` (pixels) softens the mask's inner edge."""
         strength = check_strength(strength)
+        feather = check_finite("feather", feather, 0.0, 100.0)
         pixels = image_tensor(image, self.vae_scale_factor)
         height, width = pixels.shape[2:]
         mask = mask_tensor(mask_image, (width, height))  # (1, 1, H, W)
@@ -134,12 +135,14 @@ class EditingMixin:
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, "ddim",
                                pixels.shape[2], pixels.shape[3], seed=0, timestep_spacing=timestep_spacing)
+        if null_text and request.guidance_scale <= 1:
+            raise ValueError("null_text inversion is for guidance_scale > 1 (at 1 plain inversion is already exact)")
+        fixed_point_iterations = check_non_negative_int("fixed_point_iterations", fixed_point_iterations)
+        null_text_steps = check_positive_int("null_text_steps", null_text_steps)
         x0 = self.encode(pixels)
         sigmas = self.sigmas(request.steps, "ddim", request.spacing)
         denoiser = self.denoiser("ddim", request.spacing)
         cond, uncond = self.encode_prompt(request.prompts, request.negatives, tuple(pixels.shape[2:]))
-        if null_text and request.guidance_scale <= 1:
-            raise ValueError("null_text inversion is for guidance_scale > 1 (at 1 plain inversion is already exact)")
         pivot_scale = 1.0 if null_text else request.guidance_scale
         model = CFGDenoiser(denoiser, cond, uncond, pivot_scale)
         sigmas = sigmas.to(self.device)

@@ -18,6 +18,14 @@ def check_pair(prompts) -> tuple[str, str]:
     return prompts[0], prompts[1]
 
 
+def same_noise_generators(generators) -> list[torch.Generator]:
+    """Two generators in the state of the first one given (one generator or a list), so that the source and the
+    edited image start from the same noise."""
+    first = generators if isinstance(generators, torch.Generator) else generators[0]
+    state = first.get_state()
+    return [torch.Generator(first.device).set_state(state) for _ in range(2)]
+
+
 class PromptToPromptMixin:
     """prompt_to_prompt, edit (through an inversion) and attention_maps for the text-to-image pipeline."""
 
@@ -47,8 +55,11 @@ class PromptToPromptMixin:
         request = self.prepare([source, target], seed=seed, **settings)
         if request.batch != 2:
             raise ValueError("prompt-to-prompt makes one source and one edited image (num_images_per_prompt=1)")
+        if request.control is not None:
+            raise ValueError("prompt-to-prompt does not take a control_image (use it with text-to-image, img2img or "
+                             "inpaint)")
         request.seeds = [request.seeds[0]] * 2
-        request.generators = [torch.Generator("cpu").manual_seed(request.seeds[0]) for _ in range(2)]
+        request.generators = same_noise_generators(request.generators)
         controller = self.p2p_controller(request, source, target, edit=edit, cross_replace_steps=cross_replace_steps,
                                          self_replace_steps=self_replace_steps, equalizer=equalizer,
                                          local_blend=local_blend)

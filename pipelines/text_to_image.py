@@ -286,6 +286,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
+        self.sigmas(num_inference_steps, sampler, spacing)  # raises on a step count the schedule cannot space
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; known: {', '.join(OUTPUT_TYPES)}")
         per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)

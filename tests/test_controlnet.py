@@ -86,6 +86,8 @@ def test_bad_control_input(controlnet_folder, tiny_model_factory):
     pipe.load_controlnet(folder)
     with pytest.raises(ValueError, match="2 control images for 1 prompts"):
         pipe(PROMPT, control_image=[control_image()] * 2, num_inference_steps=2)
+    with pytest.raises(ValueError, match="prompt-to-prompt does not take a control_image"):
+        pipe.prompt_to_prompt([PROMPT, PROMPT], control_image=control_image(), num_inference_steps=2)
     with pytest.warns(UserWarning, match="control image size 32x32 differs"):
         pipe(PROMPT, control_image=control_image(32), num_inference_steps=1, progress=False)
     sd_like = dict(ControlNetModel.load_config(folder), cross_attention_dim=768)

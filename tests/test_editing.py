@@ -108,6 +108,18 @@ def test_strength_outside_zero_one_is_refused(pipe, strength):
         pipe.img2img(picture(), "x", strength=strength, progress=False)
 
 
+@pytest.mark.parametrize("method, kwargs, message", [
+    ("inpaint", {"feather": float("nan")}, "feather must be a finite number"),
+    ("inpaint", {"feather": -1.0}, "feather must be a finite number"),
+    ("invert", {"fixed_point_iterations": -1}, "fixed_point_iterations must be an integer >= 0"),
+    ("invert", {"null_text": True, "guidance_scale": 7.5, "null_text_steps": 0}, "null_text_steps must be"),
+])
+def test_bad_editing_settings_are_refused_before_any_work(pipe, method, kwargs, message):
+    args = (picture(), Image.new("L", (16, 16), 255), "x") if method == "inpaint" else (picture(), "x")
+    with pytest.raises(ValueError, match=message):
+        getattr(pipe, method)(*args, progress=False, **kwargs)
+
+
 class GaussianEpsUNet(torch.nn.Module):
     """Stands in for the UNet with the exact ε-predictor of Gaussian latents N(mu, s^2): a known-answer network."""
 

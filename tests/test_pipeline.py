@@ -57,6 +57,7 @@ def test_empty_prompt_is_unconditional_generation(pipe):
     ({"height": 15}, "height must be a multiple of 2"),
     ({"width": 0}, "width must be an integer >= 1"),
     ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+    ({"num_inference_steps": 100_000, "timestep_spacing": "leading"}, "exceeds the schedule's .* training steps"),
     ({"sampler": "plms"}, "unknown sampler 'plms'; known: ddpm, ddim"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
     ({"guidance_scale": -1.0}, "guidance_scale must be a finite number"),

@@ -82,12 +82,23 @@ def test_local_blend_keeps_the_source_outside_the_words_region():
     ({"edit": "swap"}, "unknown edit 'swap'"),
     ({"cross_replace_steps": 1.5}, "cross_replace_steps must be a fraction"),
     ({"prompts": ["only one"]}, "a list of two strings"),
+    ({"edit": "reweight", "equalizer": {"red": float("nan")}}, r"equalizer weight of 'red' must be a number in \[0, 10\]"),
+    ({"equalizer": {"red": 2.0}}, "equalizer weights are used by edit='reweight' only"),
 ])
 def test_bad_edits_are_refused(tiny_model_factory, kwargs, message):
     pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
     prompts = kwargs.pop("prompts", ["a red circle", "a blue circle"])
     with pytest.raises(ValueError, match=message):
         pipe.prompt_to_prompt(prompts, seed=0, num_inference_steps=2, progress=False, **kwargs)
+
+
+def test_a_generator_gives_both_rows_its_noise_as_a_seed_does(tiny_model_factory):
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    settings = dict(num_inference_steps=3, sampler="ddim", output_type="latent", progress=False)
+    seeded = pipe.prompt_to_prompt(["a red circle", "a blue circle"], seed=5, **settings).images
+    generated = pipe.prompt_to_prompt(["a red circle", "a blue circle"], generator=torch.Generator().manual_seed(5),
+                                      **settings).images
+    torch.testing.assert_close(generated, seeded, atol=0, rtol=0)
 
 
 def test_without_control_the_edit_is_plain_generation_and_with_it_stays_near_the_source(tiny_model_factory):
