@@ -60,10 +60,6 @@ def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
     return found
 
 
-def token_count(tokenizer, prompt: str) -> int:
-    return len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
-
-
 def align_tokens(source: list[int], target: list[int]) -> list[int]:
     """Global alignment (Needleman-Wunsch: match 1, mismatch -1, gap -1) of two token sequences. Returns, for each
     target token, the index of the source token it is aligned with, or -1 for tokens the edit adds."""

@@ -186,14 +186,13 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A registered sampler: its function, order, whether it draws noise, how many network calls per step,
-    whether the network gets integer timesteps for Karras sigmas (diffusers' DPM-Solver rounds them), and the
-    alpha_bar standing for zero at the end of a zero-terminal-SNR schedule (see ``ldm.schedules``)."""
+    """A registered sampler: its function, order, whether it draws noise, whether the network gets integer
+    timesteps for Karras sigmas (diffusers' DPM-Solver rounds them), and the alpha_bar standing for zero at the end
+    of a zero-terminal-SNR schedule (see ``ldm.schedules``)."""
 
     fn: Callable
     order: int
     stochastic: bool
-    calls_per_step: int = 1
     quantize_karras_timesteps: bool = False
     terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR
 
@@ -205,7 +204,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, 2, True, quantize_karras_timesteps=True),
     "euler": SamplerSpec(sample_euler, 1, False),
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
-    "heun": SamplerSpec(sample_heun, 2, False, calls_per_step=2),
+    "heun": SamplerSpec(sample_heun, 2, False),
     "flow_euler": SamplerSpec(sample_flow_euler, 1, False),
 }
 

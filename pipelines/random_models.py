@@ -3,6 +3,7 @@
 downloaded. A small registry of size presets in the manner of DiT's ``DiT_models``."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -41,6 +42,17 @@ PRESETS = {
 }
 
 
+def keeps_global_rng(build):
+    """Run a builder that seeds torch's global generator (``torch.manual_seed(seed)``, so that the weights are a
+    function of the seed) inside ``fork_rng``: the caller's global RNG state is left as it was."""
+    @functools.wraps(build)
+    def wrapped(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+    return wrapped
+
+
+@keeps_global_rng
 def random_components(preset: str = "tiny", seed: int = 0):
     """UNet2DConditionModel, AutoencoderKL and CLIPTextModel of a preset's sizes, from ``torch.manual_seed(seed)``;
     the text model uses the real CLIP vocabulary (49 408 tokens)."""
@@ -79,6 +91,7 @@ def _tiny_sdxl_unet_and_vae(cross_attention_dim: int, time_ids: int):
     return unet.eval(), vae.eval()
 
 
+@keeps_global_rng
 def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: int = 0) -> Path:
     """A tiny SDXL-shaped model folder (two text towers, pooled embedding, size/crop micro-conditioning), the
     sizes of diffusers' own SDXL tests."""
@@ -100,6 +113,7 @@ def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: in
     return save_folder(components, folder)
 
 
+@keeps_global_rng
 def save_random_sdxl_refiner(folder: str | Path, seed: int = 1) -> Path:
     """A tiny SDXL-refiner-shaped model folder: the second text tower only, and ``time_ids`` of (original size,
     crop, aesthetic score) (``requires_aesthetics_score``), the sizes of diffusers' own refiner tests."""
@@ -133,6 +147,7 @@ def save_random_sdxl_refiner(folder: str | Path, seed: int = 1) -> Path:
     return folder
 
 
+@keeps_global_rng
 def save_random_sd3(folder: str | Path, seed: int = 0) -> Path:
     """A tiny SD3-shaped model folder: an MMDiT (SD3Transformer2DModel), two CLIP towers with projections, no T5,
     a VAE with shift and scaling factors and the flow-matching scheduler (shift 3), diffusers' SD3 test sizes."""

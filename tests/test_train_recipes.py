@@ -280,6 +280,17 @@ def test_resume_equals_the_straight_run(tmp_path, components, recipe, precision)
     assert any(not torch.equal(final[k], halfway[k]) for k in final)  # the last two steps did change weights
 
 
+def test_latest_checkpoint_skips_one_left_half_written(tmp_path):
+    from train.common import find_checkpoint
+
+    for name in ("step-0000002", "step-0000004.tmp", "step-0000006"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000002" / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step-0000004.tmp" / "state.json").write_text("{}")  # a crash while renaming
+    # step-0000006 has no state.json yet (state.json is written last)
+    assert find_checkpoint(tmp_path, "latest").name == "step-0000002"
+
+
 def test_resume_from_another_model_config_is_refused(tmp_path):
     train_vae.run(vae_args(tmp_path, "--steps", "2", "--stop-after", "1"))
     other = dict(train_vae.PRESETS["tiny"], block_out_channels=[8, 8])

@@ -220,7 +220,9 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     folder = checkpoint_dir(output_dir)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
+    # a finished checkpoint: step-XXXXXXX (not a .tmp one being written) with its state.json, written last
+    return sorted(p for p in folder.glob("step-*")
+                  if re.fullmatch(r"step-\d{7}", p.name) and (p / "state.json").is_file())
 
 
 def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -241,7 +243,7 @@ def _unwrap(accelerator, model):
 
 
 def save_checkpoint(output_dir: str | Path, step: int, recipe: str, model_config: dict, models: dict,
-                    optimizer, accelerator=None, keep: int = 2, extra: dict | None = None) -> Path:
+                    optimizer, accelerator=None, keep: int = 2) -> Path:
     """Write ``checkpoints/step-XXXXXXX`` atomically (a temporary folder renamed at the end) and prune old ones.
     ``models`` maps names to modules or to plain state dicts (an EMA copy, say)."""
     from safetensors.torch import save_file
@@ -260,11 +262,10 @@ def save_checkpoint(output_dir: str | Path, step: int, recipe: str, model_config
         "recipe": recipe,
         "step": step,
         "model_config": _canonical(model_config),
-        "extra": extra or {},
     }
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))  # last: marks the checkpoint complete
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
