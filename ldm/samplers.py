@@ -184,17 +184,44 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
     return sample_euler(model, x, sigmas, generator, callback)
 
 
+@torch.no_grad()
+def sample_flow_heun(model, x, sigmas, generator=None, callback=None):
+    """Heun's method (Karras et al. 2022, Algorithm 1) on the rectified-flow ODE in flow time
+    ``t = sigma / (1 + sigma)``, ``dx_t/dt = v = (x_t - x0) / t`` (what diffusers' FlowMatchHeunDiscreteScheduler
+    and ComfyUI run for flow models): the trapezoid averages the velocities at both ends of a step. Since the Euler
+    predictor is exact for a constant x0, ``v' - v = (x0 - x0') / t'``, and in VE variables (``x_t = x / (1 + sigma)``)
+    the corrector adds ``(1 + sigma') (sigma' - sigma) / ((1 + sigma) sigma') * (x0 - x0') / 2`` to the Euler step:
+    bounded even from a flow model's first sigma (~1.7e7), where the trapezoid in sigma (:func:`sample_heun`)
+    multiplies ``x0 - x0'`` by about ``sigma / sigma'``. The last step to sigma = 0 is plain Euler."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        if sigma_next == 0:
+            x = x0
+        else:
+            x_pred = x0 + (x - x0) / sigma * sigma_next
+            x0_next = model(x_pred, _sigma(sigma_next, x))
+            x = x_pred + (1 + sigma_next) * (sigma_next - sigma) / ((1 + sigma) * sigma_next) * (x0 - x0_next) / 2
+        x = _step_callback(callback, i, sigma, x, x0)
+    return x
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     """A registered sampler: its function, order, whether it draws noise, whether the network gets integer
     timesteps for Karras sigmas (diffusers' DPM-Solver rounds them), and the alpha_bar standing for zero at the end
-    of a zero-terminal-SNR schedule (see ``ldm.schedules``)."""
+    of a zero-terminal-SNR schedule (see ``ldm.schedules``). ``flow_fn``, where set, replaces ``fn`` on flow models."""
 
     fn: Callable
     order: int
     stochastic: bool
     quantize_karras_timesteps: bool = False
     terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR
+    flow_fn: Callable | None = None
+
+    def function(self, flow: bool) -> Callable:
+        """The sampling function for a flow model (``flow=True``) or a discrete-schedule one."""
+        return self.flow_fn if flow and self.flow_fn is not None else self.fn
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -204,7 +231,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, 2, True, quantize_karras_timesteps=True),
     "euler": SamplerSpec(sample_euler, 1, False),
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
-    "heun": SamplerSpec(sample_heun, 2, False),
+    "heun": SamplerSpec(sample_heun, 2, False, flow_fn=sample_flow_heun),
     "flow_euler": SamplerSpec(sample_flow_euler, 1, False),
 }
 

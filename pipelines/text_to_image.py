@@ -351,8 +351,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
 
         self.attention.step = 0
         try:
-            return get_sampler(request.sampler).fn(model, x.to(self.device), sigmas.to(self.device),
-                                                   generator=request.generators, callback=on_step, **options)
+            sample = get_sampler(request.sampler).function(flow=self.is_flow)
+            return sample(model, x.to(self.device), sigmas.to(self.device), generator=request.generators,
+                          callback=on_step, **options)
         finally:
             bar.close()
 

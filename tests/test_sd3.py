@@ -30,6 +30,24 @@ def test_matches_diffusers_sd3_pipeline(folder, negative):
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
 
 
+def test_heun_on_a_flow_model_matches_diffusers_flow_match_heun(folder):
+    """On flow models ``heun`` is Heun in flow time, as diffusers' FlowMatchHeunDiscreteScheduler."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = dict(latents=latents, num_inference_steps=5, guidance_scale=5.0, output_type="latent")
+    ours = pipe(PROMPT, sampler="heun", progress=False, **settings).images
+    euler = pipe(PROMPT, sampler="flow_euler", progress=False, **settings).images
+    theirs_pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None,
+                                                           tokenizer_3=None, image_encoder=None, feature_extractor=None)
+    theirs_pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(theirs_pipe.scheduler.config)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    theirs = theirs_pipe(PROMPT, **settings).images
+    assert (ours - euler).abs().max() > 1e-3  # a different method from Euler
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+
+
 def test_one_token_standing_for_the_256_zero_t5_tokens_is_exact(folder):
     """Our joint-attention processor with the last context token counted 256 times equals diffusers' own processor
     on the full sequence with 256 zero T5 tokens."""
