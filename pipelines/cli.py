@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -198,10 +200,11 @@ def cmd_invert(args) -> int:
     pipe = load_pipeline(args)
     inversion = pipe.invert(args.image, args.prompt, args.steps, args.cfg, null_text=args.null_text,
                             fixed_point_iterations=args.fixed_point)
+    reconstruction = pipe.reconstruct(inversion) if recon_paths else None  # all work done before any write
     save_inversion(inversion, output)
     print(output)
-    if recon_paths:
-        save_images(pipe.reconstruct(inversion), recon_paths)
+    if reconstruction is not None:
+        save_images(reconstruction, recon_paths)
     return 0
 
 
@@ -222,6 +225,10 @@ def parse_equalizer(items: list[str] | None) -> dict[str, float] | None:
 def cmd_edit(args) -> int:
     from pipelines.editing import load_inversion
 
+    if args.image and args.inversion:
+        raise UsageError("give either --image (inverted first) or --inversion, not both")
+    if args.null_text and not args.image:
+        raise UsageError("--null-text is for --image (how the image is inverted)")
     edited_path = output_paths(Path(args.output), 1)[0]
     source_path = edited_path.with_name(f"{edited_path.stem}-source{edited_path.suffix}")
     options = dict(edit=args.edit, cross_replace_steps=args.cross, self_replace_steps=args.self_steps,
@@ -250,12 +257,24 @@ def cmd_convert(args) -> int:
     if target.exists():
         raise UsageError(f"{target} exists; convert to a new path")
     components = load_components(source, args.allow_pickle, args.config, PREDICTIONS[args.prediction])
-    if source.is_file():
-        save_folder(components, target)
-    else:
-        save_single_file(components, target)
+    partial = target.with_name(f".partial-{target.name}")  # renamed to target only when complete
+    remove_path(partial)
+    try:
+        (save_folder if source.is_file() else save_single_file)(components, partial)
+        os.replace(partial, target)
+    except BaseException:
+        remove_path(partial)
+        raise
     print(target)
     return 0
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def cmd_bench(args) -> int:

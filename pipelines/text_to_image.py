@@ -283,6 +283,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             if size % self.vae_scale_factor:
                 raise ValueError(f"{name} must be a multiple of {self.vae_scale_factor}, got {size}")
         check_finite("eta", eta, 0.0, 1.0)
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta is the ddim sampler's stochasticity; sampler {sampler!r} has none (use eta=0, or a "
+                             "stochastic sampler: ddpm, euler_a, dpmpp_2m_sde)")
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")

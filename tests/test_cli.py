@@ -107,6 +107,9 @@ def test_img2img_inpaint_invert_and_edit_commands(tiny_model_factory, tmp_path):
     (["edit", "--source", "a", "--target", "b", "--reweight", "b:2"], "--reweight takes WORD=WEIGHT"),
     (["img2img", "missing.png", "x", "--strength", "0.5"], "cannot read image"),
     (["invert", "missing.png", "x", "-o", "inv.png"], "written as .safetensors"),
+    (["edit", "--source", "a", "--target", "b", "--image", "x.png", "--inversion", "i.safetensors"],
+     "either --image (inverted first) or --inversion"),
+    (["edit", "--source", "a", "--target", "b", "--null-text"], "--null-text is for --image"),
 ])
 def test_editing_commands_refuse_bad_input_without_writing(tiny_model_factory, tmp_path, capsys, monkeypatch,
                                                            args, message):

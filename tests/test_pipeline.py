@@ -62,6 +62,7 @@ def test_empty_prompt_is_unconditional_generation(pipe):
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
     ({"guidance_scale": -1.0}, "guidance_scale must be a finite number"),
     ({"eta": float("nan")}, "eta must be a finite number"),
+    ({"eta": 0.5, "sampler": "euler"}, "eta is the ddim sampler's stochasticity; sampler 'euler' has none"),
     ({"guidance_rescale": 2.0}, "guidance_rescale must be"),
     ({"timestep_spacing": "uniform"}, "unknown timestep_spacing"),
     ({"output_type": "jpeg"}, "unknown output_type"),

@@ -1,5 +1,7 @@
 """Original-layout single files: our key map round-trips, agrees with diffusers' own single-file loader, loads
 offline into a pipeline that generates exactly what the folder does, and refuses what it cannot read."""
+import importlib
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -57,6 +59,20 @@ def test_cli_converts_both_ways(single_file, tmp_path):
     first, second = load_file(str(path)), load_file(str(tmp_path / "again.safetensors"))
     assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
     assert ldm(["convert", str(path), str(tmp_path / "folder")]) == 2  # exists: nothing overwritten
+
+
+def test_a_convert_that_fails_midway_leaves_nothing(single_file, tmp_path, monkeypatch):
+    single_file_module = importlib.import_module("ldm.single_file")  # (`ldm` here is the CLI entry point)
+    folder, path = single_file
+    real_save_folder = single_file_module.save_folder
+
+    def fail_after_writing(components, target):
+        real_save_folder(components, target)
+        raise ValueError("disk full (simulated)")
+
+    monkeypatch.setattr(single_file_module, "save_folder", fail_after_writing)
+    assert ldm(["convert", str(path), str(tmp_path / "out"), "--config", str(folder)]) == 2
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a partial folder
 
 
 def test_other_families_and_bad_files_are_refused(single_file, tmp_path):
