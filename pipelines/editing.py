@@ -202,6 +202,7 @@ def save_inversion(inversion: Inversion, path) -> None:
                 "timestep_spacing": inversion.timestep_spacing, "latent_shape": list(inversion.latent_shape),
                 "model": inversion.model}
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".part")
     os.close(handle)
     try:
@@ -226,9 +227,12 @@ def load_inversion(path) -> Inversion:
             tensors = {key: file.get_tensor(key) for key in file.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read inversion {path}: {err}") from None
-    settings = json.loads(metadata["ldm_inversion"])
     null = tensors.get("null_embeddings")
-    return Inversion(list(tensors["trajectory"]), tensors["sigmas"], settings["prompt"], settings["negative_prompt"],
-                     settings["guidance_scale"], settings["num_inference_steps"], settings["timestep_spacing"],
-                     tuple(settings["latent_shape"]), settings["model"], tensors["image_latents"],
-                     None if null is None else list(null))
+    try:
+        settings = json.loads(metadata["ldm_inversion"])
+        return Inversion(list(tensors["trajectory"]), tensors["sigmas"], settings["prompt"],
+                         settings["negative_prompt"], settings["guidance_scale"], settings["num_inference_steps"],
+                         settings["timestep_spacing"], tuple(settings["latent_shape"]), settings["model"],
+                         tensors["image_latents"], None if null is None else list(null))
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"inversion {path} is incomplete or damaged (missing or bad {err})") from None

@@ -182,6 +182,29 @@ def test_null_text_inversion_retraces_the_pivot_under_guidance(tiny_model_factor
         pipe.invert(picture(7), "x", guidance_scale=1.0, null_text=True, progress=False)
 
 
+def test_inversion_files_round_trip_and_damaged_ones_are_refused(pipe, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.editing import load_inversion, save_inversion
+
+    inversion = pipe.invert(picture(), "x", num_inference_steps=4, progress=False)
+    path = tmp_path / "new" / "folder" / "inv.safetensors"  # parent folders are created
+    save_inversion(inversion, path)
+    back = load_inversion(path)
+    assert back.prompt == "x" and torch.equal(torch.stack(back.trajectory), torch.stack(inversion.trajectory))
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+    tensors = load_file(str(path))
+    del tensors["sigmas"]
+    save_file(tensors, tmp_path / "damaged.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match="incomplete or damaged"):
+        load_inversion(tmp_path / "damaged.safetensors")
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not an inversion written by `ldm invert`"):
+        load_inversion(tmp_path / "other.safetensors")
+
+
 def test_inversion_is_refused_by_another_model(pipe, tiny_model_factory):
     inversion = pipe.invert(picture(), "x", num_inference_steps=4, progress=False)
     other = TextToImagePipeline.from_pretrained(tiny_model_factory(prediction_type="sample"))
