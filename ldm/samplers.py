@@ -109,23 +109,34 @@ def sample_euler_ancestral(model, x, sigmas, generator=None, callback=None, eta:
     return sample_ddim(model, x, sigmas, generator, callback, eta=eta)
 
 
-@torch.no_grad()
-def sample_heun(model, x, sigmas, generator=None, callback=None):
-    """Heun's second-order method (Karras et al. 2022, Algorithm 1): Euler predictor, trapezoidal corrector;
-    the last step to sigma = 0 is plain Euler."""
+def _heun(model, x, sigmas, callback, flow_time: bool):
+    """Heun's method (Karras et al. 2022, Algorithm 1) in sigma or in flow time ``t = sigma / (1 + sigma)``. The
+    Euler predictor ``x' = x0 + sigma' (x - x0) / sigma`` is exact for a constant x0, so the slopes at both ends
+    differ by ``(x0 - x0') / sigma'`` (in t: ``(x0 - x0') / t'``), and the trapezoidal corrector adds
+    ``(sigma' - sigma) / sigma' * (x0 - x0') / 2`` to the predictor, times ``(1 + sigma') / (1 + sigma)`` in flow
+    time (VE variables, ``x_t = x / (1 + sigma)``). Written so, no float32 cancellation at huge sigma. The last step
+    to sigma = 0 is plain Euler."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = model(x, _sigma(sigma, x))
-        d = (x - x0) / sigma
-        dt = sigma_next - sigma
         if sigma_next == 0:
             x = x0
         else:
-            x_pred = x0 + d * sigma_next  # = x + d * dt, without float32 cancellation at huge sigma
-            d_next = (x_pred - model(x_pred, _sigma(sigma_next, x))) / sigma_next
-            x = x + (d + d_next) / 2 * dt
+            x_pred = x0 + (x - x0) / sigma * sigma_next
+            x0_next = model(x_pred, _sigma(sigma_next, x))
+            weight = (sigma_next - sigma) / sigma_next
+            if flow_time:
+                weight = weight * (1 + sigma_next) / (1 + sigma)
+            x = x_pred + weight * (x0 - x0_next) / 2
         x = _step_callback(callback, i, sigma, x, x0)
     return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, generator=None, callback=None):
+    """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; diffusers' HeunDiscreteScheduler):
+    Euler predictor, trapezoidal corrector averaging ``dx/dsigma``; see :func:`_heun`."""
+    return _heun(model, x, sigmas, callback, flow_time=False)
 
 
 @torch.no_grad()
@@ -186,24 +197,11 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
 
 @torch.no_grad()
 def sample_flow_heun(model, x, sigmas, generator=None, callback=None):
-    """Heun's method (Karras et al. 2022, Algorithm 1) on the rectified-flow ODE in flow time
-    ``t = sigma / (1 + sigma)``, ``dx_t/dt = v = (x_t - x0) / t`` (what diffusers' FlowMatchHeunDiscreteScheduler
-    and ComfyUI run for flow models): the trapezoid averages the velocities at both ends of a step. Since the Euler
-    predictor is exact for a constant x0, ``v' - v = (x0 - x0') / t'``, and in VE variables (``x_t = x / (1 + sigma)``)
-    the corrector adds ``(1 + sigma') (sigma' - sigma) / ((1 + sigma) sigma') * (x0 - x0') / 2`` to the Euler step:
-    bounded even from a flow model's first sigma (~1.7e7), where the trapezoid in sigma (:func:`sample_heun`)
-    multiplies ``x0 - x0'`` by about ``sigma / sigma'``. The last step to sigma = 0 is plain Euler."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = model(x, _sigma(sigma, x))
-        if sigma_next == 0:
-            x = x0
-        else:
-            x_pred = x0 + (x - x0) / sigma * sigma_next
-            x0_next = model(x_pred, _sigma(sigma_next, x))
-            x = x_pred + (1 + sigma_next) * (sigma_next - sigma) / ((1 + sigma) * sigma_next) * (x0 - x0_next) / 2
-        x = _step_callback(callback, i, sigma, x, x0)
-    return x
+    """Heun's method on the rectified-flow ODE in flow time, ``dx_t/dt = v = (x_t - x0) / t`` (what diffusers'
+    FlowMatchHeunDiscreteScheduler and ComfyUI run for flow models): the trapezoid averages the velocities at both
+    ends of a step. Its corrector is bounded even from a flow model's first sigma (~1.7e7), where the trapezoid in
+    sigma (:func:`sample_heun`) multiplies ``x0 - x0'`` by about ``sigma / sigma'``; see :func:`_heun`."""
+    return _heun(model, x, sigmas, callback, flow_time=True)
 
 
 @dataclass(frozen=True)
