@@ -72,8 +72,13 @@ def test_resumed_dreambooth_equals_uninterrupted(setup, tmp_path):
 
 
 def test_class_images_of_another_prompt_are_refused(setup, tmp_path):
+    """Several class prompts take turns (image k from prompt k mod n); a cache made from other prompts is refused."""
     model, subjects = setup
-    run(dreambooth_args(model, subjects, tmp_path / "a", "--steps", "1"), "dreambooth")
+    args = dreambooth_args(model, subjects, tmp_path / "a", "--steps", "1")
+    args[args.index("a shape") + 1:args.index("a shape") + 1] = ["a red circle"]
+    run(args, "dreambooth")
+    files = sorted((tmp_path / "a" / "class_images").glob("class-*.png"))
+    assert [parse_parameters(Image.open(f).info["parameters"])["prompt"] for f in files] == ["a shape", "a red circle"]
     args = dreambooth_args(model, subjects, tmp_path / "b", "--steps", "1",
                            "--class-data-dir", str(tmp_path / "a" / "class_images"))
     args[args.index("a shape")] = "a picture"

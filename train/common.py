@@ -8,10 +8,16 @@ optimizer state and the step (the global RNG states are stored and restored as w
 
 Checkpoints live in ``<output-dir>/checkpoints/step-XXXXXXX/``: one ``<name>.safetensors`` per model (float32),
 ``optimizer.pt`` and ``state.json`` (step, recipe, model config, RNG states). ``--resume latest`` picks the newest.
+They hold full (unsharded) tensors keyed by parameter name, whatever the number of processes: the weights of an
+FSDP-sharded model are gathered by every process and written by the first, and the optimizer state goes through
+``torch.distributed.checkpoint``'s full state dict, so a checkpoint of an 8-GPU FSDP run resumes on one CPU and the
+other way round. Every collective step (saving, validation samples, the final model) therefore runs on every
+process; only the main process writes files.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -148,17 +154,34 @@ def resolve_precision(choice: str) -> str:
 
 def make_accelerator(args: argparse.Namespace):
     """An ``Accelerator`` with the run's mixed precision and gradient accumulation. Accelerate's process-wide
-    state is reset first, so several recipes can run one after another in one process."""
+    state is reset first, so several recipes can run one after another in one process (also in a multi-process
+    launch)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state()
+    # A recipe's end_training() ends the process group; the next recipe in the same process forms it again.
+    distributed_ended = torch.distributed.is_available() and not torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=distributed_ended)
     GradientState._reset_state()
     # Without a GPU, accelerate only forms a multi-process (gloo) group under torchrun when told it runs on CPU.
     cpu_only = not (torch.cuda.is_available() or torch.backends.mps.is_available()
                     or (hasattr(torch, "xpu") and torch.xpu.is_available()))
     return Accelerator(mixed_precision=resolve_precision(args.mixed_precision),
                        gradient_accumulation_steps=args.grad_accum, cpu=cpu_only)
+
+
+# Blocks that accelerate's FSDP (TRANSFORMER_BASED_WRAP with no class list, as train/accelerate_configs/fsdp.yaml)
+# shards one by one, when the model holds them.
+FSDP_UNITS = ("BasicTransformerBlock", "JointTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer")
+
+
+def declare_fsdp_units(model: torch.nn.Module) -> torch.nn.Module:
+    """Set ``model._no_split_modules`` (what accelerate's transformer-based FSDP wrapping reads) to the
+    :data:`FSDP_UNITS` it contains, so that any recipe's model (a UNet, an MMDiT, a ControlNet, a UNet and text
+    encoder together) is sharded block by block; ignored without FSDP."""
+    present = {type(module).__name__ for module in model.modules()}
+    model._no_split_modules = [name for name in FSDP_UNITS if name in present]
+    return model
 
 
 # --------------------------------------------------------------------------- randomness
@@ -242,22 +265,118 @@ def _unwrap(accelerator, model):
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
+def _is_main_process(accelerator) -> bool:
+    if accelerator is not None:
+        return accelerator.is_main_process
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def _is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def gather_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full float32 CPU copies of named tensors; FSDP shards (DTensors) are all-gathered, so under FSDP every process
+    must call this, in the same order."""
+    return {k: (v.full_tensor() if _is_sharded(v) else v).detach().float().contiguous().cpu()
+            for k, v in tensors.items()}
+
+
+def _unsharded_class(network: torch.nn.Module) -> type:
+    """The class FSDP2's ``fully_shard`` derived ``type(network)`` from (the class itself when not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(network).__mro__ if not issubclass(c, FSDPModule))
+
+
+def plain_copy(network: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An unsharded network of ``network``'s class and config holding the full ``state`` (diffusers and
+    transformers models), for sampling and saving what FSDP trained."""
+    cls = _unsharded_class(network)
+    if hasattr(cls, "from_config"):  # diffusers
+        copy = cls.from_config(network.config)
+    elif hasattr(cls, "config_class"):  # transformers
+        copy = cls(network.config)
+    else:
+        raise TypeError(f"cannot rebuild an FSDP-sharded {cls.__name__} unsharded: FSDP runs of this recipe are not "
+                        f"supported (train it with one process or DDP)")
+    copy.load_state_dict(state)
+    return copy.to(next(iter(state.values())).device)
+
+
+def full_model(accelerator, model) -> torch.nn.Module:
+    """The trained network with all its weights: the unwrapped model itself, or under FSDP an unsharded copy (every
+    process must call this; every process gets the copy)."""
+    network = _unwrap(accelerator, model)
+    if not any(_is_sharded(p) for p in network.parameters()):
+        return network
+    return plain_copy(network, gather_tensors(network.state_dict())).to(dtype=torch.float32).train(network.training)
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module):
+    """Under FSDP2, hold every unit's parameters gathered for the duration, so that submodules can be called
+    directly (a pipeline sampling with the trained UNet and text encoder); every process must enter it and make the
+    same calls. Without FSDP it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def _optimizer_state(trained: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name (``torch.distributed.checkpoint``; gathers FSDP shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(trained, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(trained: torch.nn.Module, optimizer, saved: dict) -> None:
+    """Restore :func:`_optimizer_state` (or an older checkpoint's index-keyed ``optimizer.state_dict()``)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if any(isinstance(p, int) for group in saved["param_groups"] for p in group["params"]):
+        inner.load_state_dict(saved)
+        return
+    distributed = dist.is_available() and dist.is_initialized()
+    set_optimizer_state_dict(trained, inner, saved, options=StateDictOptions(full_state_dict=distributed))
+
+
 def save_checkpoint(output_dir: str | Path, step: int, recipe: str, model_config: dict, models: dict,
-                    optimizer, accelerator=None, keep: int = 2) -> Path:
+                    optimizer, accelerator=None, keep: int = 2, trained=None) -> Path:
     """Write ``checkpoints/step-XXXXXXX`` atomically (a temporary folder renamed at the end) and prune old ones.
-    ``models`` maps names to modules or to plain state dicts (an EMA copy, say)."""
+    ``models`` maps names to modules or to plain state dicts (an EMA copy, say); ``trained`` is the module the
+    optimizer trains (default: the only module of ``models``). Every process calls this (FSDP gathers); the main
+    process writes."""
     from safetensors.torch import save_file
 
+    states = {name: gather_tensors(model if isinstance(model, dict) else _unwrap(accelerator, model).state_dict())
+              for name, model in models.items()}
+    if trained is None:
+        (trained,) = [model for model in models.values() if not isinstance(model, dict)]
+    optimizer_state = _optimizer_state(_unwrap(accelerator, trained), optimizer)
     final = checkpoint_dir(output_dir) / f"step-{step:07d}"
+    if not _is_main_process(accelerator):
+        return final
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for name, model in models.items():
-        state = model if isinstance(model, dict) else _unwrap(accelerator, model).state_dict()
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
-                  str(tmp / f"{name}.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    for name, state in states.items():
+        save_file(state, str(tmp / f"{name}.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     state = {
         "recipe": recipe,
         "step": step,
@@ -306,10 +425,21 @@ def load_plain(file: Path):
         raise ValueError(f"refusing to unpickle {file}: it holds more than tensors and plain data ({first})") from None
 
 
+def _copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``target``, or into this process's shard of it when ``target`` is FSDP-sharded."""
+    if _is_sharded(target):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements)
+        target.to_local().copy_(full.to_local())
+    else:
+        target.copy_(full)
+
+
 def load_checkpoint(path: str | Path, recipe: str, model_config: dict, models: dict, optimizer,
-                    accelerator=None) -> dict:
+                    accelerator=None, trained=None) -> dict:
     """Restore models, optimizer and RNG states; returns ``state.json``. Dict entries of ``models`` are
-    updated in place (their tensors are copied into)."""
+    updated in place (their tensors are copied into). Every process calls this and reads the files."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -319,12 +449,17 @@ def load_checkpoint(path: str | Path, recipe: str, model_config: dict, models: d
         if not file.is_file():
             raise FileNotFoundError(f"checkpoint {path} lacks {file.name}")
         tensors = load_file(str(file))
-        if isinstance(model, dict):
+        target = model if isinstance(model, dict) else _unwrap(accelerator, model).state_dict()
+        missing, unexpected = sorted(set(target) - set(tensors)), sorted(set(tensors) - set(target))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {file} does not fit the model (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]})")
+        with torch.no_grad():
             for key, value in tensors.items():
-                model[key].copy_(value)
-        else:
-            _unwrap(accelerator, model).load_state_dict(tensors)
-    optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
+                _copy_into(target[key], value)
+    if trained is None:
+        (trained,) = [model for model in models.values() if not isinstance(model, dict)]
+    _load_optimizer_state(_unwrap(accelerator, trained), optimizer, load_plain(path / "optimizer.pt"))
     rng_file = path / "rng.pt"
     if rng_file.is_file():
         rng = load_plain(rng_file)
@@ -338,8 +473,8 @@ def load_checkpoint(path: str | Path, recipe: str, model_config: dict, models: d
 
 class EMA:
     """An exponential moving average of a model's weights (float32), with the warm-up ``min(decay, (1 + step) /
-    (10 + step))`` (as diffusers' EMAModel); ``state`` is the dict checkpoints save and restore in place.
-    ``decay = 0`` keeps no average: ``averaged()`` is then a copy of the model itself."""
+    (10 + step))`` (as diffusers' EMAModel); ``state`` is the dict checkpoints save and restore in place (FSDP shards
+    when the model is sharded). ``decay = 0`` keeps no average: ``averaged()`` is then a copy of the model itself."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.model, self.decay = model, decay
@@ -354,9 +489,13 @@ class EMA:
         torch._foreach_lerp_(list(self.state.values()), params, 1.0 - decay)
 
     def averaged(self) -> torch.nn.Module:
-        """A copy of the model holding the averaged weights, in eval mode."""
+        """A copy of the model holding the averaged weights, in eval mode (under FSDP an unsharded copy: every
+        process must call this)."""
         import copy
 
+        state = self.state if self.state is not None else self.model.state_dict()
+        if any(_is_sharded(v) for v in state.values()):
+            return plain_copy(self.model, gather_tensors(state)).eval()
         net = copy.deepcopy(self.model)
         if self.state is not None:
             net.load_state_dict(self.state)
@@ -487,13 +626,15 @@ def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_conf
 
     ``loss_fn(step, micro)`` returns the scalar loss of one micro-batch (its data and noise drawn from generators
     keyed by step and micro); ``after_step(step)`` runs after each optimizer step (EMA, clamps);
-    ``sample_fn(step)`` writes samples or validation numbers every ``--sample-every`` steps and at the end.
+    ``sample_fn(step)`` writes samples or validation numbers every ``--sample-every`` steps and at the end; it runs
+    on every process and must write only on the main one.
     Checkpoints: every ``--checkpoint-every`` steps and at the end; ``--resume`` restores before the first step.
     """
     start = 0
     resume_from = check_resumable(args, recipe, model_config)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, recipe, model_config, checkpoint_models, optimizer, accelerator)
+        state = load_checkpoint(resume_from, recipe, model_config, checkpoint_models, optimizer, accelerator,
+                                trained=model)
         start = int(state["step"])
         accelerator.print(f"resumed from {resume_from} at step {start}")
     end = min(args.steps, start + args.stop_after) if args.stop_after else args.steps
@@ -529,13 +670,12 @@ def train_loop(*, args: argparse.Namespace, accelerator, recipe: str, model_conf
         if number % args.log_every == 0 or number == args.steps:
             log.write(step=number, loss=total, loss_avg=running, lr=lr,
                       steps_per_second=done / (time.perf_counter() - t0))
-        if accelerator.is_main_process and (number == end or (
-                args.checkpoint_every and number % args.checkpoint_every == 0)):
+        if number == end or (args.checkpoint_every and number % args.checkpoint_every == 0):
             save_checkpoint(args.output_dir, number, recipe, model_config, checkpoint_models, optimizer,
-                            accelerator, keep=args.keep_checkpoints)
-        if sample_fn is not None and accelerator.is_main_process and (number == args.steps or (
+                            accelerator, keep=args.keep_checkpoints, trained=model)
+        if sample_fn is not None and (number == args.steps or (
                 args.sample_every and number % args.sample_every == 0)):
-            sample_fn(number)
+            sample_fn(number)  # on every process (an FSDP model's forward is collective); the main one writes
     bar.close()
     elapsed = time.perf_counter() - t0
     accelerator.wait_for_everyone()

@@ -10,6 +10,12 @@ prior preservation. For each variant we report:
 * language drift: the base model's own single-object accuracy on the evaluation prompts, before and after;
 * training time and the size of what was saved.
 
+Two choices beyond the paper's recipe can be measured: ``--instance-captions described`` captions each subject
+render with where it is ("a sks shape at the top left on a white background", kohya-style per-image captions)
+instead of the bare "a sks shape"; ``--class-prompts captions`` makes the prior's class images from 50 random
+training captions of the shapes world (the model's own drawings of them) instead of the single class prompt
+"a shape".
+
 A two-tone heart, the issue's other example, cannot serve: the shipped VAE, trained on flat colours, paints both
 halves of it one colour, so no denoiser on its latents can draw the mark (the lighter right half was read on 3 of
 the 4 subject renders and on none of their round trips; fine-tuned models drew plain red hearts).
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from train.evaluate import BASE_SHAPES, detect_objects, evaluate_pairs
-from train.shapes import EXTRA_SHAPES, Scene, make_object, render
+from train.shapes import EXTRA_SHAPES, Scene, caption, make_object, render, sample_scene
 
 SUBJECT_COLOR, SUBJECT_SHAPE = "purple", "ring"
 SUBJECT_POSITIONS = ("top left", "center", "bottom right", "top right")
@@ -45,12 +51,27 @@ def subject_images(size: int = 128) -> list:
             for position, background in zip(SUBJECT_POSITIONS, SUBJECT_BACKGROUNDS)]
 
 
-def write_subject(folder: Path, size: int = 128) -> Path:
-    """The subject renders as ``subject-<k>.png`` (no captions: they share the instance prompt)."""
+def write_subject(folder: Path, size: int = 128, captions: str = "prompt") -> Path:
+    """The subject renders as ``subject-<k>.png``; ``captions="prompt"``: none (they share the instance prompt),
+    ``"described"``: a ``metadata.jsonl`` saying where each one is and on what background."""
     folder.mkdir(parents=True, exist_ok=True)
-    for k, image in enumerate(subject_images(size)):
+    records = []
+    for k, (image, position, background) in enumerate(zip(subject_images(size), SUBJECT_POSITIONS,
+                                                          SUBJECT_BACKGROUNDS)):
         image.save(folder / f"subject-{k}.png")
+        records.append({"file_name": f"subject-{k}.png", "text": placement_prompt(position, background)})
+    if captions == "described":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder
+
+
+def class_prompts(kind: str, count: int = 50, seed: int = 5) -> list[str]:
+    """The prior's class prompts: ``"shape"``: the paper's single class prompt; ``"captions"``: ``count`` random
+    captions of training scenes (the held-out combinations excluded, as in training)."""
+    if kind == "shape":
+        return ["a shape"]
+    rng = np.random.default_rng([seed, 91])
+    return [caption(sample_scene(rng, "train"), rng) for _ in range(count)]
 
 
 def is_subject(found) -> bool:
@@ -133,11 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drift-seeds", type=int, default=2, help="seeds per evaluation prompt for the drift")
     parser.add_argument("--variants", nargs="+", default=[f"{m}:{p}" for m, p in VARIANTS],
                         help="METHOD:PRIOR_WEIGHT, e.g. full:1 lora:0")
+    parser.add_argument("--instance-captions", default="prompt", choices=("prompt", "described"),
+                        help="subject renders trained with the bare instance prompt, or captioned with their "
+                             "position and background")
+    parser.add_argument("--class-prompts", default="shape", choices=("shape", "captions"),
+                        help='prior class images from "a shape", or from 50 random training captions')
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     base = Path(args.model) if args.model else DEFAULT_MODEL
-    subject = write_subject(work / "subject")
+    subject = write_subject(work / f"subject-{args.instance_captions}", captions=args.instance_captions)
+    prompts = class_prompts(args.class_prompts)
+    suffix = "".join([", described instances" if args.instance_captions == "described" else "",
+                      f", {len(prompts)} caption class prompts" if args.class_prompts == "captions" else ""])
     base_pipe = TextToImagePipeline.from_pretrained(base)
     rows = {"base model": {**placement(base_pipe, args.seeds),
                            "base accuracy": base_accuracy(base_pipe, args.drift_seeds),
@@ -147,18 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         out = work / f"{method}-prior{prior}"
         started = time.perf_counter()
         result = run(["--model", str(base), "--instance-data", str(subject), "--instance-prompt", "a sks shape",
-                      "--class-prompt", "a shape", "--prior-loss-weight", prior, "--method", method,
+                      "--class-prompt", *prompts, "--prior-loss-weight", prior, "--method", method,
                       "--steps", str(args.steps), "--output-dir", str(out), "--sample-every", "0",
                       "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
-                      "--class-data-dir", str(work / "class_images")], "dreambooth")
+                      "--class-data-dir", str(work / f"class_images-{args.class_prompts}")], "dreambooth")
         seconds = time.perf_counter() - started
         pipe = load_variant(base, result["saved"], method)
         saved = result["saved"]
         size = saved.stat().st_size if saved.is_file() else folder_size(saved / "unet")
-        rows[f"{method}, prior weight {prior}"] = {**placement(pipe, args.seeds),
+        rows[f"{method}, prior weight {prior}{suffix}"] = {**placement(pipe, args.seeds),
                                                    "base accuracy": base_accuracy(pipe, args.drift_seeds),
                                                    "train seconds": seconds, "saved MB": size / 1e6}
-        print(variant, json.dumps(rows[f"{method}, prior weight {prior}"]))
+        print(variant, json.dumps(rows[f"{method}, prior weight {prior}{suffix}"]))
     print(json.dumps(rows, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

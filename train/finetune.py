@@ -5,7 +5,9 @@ Subject-Driven Generation". 3-5 images of a subject are bound to a rare identifi
 shape"; an image with its own caption naming the identifier, as kohya's trainers take them, uses that caption).
 Class-specific prior preservation (sec. 4.2, eq. 2) keeps the model's knowledge of the class: before training
 the model itself generates ``--num-class-images`` images of the class prompt ("a shape", cached in
-``<output-dir>/class_images``), and every step adds their denoising loss with weight lambda:
+``<output-dir>/class_images``), and every step adds their denoising loss with weight lambda. Several class prompts
+may be given (image k is made from prompt k mod n and trained with it), which anchors more of what the model knows
+(kohya's captioned "regularization images" do the same):
 
     L = E[ w_t || x_hat(a_t x + s_t eps) - x ||^2 ] + lambda E[ w_t' || x_hat(a_t' x_pr + s_t' eps') - x_pr ||^2 ]
 
@@ -60,7 +62,9 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
         g.add_argument("--instance-prompt", required=True,
                        help='e.g. "a sks shape"; must contain --identifier; used for uncaptioned images')
         g.add_argument("--identifier", default="sks", help="the rare token naming the subject")
-        g.add_argument("--class-prompt", default=None, help='e.g. "a shape"; needed for prior preservation')
+        g.add_argument("--class-prompt", nargs="+", default=None,
+                       help='e.g. "a shape"; needed for prior preservation; several prompts: class image k is '
+                            'made from (and trained with) prompt k mod n')
         g.add_argument("--prior-loss-weight", type=float, default=1.0, help="lambda of eq. 2; 0 = no prior loss")
         g.add_argument("--num-class-images", type=common.positive_int, default=50)
         g.add_argument("--class-data-dir", default=None, help="class image cache (default <output-dir>/class_images)")
@@ -159,13 +163,21 @@ def class_image_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("class-*.png"))
 
 
-def ensure_class_images(pipe, folder: Path, prompt: str, count: int, seed: int, steps: int, guidance: float):
-    """Generate the missing ``class-XXXXX.png`` of ``prompt`` with the base model (seed ``seed + k`` for image k;
-    PNG metadata records it). Existing images made from another prompt are an error, not silently reused."""
+def class_captions(prompts: list[str], count: int) -> list[str]:
+    """The prompt of class image k: ``prompts[k mod n]``."""
+    return [prompts[k % len(prompts)] for k in range(count)]
+
+
+def ensure_class_images(pipe, folder: Path, prompts: list[str], count: int, seed: int, steps: int,
+                        guidance: float):
+    """Generate the missing ``class-XXXXX.png`` with the base model (image k from ``prompts[k mod n]`` with seed
+    ``seed + k``; PNG metadata records both). An existing image made from another prompt is an error, not silently
+    reused."""
     from pipelines.metadata import read_parameters, save_png
 
     folder.mkdir(parents=True, exist_ok=True)
-    for path in class_image_files(folder)[:count]:
+    wanted = class_captions(prompts, count)
+    for path, prompt in zip(class_image_files(folder)[:count], wanted):
         try:
             made_for = read_parameters(path).get("prompt")
         except ValueError:  # a class image the user supplied, without our metadata
@@ -175,7 +187,7 @@ def ensure_class_images(pipe, folder: Path, prompt: str, count: int, seed: int, 
                              f"--class-data-dir")
     have = len(class_image_files(folder))
     for k in range(have, count):
-        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed + k, progress=False)
+        out = pipe(wanted[k], num_inference_steps=steps, guidance_scale=guidance, seed=seed + k, progress=False)
         save_png(out.images[0], folder / f"class-{k:05d}.png", out.parameters[0])
         print(f"class images: {k + 1}/{count}", end="\r" if k + 1 < count else "\n", flush=True)
     return class_image_files(folder)[:count]
@@ -201,6 +213,22 @@ def to_network_units(latents: torch.Tensor, vae_config) -> torch.Tensor:
 # --------------------------------------------------------------------------- trainable parts
 
 
+class TextConditionedUNet(torch.nn.Module):
+    """The UNet and its text encoder as one module whose forward is a training prediction, so that DDP synchronises
+    the gradients of both (DDP does so only for what runs through its forward) and FSDP can shard both."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, train_text_encoder: bool):
+        super().__init__()
+        self.unet, self.text_encoder, self.train_text_encoder = unet, text_encoder, train_text_encoder
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``x_t`` (B, C, h, w), timesteps ``t`` (B,), token ids (B, 77) -> the UNet's prediction (B, C, h, w)."""
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            cond = self.text_encoder(ids)[0]  # (B, 77, D)
+        return self.unet(x_t, t, encoder_hidden_states=cond).sample
+
+
+
 def add_lora(network: torch.nn.Module, targets: list[str], rank: int, seed: int) -> dict[str, torch.Tensor]:
     """Inject peft LoRA layers (alpha = rank, A Kaiming-uniform from ``seed``, B zero, so training starts at the
     base model) and return the trainable tensors by name."""
@@ -215,32 +243,39 @@ def add_lora(network: torch.nn.Module, targets: list[str], rank: int, seed: int)
 
 
 def lora_layers(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The network's LoRA tensors in diffusers' serialisation layout."""
+    """The network's LoRA tensors in diffusers' serialisation layout (FSDP shards gathered: every process calls)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
+    state = common.gather_tensors(network.state_dict())
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(network, state_dict=state))
 
 
-def save_final(args, pipe, base: Path, final: Path) -> Path:
+def save_final(args, pipe, base: Path, final: Path, accelerator) -> Path:
     """Full fine-tune: a complete model folder (base components copied, trained ones saved). LoRA: diffusers'
-    ``pytorch_lora_weights.safetensors``."""
+    ``pytorch_lora_weights.safetensors``. Every process calls this (FSDP gathers); the main one writes."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    if final.exists():
-        shutil.rmtree(final)
     if args.method == "lora":
-        final.mkdir(parents=True)
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
-            final, unet_lora_layers=lora_layers(pipe.unet),
-            text_encoder_lora_layers=lora_layers(pipe.text_encoder) if args.train_text_encoder else None)
+        unet_layers = lora_layers(pipe.unet)
+        text_layers = lora_layers(pipe.text_encoder) if args.train_text_encoder else None
+        if accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            final.mkdir(parents=True)
+            StableDiffusionLoraLoaderMixin.save_lora_weights(final, unet_lora_layers=unet_layers,
+                                                             text_encoder_lora_layers=text_layers)
         return final / "pytorch_lora_weights.safetensors"
-    trained = {"unet"} | ({"text_encoder"} if args.train_text_encoder else set())
-    shutil.copytree(base, final, ignore=lambda folder, names: [n for n in names if Path(folder) == base
-                                                               and n in trained])
-    pipe.unet.save_pretrained(final / "unet", safe_serialization=True)
+    networks = {"unet": common.full_model(accelerator, pipe.unet)}
     if args.train_text_encoder:
-        pipe.text_encoder.save_pretrained(final / "text_encoder", safe_serialization=True)
+        networks["text_encoder"] = common.full_model(accelerator, pipe.text_encoder)
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(base, final, ignore=lambda folder, names: [n for n in names if Path(folder) == base
+                                                                   and n in networks])
+        for name, network in networks.items():
+            network.save_pretrained(final / name, safe_serialization=True)
     return final
 
 
@@ -298,17 +333,22 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
         if args.train_text_encoder:
             trainable |= {f"text_encoder.{k}": v for k, v in
                           add_lora(text_encoder, TEXT_LORA_TARGETS, args.rank, args.seed + 1).items()}
-        checkpoint_models = {"lora": {k: p.data for k, p in trainable.items()}}
     else:
         unet.requires_grad_(True)
         text_encoder.requires_grad_(args.train_text_encoder)
         trainable = {f"unet.{k}": p for k, p in unet.named_parameters()}
         if args.train_text_encoder:
             trainable |= {f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()}
-        checkpoint_models = {"unet": unet} | ({"text_encoder": text_encoder} if args.train_text_encoder else {})
-    modules = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    denoiser = TextConditionedUNet(unet, text_encoder, args.train_text_encoder)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=1e-2)
-    modules, optimizer = accelerator.prepare(modules, optimizer)
+    model, optimizer = accelerator.prepare(common.declare_fsdp_units(denoiser), optimizer)
+    if args.method == "lora":  # the parameters as prepared (FSDP replaces them with sharded ones)
+        checkpoint_models = {"lora": {k: p for k, p in unet.named_parameters() if "lora_" in k}}
+        if args.train_text_encoder:
+            checkpoint_models["lora"] |= {f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()
+                                          if "lora_" in k}
+    else:
+        checkpoint_models = {"unet": unet} | ({"text_encoder": text_encoder} if args.train_text_encoder else {})
     device = accelerator.device
 
     from ldm.text import tokenize_batch
@@ -316,7 +356,8 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     schedule = pipe.schedule("ddim")
     alpha_bar = schedule.alphas_cumprod.to(device)  # (T,)
     caption_ids = tokenize_batch(pipe.tokenizer, captions)[:, 0]  # (N, 77)
-    class_ids = tokenize_batch(pipe.tokenizer, [args.class_prompt])[:, 0] if class_latents is not None else None
+    class_ids = (tokenize_batch(pipe.tokenizer, class_captions(args.class_prompt, len(class_latents[0])))[:, 0]
+                 if class_latents is not None else None)  # (N_class, 77)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
         rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, accelerator.process_index)
@@ -326,7 +367,7 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
             cls = torch.from_numpy(rng.integers(0, len(class_latents[0]), size=args.batch_size))
             mean = torch.cat([mean, class_latents[0][cls]])
             std = torch.cat([std, class_latents[1][cls]])
-            ids = torch.cat([ids, class_ids.expand(args.batch_size, -1)])
+            ids = torch.cat([ids, class_ids[cls]])
         gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, accelerator.process_index)
         x0 = to_network_units(mean + std * torch.randn(mean.shape, generator=gen), pipe.vae.config)  # (B', C, h, w)
         t = torch.randint(0, len(alpha_bar), (len(x0),), generator=gen)
@@ -334,26 +375,27 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
         x_t, target = training_target(x0.to(device), noise.to(device), alpha_bar[t.to(device)],
                                       pipe.prediction_type)
         with accelerator.autocast():
-            with torch.set_grad_enabled(args.train_text_encoder):
-                cond = text_encoder(ids.to(device))[0]  # (B', 77, D)
-            pred = unet(x_t, t.to(device), encoder_hidden_states=cond).sample
+            pred = model(x_t, t.to(device), ids.to(device))
         return prior_preservation_loss(pred, target.float(), args.batch_size, args.prior_loss_weight)
 
     prompts = args.validation_prompt or ([args.instance_prompt] if recipe == "dreambooth" else captions[:4])
 
     def sample_fn(step: int) -> None:
-        modules.eval()
-        images = pipe(prompts, num_inference_steps=args.validation_steps, guidance_scale=args.validation_guidance,
-                      seed=args.seed, output_type="pt", progress=False).images  # (N, 3, H, W) in [0, 1]
-        common.save_grid(images * 2 - 1, out / "samples" / f"step-{step:07d}.png", nrow=len(prompts))
+        denoiser.eval()
+        with common.unsharded(model):  # the pipeline calls the UNet and the text encoder themselves
+            images = pipe(prompts, num_inference_steps=args.validation_steps,
+                          guidance_scale=args.validation_guidance, seed=args.seed, output_type="pt",
+                          progress=False).images  # (N, 3, H, W) in [0, 1]
+        if accelerator.is_main_process:
+            common.save_grid(images * 2 - 1, out / "samples" / f"step-{step:07d}.png", nrow=len(prompts))
 
     result = common.train_loop(args=args, accelerator=accelerator, recipe=recipe, model_config=config,
-                               model=modules, optimizer=optimizer, loss_fn=loss_fn,
+                               model=model, optimizer=optimizer, loss_fn=loss_fn,
                                checkpoint_models=checkpoint_models, log=log, desc=recipe, sample_fn=sample_fn)
-    modules.eval()
+    denoiser.eval()
     if common.stopped_early(accelerator, result, args.steps):
         return result
-    saved = save_final(args, pipe, base, out / "final") if accelerator.is_main_process else None
+    saved = save_final(args, pipe, base, out / "final", accelerator)
     metrics = {"steps": args.steps, "method": args.method, "trainable_params": sum(p.numel() for p in
                trainable.values()), "images": len(examples), "class_images": 0 if class_latents is None else
                len(class_latents[0]), "steps_per_second": result["steps_per_second"],

@@ -155,7 +155,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     controlnet.train()
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=args.lr, weight_decay=1e-2)
-    model, optimizer = accelerator.prepare(controlnet, optimizer)
+    model, optimizer = accelerator.prepare(common.declare_fsdp_units(controlnet), optimizer)
     unet, text_encoder = pipe.unet.to(device), pipe.text_encoder.to(device)
     alpha_bar = pipe.schedule("ddim").alphas_cumprod.to(device)  # (T,)
     empty_ids = tokenize_batch(pipe.tokenizer, [""])[0, 0]  # (77,)
@@ -182,14 +182,15 @@ def run(argv: list[str] | None = None) -> dict:
 
     def sample_fn(step: int) -> None:
         model.eval()
-        pipe.controlnet, pipe.controlnet_name = accelerator.unwrap_model(model), "training"
+        pipe.controlnet, pipe.controlnet_name = common.full_model(accelerator, model), "training"
         _, controls, captions, _ = render_triples(args.control, args.validation_count,
                                                   args.data_seed + common.EVAL_SEED_OFFSET, size, "all")
         images = pipe(captions, control_image=[c.permute(1, 2, 0).numpy() for c in controls], seed=args.seed,
                       num_inference_steps=args.validation_steps, guidance_scale=args.validation_guidance,
                       output_type="pt", progress=False).images  # (N, 3, H, W) in [0, 1]
         grid = torch.cat([controls.float() / 255.0, images.cpu()]) * 2 - 1
-        common.save_grid(grid, out / "samples" / f"step-{step:07d}.png", nrow=args.validation_count)
+        if accelerator.is_main_process:
+            common.save_grid(grid, out / "samples" / f"step-{step:07d}.png", nrow=args.validation_count)
         pipe.controlnet = None
 
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config, model=model,
@@ -201,8 +202,9 @@ def run(argv: list[str] | None = None) -> dict:
     metrics = {"steps": args.steps, "control": args.control, "params": common.count_parameters(model),
                "num_images": args.num_images, "steps_per_second": result["steps_per_second"],
                "final_loss": result["losses"][-1] if result["losses"] else None}
+    trained = common.full_model(accelerator, model)  # every process: FSDP gathers
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(final, safe_serialization=True)
+        trained.save_pretrained(final, safe_serialization=True)
         common.finish_run(accelerator, log, out, RECIPE, metrics, final)
     accelerator.end_training()
     return {**result, "metrics": metrics, "final_dir": final}

@@ -357,7 +357,7 @@ def run(argv: list[str] | None = None) -> dict:
 
         unet.set_attn_processor(AttnProcessor())
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer = accelerator.prepare(unet, optimizer)
+    model, optimizer = accelerator.prepare(common.declare_fsdp_units(unet), optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = common.EMA(unwrapped, args.ema_decay)
 
@@ -378,7 +378,8 @@ def run(argv: list[str] | None = None) -> dict:
         gen = common.torch_generator(args.seed, common.STREAM_SAMPLE)
         images = sample_images(ema.averaged(), vae, text_encoder, tokenizer, SAMPLE_PROMPTS, gen,
                                args.sample_steps, args.sample_guidance, accelerator.autocast)
-        common.save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=len(SAMPLE_PROMPTS))
+        if accelerator.is_main_process:
+            common.save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=len(SAMPLE_PROMPTS))
 
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
                                model=model, optimizer=optimizer, loss_fn=loss_fn,
@@ -389,8 +390,8 @@ def run(argv: list[str] | None = None) -> dict:
     metrics = {"steps": args.steps, "params": common.count_parameters(unwrapped), "batch_size": args.batch_size,
                "steps_per_second": result["steps_per_second"], "num_images": len(cache["mean"]),
                "final_loss": result["losses"][-1] if result["losses"] else None}
+    final = ema.averaged()  # every process: FSDP gathers
     if accelerator.is_main_process:
-        final = ema.averaged()
         final.save_pretrained(out / "final" / "unet", safe_serialization=True)
         common.write_json(out / "final" / "schedule.json", SCHEDULE_CONFIG)
         common.finish_run(accelerator, log, out, "denoiser", metrics, out / "final" / "unet")

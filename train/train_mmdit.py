@@ -326,7 +326,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     transformer, _ = build_transformer(config, args.seed)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer = accelerator.prepare(transformer, optimizer)
+    model, optimizer = accelerator.prepare(common.declare_fsdp_units(transformer), optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = common.EMA(unwrapped, args.ema_decay)
 
@@ -347,7 +347,8 @@ def run(argv: list[str] | None = None) -> dict:
         gen = common.torch_generator(args.seed, common.STREAM_SAMPLE)
         images = sample_images(ema.averaged(), vae, tower, tokenizer, SAMPLE_PROMPTS, gen, args.sample_steps,
                                args.sample_guidance, accelerator.autocast)
-        common.save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=len(SAMPLE_PROMPTS))
+        if accelerator.is_main_process:
+            common.save_grid(images, out / "samples" / f"step-{step:07d}.png", nrow=len(SAMPLE_PROMPTS))
 
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
                                model=model, optimizer=optimizer, loss_fn=loss_fn,
@@ -358,8 +359,8 @@ def run(argv: list[str] | None = None) -> dict:
     metrics = {"steps": args.steps, "params": common.count_parameters(unwrapped), "batch_size": args.batch_size,
                "steps_per_second": result["steps_per_second"], "num_images": len(cache["mean"]),
                "final_loss": result["losses"][-1] if result["losses"] else None}
+    final = ema.averaged()  # every process: FSDP gathers
     if accelerator.is_main_process:
-        final = ema.averaged()
         final.save_pretrained(out / "final" / "transformer", safe_serialization=True)
         tower.save_pretrained(out / "final" / "text_encoder", safe_serialization=True)
         common.write_json(out / "final" / "scheduler_config.json", SCHEDULER_CONFIG)

@@ -170,7 +170,7 @@ def run(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
-    model, optimizer = accelerator.prepare(clip, optimizer)
+    model, optimizer = accelerator.prepare(common.declare_fsdp_units(clip), optimizer)
     rank = accelerator.process_index
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
@@ -192,7 +192,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     def sample_fn(step: int) -> None:
         last_eval.clear()
-        last_eval.update(retrieval_accuracy(accelerator.unwrap_model(model), eval_images, eval_ids,
+        last_eval.update(retrieval_accuracy(common.full_model(accelerator, model), eval_images, eval_ids,
                                             accelerator.autocast))
         log.write(step=step, **last_eval)
 
@@ -202,14 +202,14 @@ def run(argv: list[str] | None = None) -> dict:
                                after_step=after_step, sample_fn=sample_fn)
     if common.stopped_early(accelerator, result, args.steps):
         return result
-    clip = accelerator.unwrap_model(model).eval()
+    clip = common.full_model(accelerator, model).eval()  # every process: FSDP gathers
+    if not last_eval:
+        sample_fn(args.steps)
     text = text_model_from_clip(clip)
     metrics = {"steps": args.steps, "params_clip": common.count_parameters(clip),
                "params_text_encoder": common.count_parameters(text), "batch_size": args.batch_size,
                "steps_per_second": result["steps_per_second"], "logit_scale": float(clip.logit_scale.detach().exp())}
     if accelerator.is_main_process:
-        if not last_eval:
-            sample_fn(args.steps)
         metrics.update(last_eval)
         clip.save_pretrained(out / "final" / "clip", safe_serialization=True)
         text.save_pretrained(out / "final" / "text_encoder", safe_serialization=True)

@@ -204,7 +204,7 @@ def run(argv: list[str] | None = None) -> dict:
     vae = build_vae(config, args.seed)
     model = VAEWithPosterior(vae)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(common.declare_fsdp_units(model), optimizer)
     rank = accelerator.process_index
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
@@ -233,10 +233,11 @@ def run(argv: list[str] | None = None) -> dict:
     val_images = load_images(eval_dataset, range(8))
 
     def sample_fn(step: int) -> None:
-        unwrapped = accelerator.unwrap_model(model).vae
+        unwrapped = common.full_model(None, accelerator.unwrap_model(model).vae)
         unwrapped.eval()
         rec = reconstruct(unwrapped, val_images, autocast=accelerator.autocast)
-        common.save_grid(torch.cat([val_images, rec]), out / "samples" / f"step-{step:07d}.png", nrow=8)
+        if accelerator.is_main_process:
+            common.save_grid(torch.cat([val_images, rec]), out / "samples" / f"step-{step:07d}.png", nrow=8)
         log.write(step=step, val_psnr=float(common.psnr(val_images, rec).mean()))
 
     result = common.train_loop(args=args, accelerator=accelerator, recipe=RECIPE, model_config=config,
@@ -244,7 +245,7 @@ def run(argv: list[str] | None = None) -> dict:
                                checkpoint_models={"model": model}, log=log, desc="vae", sample_fn=sample_fn)
     if common.stopped_early(accelerator, result, args.steps):
         return result
-    vae = accelerator.unwrap_model(model).vae.eval()
+    vae = common.full_model(None, accelerator.unwrap_model(model).vae).eval()  # every process: FSDP gathers
     metrics = {"steps": args.steps, "params": common.count_parameters(vae),
                "steps_per_second": result["steps_per_second"], "batch_size": args.batch_size,
                "crop_size": crop}
