@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from ldm.text import load_tokenizer
-from train.eval_editing import edit_outcome, psnr, ssim, swapped
-from train.shapes import Scene, make_object, render
+from train.eval_editing import edit_outcome, inpaint_mask, psnr, ssim, swapped
+from train.shapes import Scene, make_object, render, render_masks
 
 
 def scene(color="red", shape="circle", position="top left", background="white"):
@@ -76,3 +76,15 @@ def test_resample_table_reads_where_the_model_forgets():
     table = resample_table(ForgetfulPipe(), strengths=(0.2, 0.8), count=4, guidances=(1.0,))
     assert table["CFG 1.0, strength 0.2"] == {"shape": 1.0, "all": 1.0}
     assert table["CFG 1.0, strength 0.8"] == {"shape": 0.0, "all": 0.0}
+
+
+def test_inpaint_masks_cover_the_object_and_room_for_another_shape():
+    """Both masks cover the object; only the box leaves room for a circle drawn in a triangle's place."""
+    triangle = Scene("white", (make_object("red", "triangle", "center", "large", 128),), image_size=128)
+    circle = Scene("white", (make_object("red", "circle", "center", "large", 128),), image_size=128)
+    silhouette, circle_pixels = render_masks(triangle)[0], render_masks(circle)[0]
+    for kind in ("object", "box"):
+        mask = inpaint_mask(silhouette, kind)
+        assert mask[silhouette].all() and mask.mean() < 0.25
+    assert inpaint_mask(silhouette, "object")[circle_pixels].mean() < 0.8
+    assert inpaint_mask(silhouette, "box")[circle_pixels].mean() > 0.95

@@ -166,19 +166,35 @@ def p2p_real_table(pipe, count: int = 10, steps: int = 50, guidance: float = 7.5
     return table
 
 
-def inpaint_table(pipe, count: int = 32, steps: int = 20, guidance: float = 7.5, seed: int = 3) -> dict:
-    """Repaint a render's object (mask dilated 4 px) as another colour and shape at the same place."""
+def inpaint_mask(object_mask: np.ndarray, kind: str) -> np.ndarray:
+    """What a user would paint over an object to replace it: ``"object"`` = its silhouette dilated 4 px (a new shape
+    must then fit inside the old one's outline), ``"box"`` = its bounding box grown 8 px on each side."""
+    if kind == "object":
+        return ndimage.binary_dilation(object_mask, iterations=4)
+    rows, cols = np.nonzero(object_mask)
+    box = np.zeros_like(object_mask)
+    box[max(rows.min() - 8, 0):rows.max() + 9, max(cols.min() - 8, 0):cols.max() + 9] = True
+    return box
+
+
+def inpaint_table(pipe, count: int = 32, steps: int = 20, guidance: float = 7.5, seed: int = 3,
+                  masks: tuple[str, ...] = ("object", "box")) -> dict:
+    """Repaint a render's object as another colour and shape at the same place, for each mask kind of
+    :func:`inpaint_mask`; the evaluator reads the target prompt back from the output."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    results = []
-    for k, (scene, caption) in enumerate(tqdm(single_object_scenes(count, seed, size), desc="inpaint",
-                                              leave=False)):
-        target, _, _ = swapped(swapped(caption, "color")[0], "shape")
-        mask = ndimage.binary_dilation(render_masks(scene)[0], iterations=4)
-        out = pipe.inpaint(render(scene), Image.fromarray(mask.astype(np.uint8) * 255), target, seed=k,
-                           num_inference_steps=steps, guidance_scale=guidance, progress=False).images[0]
-        results.append(score(parse_prompt(target), out))
-    return {key: float(np.mean([r[key] for r in results])) for key in ("color", "shape", "position", "all")} | {
-        "count": count}
+    material = single_object_scenes(count, seed, size)
+    table = {}
+    for kind in masks:
+        results = []
+        for k, (scene, caption) in enumerate(tqdm(material, desc=f"inpaint ({kind} mask)", leave=False)):
+            target, _, _ = swapped(swapped(caption, "color")[0], "shape")
+            mask = inpaint_mask(render_masks(scene)[0], kind)
+            out = pipe.inpaint(render(scene), Image.fromarray(mask.astype(np.uint8) * 255), target, seed=k,
+                               num_inference_steps=steps, guidance_scale=guidance, progress=False).images[0]
+            results.append(score(parse_prompt(target), out))
+        table[f"{kind} mask"] = {key: float(np.mean([r[key] for r in results]))
+                                 for key in ("color", "shape", "position", "all")} | {"count": count}
+    return table
 
 
 def sdedit_table(pipe, strengths=(0.2, 0.4, 0.6, 0.8, 1.0), count: int = 16, steps: int = 20,
