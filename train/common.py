@@ -313,7 +313,7 @@ def full_model(accelerator, model) -> torch.nn.Module:
     network = _unwrap(accelerator, model)
     if not any(_is_sharded(p) for p in network.parameters()):
         return network
-    return plain_copy(network, gather_tensors(network.state_dict())).to(dtype=torch.float32).train(network.training)
+    return plain_copy(network, gather_tensors(network.state_dict())).train(network.training)
 
 
 @contextlib.contextmanager
@@ -331,6 +331,13 @@ def unsharded(model: torch.nn.Module):
     finally:
         for unit in units:
             unit.reshard()
+
+
+def _trained_module(accelerator, models: dict, trained) -> torch.nn.Module:
+    """The (unwrapped) module the optimizer trains: ``trained``, else the only module among ``models``."""
+    if trained is None:
+        (trained,) = [model for model in models.values() if not isinstance(model, dict)]
+    return _unwrap(accelerator, trained)
 
 
 def _optimizer_state(trained: torch.nn.Module, optimizer) -> dict:
@@ -364,9 +371,7 @@ def save_checkpoint(output_dir: str | Path, step: int, recipe: str, model_config
 
     states = {name: gather_tensors(model if isinstance(model, dict) else _unwrap(accelerator, model).state_dict())
               for name, model in models.items()}
-    if trained is None:
-        (trained,) = [model for model in models.values() if not isinstance(model, dict)]
-    optimizer_state = _optimizer_state(_unwrap(accelerator, trained), optimizer)
+    optimizer_state = _optimizer_state(_trained_module(accelerator, models, trained), optimizer)
     final = checkpoint_dir(output_dir) / f"step-{step:07d}"
     if not _is_main_process(accelerator):
         return final
@@ -457,9 +462,7 @@ def load_checkpoint(path: str | Path, recipe: str, model_config: dict, models: d
         with torch.no_grad():
             for key, value in tensors.items():
                 _copy_into(target[key], value)
-    if trained is None:
-        (trained,) = [model for model in models.values() if not isinstance(model, dict)]
-    _load_optimizer_state(_unwrap(accelerator, trained), optimizer, load_plain(path / "optimizer.pt"))
+    _load_optimizer_state(_trained_module(accelerator, models, trained), optimizer, load_plain(path / "optimizer.pt"))
     rng_file = path / "rng.pt"
     if rng_file.is_file():
         rng = load_plain(rng_file)

@@ -236,10 +236,15 @@ def add_lora(network: torch.nn.Module, targets: list[str], rank: int, seed: int)
 
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=targets)
     common.seeded_init(seed, lambda: network.add_adapter(config))
-    params = {n: p for n, p in network.named_parameters() if "lora_" in n}
+    params = lora_parameters(network)
     for n, p in network.named_parameters():
         p.requires_grad_(n in params)
     return params
+
+
+def lora_parameters(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's LoRA parameters by name (as they are now: FSDP replaces them when it shards)."""
+    return {n: p for n, p in network.named_parameters() if "lora_" in n}
 
 
 def lora_layers(network: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -343,10 +348,9 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=1e-2)
     model, optimizer = accelerator.prepare(common.declare_fsdp_units(denoiser), optimizer)
     if args.method == "lora":  # the parameters as prepared (FSDP replaces them with sharded ones)
-        checkpoint_models = {"lora": {k: p for k, p in unet.named_parameters() if "lora_" in k}}
+        checkpoint_models = {"lora": lora_parameters(unet)}
         if args.train_text_encoder:
-            checkpoint_models["lora"] |= {f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()
-                                          if "lora_" in k}
+            checkpoint_models["lora"] |= {f"text_encoder.{k}": p for k, p in lora_parameters(text_encoder).items()}
     else:
         checkpoint_models = {"unet": unet} | ({"text_encoder": text_encoder} if args.train_text_encoder else {})
     device = accelerator.device
