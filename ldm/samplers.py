@@ -29,6 +29,32 @@ def randn_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
     return torch.cat([randn_like(x[i:i + 1], g) for i, g in enumerate(generator)])
 
 
+def renoise(x: torch.Tensor, sigma: float, sigma_up: float, generator: Generator) -> torch.Tensor:
+    """The forward process from ``sigma`` up to ``sigma_up`` >= ``sigma`` in VE variables: add independent noise of
+    variance ``sigma_up^2 - sigma^2`` (Lugmayr et al. 2022, eq. 1 composed over the jump; the same in flow models'
+    VE coordinates)."""
+    if sigma_up < sigma:
+        raise ValueError(f"renoise goes up: sigma_up {sigma_up} < sigma {sigma}")
+    return x + (sigma_up**2 - sigma**2) ** 0.5 * randn_like(x, generator).to(x.device, x.dtype)
+
+
+def repaint_path(steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
+    """RePaint's resampling schedule (Lugmayr et al. 2022, sec. 4.2 and their ``get_schedule_jump``) over sigma
+    indices ``0..steps`` (0 = noisiest): walk down one index at a time; on reaching an index ``k`` with
+    ``(steps - k) % jump_length == 0`` and ``k > jump_length``, jump back up to ``k - jump_length`` and walk
+    down again, ``jump_n_sample - 1`` times per such index. ``jump_n_sample=1`` is the plain walk ``0..steps``."""
+    path, jumps = [0], {k: jump_n_sample - 1 for k in range(steps, jump_length, -jump_length)}
+    k = 0
+    while k < steps:
+        k += 1
+        path.append(k)
+        if jumps.get(k, 0) > 0:
+            jumps[k] -= 1
+            k -= jump_length
+            path.append(k)
+    return path
+
+
 def _step_callback(callback, i, sigma, x, x0):
     """Run the per-step callback; it may hand back a replacement x."""
     if callback is None:

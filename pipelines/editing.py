@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ldm.guidance import CFGDenoiser
 from ldm.inversion import invert_ddim, null_text_optimization
-from ldm.samplers import randn_like
+from ldm.samplers import randn_like, renoise, repaint_path
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_strength
 from pipelines.images import image_tensor, mask_tensor
 
@@ -75,14 +75,19 @@ class EditingMixin:
 
     @torch.no_grad()
     def inpaint(self, image, mask_image, prompt, strength: float = 1.0, feather: float = 0.0, callback=None,
-                progress: bool = True, **settings):
+                progress: bool = True, jump_length: int = 1, jump_n_sample: int = 1, **settings):
         """Repaint where ``mask_image`` is white (grey = partly). With a 4-channel UNet the known region is
-        re-blended after every step with the input's latents noised to the current sigma (Lugmayr et al. 2022's
-        RePaint without resampling); a 9-channel inpainting UNet gets the mask and masked-image latents as extra
-        input channels (as SD-inpainting). The decoded result is composited over the input, so pixels where the
-        mask is 0 are the input's exactly; ``feather`` (pixels) softens the mask's inner edge."""
+        re-blended after every step with the input's latents noised to the current sigma (Lugmayr et al. 2022,
+        RePaint); ``jump_n_sample`` > 1 adds RePaint's resampling, ``jump_n_sample - 1`` jumps back up
+        ``jump_length`` steps every ``jump_length`` steps (about ``jump_n_sample`` times the network evaluations;
+        names as diffusers' RePaintScheduler), so the repainted part harmonises with the kept part. A 9-channel
+        inpainting UNet gets the mask and masked-image latents as extra input channels (as SD-inpainting). The
+        decoded result is composited over the input, so pixels where the mask is 0 are the input's exactly;
+        ``feather`` (pixels) softens the mask's inner edge."""
         strength = check_strength(strength)
         feather = check_finite("feather", feather, 0.0, 100.0)
+        jump_length = check_positive_int("jump_length", jump_length)
+        jump_n_sample = check_positive_int("jump_n_sample", jump_n_sample)
         pixels = image_tensor(image, self.vae_scale_factor)
         height, width = pixels.shape[2:]
         mask = mask_tensor(mask_image, (width, height))  # (1, 1, H, W)
@@ -105,13 +110,35 @@ class EditingMixin:
             step_callback = blend
         denoiser = self.denoiser(request.sampler, request.spacing, extra_channels, request)
         x = x0 + float(sigmas[0]) * noise
-        x = self.denoise(request, denoiser, x, sigmas, step_callback, progress)
+        path = repaint_path(len(sigmas) - 1, max(1, min(jump_length, len(sigmas) - 1)), jump_n_sample)
+        x = self.resample_walk(request, denoiser, x, sigmas, path, step_callback, progress)
         latents = denoiser.to_model_space(x, float(sigmas[-1]))
+        extra = {"strength": strength, **({"jump_length": jump_length, "jump_n_sample": jump_n_sample}
+                                          if jump_n_sample > 1 else {})}
         if request.output_type == "latent":
-            return self.finish(request, latents, strength=strength)
+            return self.finish(request, latents, **extra)
         keep = self.feathered(mask, feather).to(self.device)
         images = keep * self.decode(latents) + (1 - keep) * (pixels.to(self.device) / 2 + 0.5)
-        return self.finish(request, latents, images=images, strength=strength)
+        return self.finish(request, latents, images=images, **extra)
+
+    def resample_walk(self, request, denoiser, x: torch.Tensor, sigmas: torch.Tensor, path: list[int],
+                      callback, progress: bool) -> torch.Tensor:
+        """Follow a :func:`ldm.samplers.repaint_path` over ``sigmas``: each run of consecutive indices is one
+        sampler call on that piece of the sigma list, each step back up is :func:`ldm.samplers.renoise` with
+        fresh noise from the request's generators. A plain path ``0..n`` is exactly one sampler call."""
+        down_steps = sum(b > a for a, b in zip(path, path[1:]))
+        with tqdm(total=down_steps, desc="sampling", disable=not progress, leave=False) as bar:
+            start = 0
+            for end in range(1, len(path) + 1):
+                if end < len(path) and path[end] == path[end - 1] + 1:
+                    continue
+                first, last = path[start], path[end - 1]
+                x = self.denoise(request, denoiser, x, sigmas[first:last + 1], callback, False, first_step=first)
+                bar.update(last - first)
+                if end < len(path):
+                    x = renoise(x, float(sigmas[last]), float(sigmas[path[end]]), request.generators)
+                start = end
+        return x
 
     @staticmethod
     def feathered(mask: torch.Tensor, feather: float) -> torch.Tensor:

@@ -25,6 +25,8 @@ FIELDS = (
     ("eta", "Eta", float),
     ("guidance_rescale", "CFG rescale", float),
     ("strength", "Denoising strength", float),
+    ("jump_length", "RePaint jump length", int),
+    ("jump_n_sample", "RePaint jump samples", int),
     ("edit", "Prompt-to-prompt", str),
     ("loras", "Lora", str),
     ("controlnet", "ControlNet", str),

@@ -326,10 +326,12 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
 
     def denoise(self, request: "Request", denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                 callback: Callable | None = None, progress: bool = True,
-                uncond_per_step: list[torch.Tensor] | None = None) -> torch.Tensor:
+                uncond_per_step: list[torch.Tensor] | None = None, first_step: int = 0) -> torch.Tensor:
         """Run the request's sampler with CFG over ``sigmas`` from VE latents ``x`` at ``sigmas[0]``; keeps the
         attention hook's step index in step with the sampler and shows a progress bar. ``uncond_per_step``
-        (null-text inversion's embeddings, ``(1, L, D)`` each) replaces the unconditional embedding step by step."""
+        (null-text inversion's embeddings, ``(1, L, D)`` each) replaces the unconditional embedding step by step.
+        ``first_step`` is the index of ``sigmas[0]`` in the whole sampling run when ``sigmas`` is a piece of it
+        (the callback and the attention hook see whole-run step indices)."""
         cond, uncond = self.encode_prompt(request.prompts, request.negatives, (request.height, request.width))
         model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale)
 
@@ -341,18 +343,18 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                 else:
                     model.uncond = uncond_per_step[step].to(self.device).expand(request.batch, -1, -1)
 
-        set_uncond(0)
+        set_uncond(first_step)
         options = {"eta": request.eta} if request.sampler == "ddim" else {}
         steps = len(sigmas) - 1
         bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False)
 
         def on_step(i, sigma, x_i, x0):
-            self.attention.step = i + 1
-            set_uncond(i + 1)
+            self.attention.step = first_step + i + 1
+            set_uncond(first_step + i + 1)
             bar.update(1)
-            return callback(i, sigma, x_i, x0) if callback is not None else None
+            return callback(first_step + i, sigma, x_i, x0) if callback is not None else None
 
-        self.attention.step = 0
+        self.attention.step = first_step
         try:
             sample = get_sampler(request.sampler).function(flow=self.is_flow)
             return sample(model, x.to(self.device), sigmas.to(self.device), generator=request.generators,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.samplers import repaint_path
 from pipelines.random_models import save_random_model
 from pipelines.text_to_image import TextToImagePipeline
 
@@ -61,6 +62,27 @@ def test_inpainting_keeps_every_pixel_outside_the_mask(pipe):
     before, after = np.asarray(image), np.asarray(out)
     np.testing.assert_array_equal(after[mask == 0], before[mask == 0])
     assert np.abs(after[mask == 255].astype(int) - before[mask == 255]).mean() > 2
+
+
+def test_inpainting_with_repaint_resampling_walks_the_jump_schedule(pipe):
+    """RePaint's resampling: the sampler runs each step of ``repaint_path`` (the callback sees those step indices
+    and their sigmas), the output still keeps every pixel outside the mask, and the jumps change the repainting."""
+    image, mask = picture(3), np.zeros((16, 16), dtype=np.uint8)
+    mask[2:10, 3:13] = 255
+    kwargs = dict(seed=1, num_inference_steps=6, sampler="ddim", progress=False)
+    seen = []
+    resampled = pipe.inpaint(image, Image.fromarray(mask), "a red square", jump_length=2, jump_n_sample=3,
+                             callback=lambda i, sigma, x, x0: seen.append((i, float(sigma))), **kwargs)
+    path = repaint_path(6, 2, 3)
+    sigmas = pipe.sigmas(6, "ddim", pipe.default_spacing())
+    assert [i for i, _ in seen] == [a for a, b in zip(path, path[1:]) if b > a]
+    assert [s for _, s in seen] == pytest.approx([float(sigmas[i]) for i, _ in seen])
+    plain = pipe.inpaint(image, Image.fromarray(mask), "a red square", **kwargs)
+    before, after, after_plain = (np.asarray(x, dtype=int) for x in (image, resampled.images[0], plain.images[0]))
+    np.testing.assert_array_equal(after[mask == 0], before[mask == 0])
+    np.testing.assert_array_equal(after_plain[mask == 0], before[mask == 0])
+    assert np.abs(after - after_plain)[mask == 255].mean() > 1
+    assert resampled.parameters[0]["jump_n_sample"] == 3 and "jump_n_sample" not in plain.parameters[0]
 
 
 def test_inpainting_with_a_nine_channel_unet(tmp_path):

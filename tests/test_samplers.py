@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from ldm.samplers import (SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_euler, sample_euler_ancestral,
-                          sample_flow_heun, sample_heun)
+from ldm.samplers import (SAMPLERS, get_sampler, renoise, repaint_path, sample_ddim, sample_ddpm, sample_euler,
+                          sample_euler_ancestral, sample_flow_heun, sample_heun)
 from ldm.schedules import DiscreteSchedule, karras_sigmas
 
 MU, S = 0.3, 0.5
@@ -130,6 +130,43 @@ def test_callback_can_replace_the_state():
     out = SAMPLERS["euler"].fn(gaussian_denoiser, x, sigmas, callback=pin_first_channel)
     assert seen == [0, 1, 2, 3, 4]
     assert torch.all(out[:, 0] == 1.0) and not torch.all(out[:, 1] == 1.0)
+
+
+def diffusers_repaint_path(steps, jump_length, jump_n_sample):
+    """diffusers' RePaintScheduler timesteps as our path of sigma indices: a timestep below the previous one is a
+    denoising step (one index down the sigma list), any other one undoes a step; runs of undos are one jump."""
+    from diffusers import RePaintScheduler
+    scheduler = RePaintScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(steps, jump_length, jump_n_sample)
+    path, last = [0], int(scheduler.timesteps[0]) + 1
+    for t in scheduler.timesteps.tolist():
+        index = path[-1] + 1 if t < last else path[-1] - 1
+        if t >= last and len(path) > 1 and path[-1] < path[-2]:
+            path[-1] = index
+        else:
+            path.append(index)
+        last = t
+    return path
+
+
+@pytest.mark.parametrize("steps, jump_length, jump_n_sample", [(20, 5, 4), (20, 3, 2), (10, 1, 3), (12, 4, 1)])
+def test_repaint_path_is_diffusers_repaint_schedule(steps, jump_length, jump_n_sample):
+    path = repaint_path(steps, jump_length, jump_n_sample)
+    assert path == diffusers_repaint_path(steps, jump_length, jump_n_sample)
+    assert path[-1] == steps and sum(b > a for a, b in zip(path, path[1:])) > steps * (jump_n_sample > 1)
+
+
+def test_renoise_is_the_forward_process_between_two_levels():
+    """Data N(MU, S^2) noised to sigma and renoised to sigma_up has the marginal N(MU, S^2 + sigma_up^2), and
+    the noise added is independent of x."""
+    g = torch.Generator().manual_seed(0)
+    x = start_noise(0.4, shape=(200_000,), seed=1)
+    up = renoise(x, 0.4, 1.5, g)
+    assert up.mean().item() == pytest.approx(MU, abs=0.01)
+    assert up.std().item() == pytest.approx(math.sqrt(S**2 + 1.5**2), rel=0.01)
+    assert torch.corrcoef(torch.stack([x, up - x]))[0, 1].abs().item() < 0.01
+    with pytest.raises(ValueError, match="goes up"):
+        renoise(x, 1.5, 0.4, g)
 
 
 def test_unknown_sampler_lists_known_ones():

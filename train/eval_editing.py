@@ -178,22 +178,27 @@ def inpaint_mask(object_mask: np.ndarray, kind: str) -> np.ndarray:
 
 
 def inpaint_table(pipe, count: int = 32, steps: int = 20, guidance: float = 7.5, seed: int = 3,
-                  masks: tuple[str, ...] = ("object", "box")) -> dict:
+                  masks: tuple[str, ...] = ("object", "box"),
+                  resampling: tuple[tuple[int, int], ...] = ((1, 1), (5, 4))) -> dict:
     """Repaint a render's object as another colour and shape at the same place, for each mask kind of
-    :func:`inpaint_mask`; the evaluator reads the target prompt back from the output."""
+    :func:`inpaint_mask` and each RePaint setting ``(jump_length, jump_n_sample)`` (``(1, 1)`` = no
+    resampling); the evaluator reads the target prompt back from the output."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     material = single_object_scenes(count, seed, size)
     table = {}
     for kind in masks:
-        results = []
-        for k, (scene, caption) in enumerate(tqdm(material, desc=f"inpaint ({kind} mask)", leave=False)):
-            target, _, _ = swapped(swapped(caption, "color")[0], "shape")
-            mask = inpaint_mask(render_masks(scene)[0], kind)
-            out = pipe.inpaint(render(scene), Image.fromarray(mask.astype(np.uint8) * 255), target, seed=k,
-                               num_inference_steps=steps, guidance_scale=guidance, progress=False).images[0]
-            results.append(score(parse_prompt(target), out))
-        table[f"{kind} mask"] = {key: float(np.mean([r[key] for r in results]))
-                                 for key in ("color", "shape", "position", "all")} | {"count": count}
+        for jump_length, jump_n_sample in resampling:
+            name = f"{kind} mask" + (f", RePaint j={jump_length} r={jump_n_sample}" if jump_n_sample > 1 else "")
+            results = []
+            for k, (scene, caption) in enumerate(tqdm(material, desc=f"inpaint ({name})", leave=False)):
+                target, _, _ = swapped(swapped(caption, "color")[0], "shape")
+                mask = inpaint_mask(render_masks(scene)[0], kind)
+                out = pipe.inpaint(render(scene), Image.fromarray(mask.astype(np.uint8) * 255), target, seed=k,
+                                   num_inference_steps=steps, guidance_scale=guidance, progress=False,
+                                   jump_length=jump_length, jump_n_sample=jump_n_sample).images[0]
+                results.append(score(parse_prompt(target), out))
+            table[name] = {key: float(np.mean([r[key] for r in results]))
+                           for key in ("color", "shape", "position", "all")} | {"count": count}
     return table
 
 
