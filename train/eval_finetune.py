@@ -12,9 +12,9 @@ prior preservation. For each variant we report:
 
 Two choices beyond the paper's recipe can be measured: ``--instance-captions described`` captions each subject
 render with where it is ("a sks shape at the top left on a white background", kohya-style per-image captions)
-instead of the bare "a sks shape"; ``--class-prompts captions`` makes the prior's class images from 50 random
-training captions of the shapes world (the model's own drawings of them) instead of the single class prompt
-"a shape".
+instead of the bare "a sks shape"; ``--class-prompts captions`` makes the prior's class images from random
+training captions of the shapes world (the model's own drawings of them; ``--class-images``, default 50, of them)
+instead of the single class prompt "a shape".
 
 A two-tone heart, the issue's other example, cannot serve: the shipped VAE, trained on flat colours, paints both
 halves of it one colour, so no denoiser on its latents can draw the mark (the lighter right half was read on 3 of
@@ -159,14 +159,18 @@ def main(argv: list[str] | None = None) -> int:
                              "position and background")
     parser.add_argument("--class-prompts", default="shape", choices=("shape", "captions"),
                         help='prior class images from "a shape", or from 50 random training captions')
+    parser.add_argument("--class-images", type=int, default=50,
+                        help="number of prior class images (with --class-prompts captions: one caption each)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     base = Path(args.model) if args.model else DEFAULT_MODEL
     subject = write_subject(work / f"subject-{args.instance_captions}", captions=args.instance_captions)
-    prompts = class_prompts(args.class_prompts)
+    prompts = class_prompts(args.class_prompts, args.class_images)
     suffix = "".join([", described instances" if args.instance_captions == "described" else "",
-                      f", {len(prompts)} caption class prompts" if args.class_prompts == "captions" else ""])
+                      f", {len(prompts)} caption class prompts" if args.class_prompts == "captions" else "",
+                      f", {args.class_images} class images" if args.class_prompts == "shape" and
+                      args.class_images != 50 else ""])
     base_pipe = TextToImagePipeline.from_pretrained(base)
     rows = {"base model": {**placement(base_pipe, args.seeds),
                            "base accuracy": base_accuracy(base_pipe, args.drift_seeds),
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         result = run(["--model", str(base), "--instance-data", str(subject), "--instance-prompt", "a sks shape",
                       "--class-prompt", *prompts, "--prior-loss-weight", prior, "--method", method,
+                      "--num-class-images", str(args.class_images),
                       "--steps", str(args.steps), "--output-dir", str(out), "--sample-every", "0",
                       "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
                       "--class-data-dir", str(work / f"class_images-{args.class_prompts}")], "dreambooth")

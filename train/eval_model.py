@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", default="mask", help="with --task controlnet: its control type")
     parser.add_argument("--scenes", type=int, default=16, help="with --task controlnet: held-out scenes per scale")
     parser.add_argument("--tables", nargs="+", default=None, help="with --task editing: which tables "
-                        "(inversion p2p p2p_real inpaint sdedit resample; default all)")
+                        "(inversion p2p p2p_real inpaint sdedit resample photos; default all)")
     args = parser.parse_args(argv)
     pipe = TextToImagePipeline.from_pretrained(args.model, device=pick_device(args.device),
                                                dtype=pick_dtype(args.dtype))
