@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         "smaller than SD's, whose DreamBooth default is 5e-6)")
     parser.add_argument("--lr-lora", default="1e-3", help="LoRA learning rate")
     parser.add_argument("--rank", default="8")
+    parser.add_argument("--batch-size", default="1", help="subject images per step (as many class images join them)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per placement prompt")
     parser.add_argument("--drift-seeds", type=int, default=2, help="seeds per evaluation prompt for the drift")
     parser.add_argument("--variants", nargs="+", default=[f"{m}:{p}" for m, p in VARIANTS],
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                       "--class-prompt", *prompts, "--prior-loss-weight", prior, "--method", method,
                       "--num-class-images", str(args.class_images),
                       "--steps", str(args.steps), "--output-dir", str(out), "--sample-every", "0",
+                      "--batch-size", args.batch_size,
                       "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
                       "--class-data-dir", str(work / f"class_images-{args.class_prompts}")], "dreambooth")
         seconds = time.perf_counter() - started
