@@ -49,6 +49,9 @@ def test_prior_preservation_loss_is_eq_2():
     target[2:] = 2.0  # class error 4 per pixel
     assert float(prior_preservation_loss(pred, target, 2, 0.5)) == pytest.approx(1.0 + 0.5 * 4.0)
     assert float(prior_preservation_loss(pred[:2], target[:2], 2, 0.5)) == pytest.approx(1.0)
+    weights = torch.tensor([1.0, 0.0, 0.5, 0.25])  # per-example timestep weights (min-SNR)
+    assert float(prior_preservation_loss(pred, target, 2, 0.5, weights)) == pytest.approx(
+        (1.0 + 0.0) / 2 + 0.5 * (0.5 * 4.0 + 0.25 * 4.0) / 2)
 
 
 def test_resumed_dreambooth_equals_uninterrupted(setup, tmp_path):
@@ -100,6 +103,8 @@ def test_bad_input_writes_nothing(setup, tmp_path, capsys):
     no_images[no_images.index(str(subjects))] = str(empty)
     with pytest.raises(DatasetError, match="has no images"):
         run(no_images, "dreambooth")
+    with pytest.raises(ValueError, match="min_snr is written for v-prediction models; .* predicts epsilon"):
+        run(args + ["--loss-weighting", "min_snr"], "dreambooth")
     assert run(args + ["--dry-run"], "dreambooth")["examples"] == 3
     assert "3 images" in capsys.readouterr().out
     assert not out.exists()

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from train import default_model, train_denoiser, train_mmdit, train_text_encoder, train_vae
+from train import common, default_model, train_denoiser, train_mmdit, train_text_encoder, train_vae
 
 FAST = ["--mixed-precision", "no", "--log-every", "1"]
 
@@ -127,10 +127,10 @@ def test_min_snr_weights_equal_the_capped_x0_weight():
     x0_loss = (x0_hat - x0).square().mean(dim=(1, 2, 3))
     snr = ab[t] / (1 - ab[t])
     for gamma in (1.0, 5.0):
-        weighted = v_loss * train_denoiser.loss_weights(ab[t], "min_snr", gamma)
+        weighted = v_loss * common.loss_weights(ab[t], "min_snr", gamma)
         torch.testing.assert_close(weighted, x0_loss * (snr + 1).clamp(max=gamma), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(train_denoiser.loss_weights(ab[t], "uniform"), torch.ones(5))
-    weights = train_denoiser.loss_weights(ab[t], "min_snr", 5.0)
+    torch.testing.assert_close(common.loss_weights(ab[t], "uniform"), torch.ones(5))
+    weights = common.loss_weights(ab[t], "min_snr", 5.0)
     assert weights[-1] == pytest.approx(1.0, abs=1e-6) and weights[0] < 0.01  # zero SNR kept, clean inputs capped
 
 

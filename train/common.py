@@ -557,6 +557,22 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
+def loss_weights(alpha_bar: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights ``(B,)`` of the v loss.
+
+    ``uniform``: 1. The v loss is ``(SNR + 1)`` times the x0 loss (``x0 - x0_hat = sigma (v_hat - v)`` with
+    ``sigma^2 = 1 / (SNR + 1)``), so it spends most of its weight on nearly clean inputs. ``min_snr``: the
+    Min-SNR-gamma strategy (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+    eq. 9) caps that x0 weight at gamma, in its ``SNR + 1`` form: weight ``min(SNR + 1, gamma) / (SNR + 1)`` on the
+    v loss. The plain ``min(SNR, gamma)`` would give the zero-SNR step (where the model must make the whole
+    image from pure noise) weight 0; this keeps it at 1 and only down-weights steps with SNR > gamma - 1.
+    """
+    if weighting == "uniform":
+        return torch.ones_like(alpha_bar)
+    snr_plus_one = 1.0 / (1.0 - alpha_bar)  # SNR + 1 = ab / (1 - ab) + 1
+    return snr_plus_one.clamp(max=gamma) / snr_plus_one
+
+
 def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2), ``(N,)``."""
     mse = (reference.float().clamp(-1, 1) - estimate.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)

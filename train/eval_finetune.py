@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-lora", default="1e-3", help="LoRA learning rate")
     parser.add_argument("--rank", default="8")
     parser.add_argument("--batch-size", default="1", help="subject images per step (as many class images join them)")
+    parser.add_argument("--loss-weighting", default="uniform", choices=("uniform", "min_snr"),
+                        help="per-timestep loss weight of the fine-tune (min_snr: as the shipped UNet was trained)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per placement prompt")
     parser.add_argument("--drift-seeds", type=int, default=2, help="seeds per evaluation prompt for the drift")
     parser.add_argument("--variants", nargs="+", default=[f"{m}:{p}" for m, p in VARIANTS],
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "".join([", described instances" if args.instance_captions == "described" else "",
                       f", {len(prompts)} caption class prompts" if args.class_prompts == "captions" else "",
                       f", {args.class_images} class images" if args.class_prompts == "shape" and
-                      args.class_images != 50 else ""])
+                      args.class_images != 50 else "",
+                      ", min-SNR weighting" if args.loss_weighting == "min_snr" else ""])
     base_pipe = TextToImagePipeline.from_pretrained(base)
     rows = {"base model": {**placement(base_pipe, args.seeds),
                            **base_accuracy(base_pipe, args.drift_seeds),
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                       "--class-prompt", *prompts, "--prior-loss-weight", prior, "--method", method,
                       "--num-class-images", str(args.class_images),
                       "--steps", str(args.steps), "--output-dir", str(out), "--sample-every", "0",
-                      "--batch-size", args.batch_size,
+                      "--batch-size", args.batch_size, "--loss-weighting", args.loss_weighting,
                       "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
                       "--class-data-dir", str(work / f"class_images-{args.class_prompts}")], "dreambooth")
         seconds = time.perf_counter() - started

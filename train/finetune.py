@@ -55,6 +55,10 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                            warmup=0)
     g = p.add_argument_group(recipe)
     g.add_argument("--model", default=None, help="base model folder (default: the shipped default model)")
+    g.add_argument("--loss-weighting", default="uniform", choices=("uniform", "min_snr"),
+                   help="per-timestep loss weight; min_snr (v-prediction models) is what the shipped shapes UNet "
+                        "was trained with")
+    g.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weighting min_snr")
     if recipe == "dreambooth":
         g.add_argument("--instance-data", required=True,
                        help="folder of 3-5 subject images; an image's own caption (metadata.jsonl or .txt, "
@@ -146,14 +150,18 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tens
     return x_t, targets[prediction]
 
 
-def prior_preservation_loss(pred: torch.Tensor, target: torch.Tensor, instances: int, weight: float):
+def prior_preservation_loss(pred: torch.Tensor, target: torch.Tensor, instances: int, weight: float,
+                            timestep_weights: torch.Tensor | None = None):
     """DreamBooth eq. 2: the batch holds ``instances`` subject examples then class examples; returns
-    ``mse(subject) + weight * mse(class)`` (just the first term when there are no class examples)."""
-    instance = (pred[:instances].float() - target[:instances]).square().mean()
+    ``mse(subject) + weight * mse(class)`` (just the first term when there are no class examples). Each example's
+    squared error is weighted by ``timestep_weights`` ``(B,)`` when given (``common.loss_weights``)."""
+    per_sample = (pred.float() - target).square().mean(dim=tuple(range(1, pred.dim())))  # (B,)
+    if timestep_weights is not None:
+        per_sample = per_sample * timestep_weights.to(per_sample)
+    instance = per_sample[:instances].mean()
     if instances == pred.shape[0]:
         return instance
-    prior = (pred[instances:].float() - target[instances:]).square().mean()
-    return instance + weight * prior
+    return instance + weight * per_sample[instances:].mean()
 
 
 # --------------------------------------------------------------------------- data
@@ -303,6 +311,11 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     pipe = TextToImagePipeline.from_pretrained(base)
     if pipe.is_flow:
         raise ValueError(f"{base} is a flow-matching model; these recipes train UNet (VP) models")
+    if args.loss_weighting == "min_snr" and pipe.prediction_type != "v_prediction":
+        raise ValueError(f"--loss-weighting min_snr is written for v-prediction models; {base} predicts "
+                         f"{pipe.prediction_type}")
+    if not args.min_snr_gamma >= 1.0:
+        raise ValueError(f"--min-snr-gamma must be >= 1, got {args.min_snr_gamma}")
     pipe.to(dtype=torch.float32)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if resolution % pipe.vae_scale_factor:
@@ -380,7 +393,8 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
                                       pipe.prediction_type)
         with accelerator.autocast():
             pred = model(x_t, t.to(device), ids.to(device))
-        return prior_preservation_loss(pred, target.float(), args.batch_size, args.prior_loss_weight)
+        weights = common.loss_weights(alpha_bar[t.to(device)], args.loss_weighting, args.min_snr_gamma)  # (B',)
+        return prior_preservation_loss(pred, target.float(), args.batch_size, args.prior_loss_weight, weights)
 
     prompts = args.validation_prompt or ([args.instance_prompt] if recipe == "dreambooth" else captions[:4])
 

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uncond-prob", type=float, default=0.1, help="probability of training on the empty caption")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights; 0 = no EMA")
     g.add_argument("--loss-weighting", default="min_snr", choices=("uniform", "min_snr"),
-                   help="per-timestep weight of the v loss (see loss_weights)")
+                   help="per-timestep weight of the v loss (see common.loss_weights)")
     g.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weighting min_snr")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--sample-steps", type=common.positive_int, default=25, help="DDIM steps for the sample grids")
@@ -114,22 +114,6 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor):
     a = alpha_bar.sqrt().view(-1, 1, 1, 1)
     s = (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
     return a * x0 + s * noise, a * noise - s * x0
-
-
-def loss_weights(alpha_bar: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample weights ``(B,)`` of the v loss.
-
-    ``uniform``: 1. The v loss is ``(SNR + 1)`` times the x0 loss (``x0 - x0_hat = sigma (v_hat - v)`` with
-    ``sigma^2 = 1 / (SNR + 1)``), so it spends most of its weight on nearly clean inputs. ``min_snr``: the
-    Min-SNR-gamma strategy (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy",
-    eq. 9) caps that x0 weight at gamma, in its ``SNR + 1`` form: weight ``min(SNR + 1, gamma) / (SNR + 1)`` on the
-    v loss. The plain ``min(SNR, gamma)`` would give the zero-SNR step (where the model must make the whole
-    image from pure noise) weight 0; this keeps it at 1 and only down-weights steps with SNR > gamma - 1.
-    """
-    if weighting == "uniform":
-        return torch.ones_like(alpha_bar)
-    snr_plus_one = 1.0 / (1.0 - alpha_bar)  # SNR + 1 = ab / (1 - ab) + 1
-    return snr_plus_one.clamp(max=gamma) / snr_plus_one
 
 
 # --------------------------------------------------------------------------- components
@@ -372,7 +356,7 @@ def run(argv: list[str] | None = None) -> dict:
                 cond = text_encoder(ids.to(device))[0]  # (B, 77, D)
             pred = model(x_t, t, encoder_hidden_states=cond).sample
         per_sample = (pred.float() - v).square().mean(dim=(1, 2, 3))  # (B,)
-        return (per_sample * loss_weights(ab[t], args.loss_weighting, args.min_snr_gamma)).mean()
+        return (per_sample * common.loss_weights(ab[t], args.loss_weighting, args.min_snr_gamma)).mean()
 
     def sample_fn(step: int) -> None:
         gen = common.torch_generator(args.seed, common.STREAM_SAMPLE)
