@@ -557,6 +557,17 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
+def add_loss_weighting_args(group, default: str, help: str) -> None:
+    """``--loss-weighting`` (see :func:`loss_weights`) and ``--min-snr-gamma``, for the recipes that train a UNet."""
+    group.add_argument("--loss-weighting", default=default, choices=("uniform", "min_snr"), help=help)
+    group.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weighting min_snr")
+
+
+def check_loss_weighting(args: argparse.Namespace) -> None:
+    if not args.min_snr_gamma >= 1.0:
+        raise ValueError(f"--min-snr-gamma must be >= 1, got {args.min_snr_gamma}")
+
+
 def loss_weights(alpha_bar: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
     """Per-sample weights ``(B,)`` of the v loss.
 

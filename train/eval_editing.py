@@ -111,18 +111,22 @@ def swapped(caption: str, attribute: str) -> tuple[str, str, str]:
 # --------------------------------------------------------------------------- tables
 
 
-def inversion_psnrs(pipe, image, caption: str, steps: int = 50, guidance: float = 7.5) -> dict:
-    """Reconstruction PSNR (dB) of one image: VAE round trip (the bound), DDIM inversion at guidance 1 and at
-    ``guidance``, null-text inversion at ``guidance``, each sampled back with :meth:`reconstruct`."""
-    target = as_array(image)
-    row = {"VAE round trip": psnr(target, as_array(pipe.img2img(image, caption, strength=0.0,
-                                                                progress=False).images[0]))}
+def reconstructions(pipe, image, caption: str, steps: int = 50, guidance: float = 7.5) -> dict:
+    """One image's reconstructions ``(H, W, 3)`` in [0, 1]: the VAE round trip (the bound), DDIM inversion at
+    guidance 1 and at ``guidance``, null-text inversion at ``guidance``, each sampled back with :meth:`reconstruct`."""
+    row = {"VAE round trip": as_array(pipe.img2img(image, caption, strength=0.0, progress=False).images[0])}
     for name, scale, null_text in (("DDIM inversion, CFG 1", 1.0, False),
                                     (f"DDIM inversion, CFG {guidance}", guidance, False),
                                     (f"null-text inversion, CFG {guidance}", guidance, True)):
         inversion = pipe.invert(image, caption, steps, scale, null_text=null_text, progress=False)
-        row[name] = psnr(target, as_array(pipe.reconstruct(inversion, progress=False).images[0]))
+        row[name] = as_array(pipe.reconstruct(inversion, progress=False).images[0])
     return row
+
+
+def inversion_psnrs(pipe, image, caption: str, steps: int = 50, guidance: float = 7.5) -> dict:
+    """Reconstruction PSNR (dB) to the image of each of :func:`reconstructions`."""
+    target = as_array(image)
+    return {name: psnr(target, out) for name, out in reconstructions(pipe, image, caption, steps, guidance).items()}
 
 
 def inversion_table(pipe, count: int = 8, seed: int = 0, steps: int = 50, guidance: float = 7.5) -> dict:
@@ -154,19 +158,20 @@ def photograph(name: str, size: int) -> Image.Image:
 def photo_table(pipe, steps: int = 50, guidance: float = 7.5, strengths=(0.2, 0.4, 0.6, 0.8)) -> dict:
     """Real photographs (scikit-image's samples, outside the shapes world): inversion PSNRs as
     :func:`inversion_psnrs` and, at guidance 1, to the VAE's round trip (which isolates the inversion's own error
-    when the VAE cannot reproduce a photograph), the largest pixel change outside an inpainting mask (0 = bit-identical), and SDEdit's
-    PSNR / SSIM to the input by strength (prompt "a red circle" from the shapes world, 20 steps)."""
+    when the VAE cannot reproduce a photograph), the largest pixel change outside an inpainting mask
+    (0 = bit-identical), and SDEdit's PSNR / SSIM to the input by strength (prompt "a red circle" from the shapes
+    world, 20 steps)."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     table = {}
     for name, caption in tqdm(PHOTOGRAPHS.items(), desc="photographs", leave=False):
         image = photograph(name, size)
-        row = inversion_psnrs(pipe, image, caption, steps, guidance)
-        through_vae = as_array(pipe.img2img(image, caption, strength=0.0, progress=False).images[0])
-        for iterations in (0, 3):
-            inversion = pipe.invert(image, caption, steps, fixed_point_iterations=iterations, progress=False)
-            back = as_array(pipe.reconstruct(inversion, progress=False).images[0])
+        outputs = reconstructions(pipe, image, caption, steps, guidance)
+        row = {key: psnr(as_array(image), out) for key, out in outputs.items()}
+        refined = pipe.invert(image, caption, steps, fixed_point_iterations=3, progress=False)
+        for iterations, back in ((0, outputs["DDIM inversion, CFG 1"]),
+                                 (3, as_array(pipe.reconstruct(refined, progress=False).images[0]))):
             row[f"DDIM inversion, CFG 1, {iterations} fixed-point iterations: PSNR to the VAE round trip"] = psnr(
-                through_vae, back)
+                outputs["VAE round trip"], back)
         mask = np.zeros((size, size), dtype=np.uint8)
         mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
         painted = pipe.inpaint(image, Image.fromarray(mask), "a red circle", seed=0, num_inference_steps=20,

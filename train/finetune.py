@@ -55,10 +55,8 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                            warmup=0)
     g = p.add_argument_group(recipe)
     g.add_argument("--model", default=None, help="base model folder (default: the shipped default model)")
-    g.add_argument("--loss-weighting", default="uniform", choices=("uniform", "min_snr"),
-                   help="per-timestep loss weight; min_snr (v-prediction models) is what the shipped shapes UNet "
-                        "was trained with")
-    g.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weighting min_snr")
+    common.add_loss_weighting_args(g, "uniform", "per-timestep loss weight; min_snr (v-prediction models) is what "
+                                   "the shipped shapes UNet was trained with")
     if recipe == "dreambooth":
         g.add_argument("--instance-data", required=True,
                        help="folder of 3-5 subject images; an image's own caption (metadata.jsonl or .txt, "
@@ -120,6 +118,7 @@ def instance_captions(examples, instance_prompt: str, identifier: str) -> list[s
 
 def check_args(args: argparse.Namespace, recipe: str) -> None:
     common.check_common_args(args)
+    common.check_loss_weighting(args)
     if recipe == "lora":
         args.method = "lora"
         args.prior_loss_weight = 0.0
@@ -314,8 +313,6 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     if args.loss_weighting == "min_snr" and pipe.prediction_type != "v_prediction":
         raise ValueError(f"--loss-weighting min_snr is written for v-prediction models; {base} predicts "
                          f"{pipe.prediction_type}")
-    if not args.min_snr_gamma >= 1.0:
-        raise ValueError(f"--min-snr-gamma must be >= 1, got {args.min_snr_gamma}")
     pipe.to(dtype=torch.float32)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if resolution % pipe.vae_scale_factor:

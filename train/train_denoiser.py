@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "rebuilt when it does not match the VAE/data flags")
     g.add_argument("--uncond-prob", type=float, default=0.1, help="probability of training on the empty caption")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights; 0 = no EMA")
-    g.add_argument("--loss-weighting", default="min_snr", choices=("uniform", "min_snr"),
-                   help="per-timestep weight of the v loss (see common.loss_weights)")
-    g.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weighting min_snr")
+    common.add_loss_weighting_args(g, "min_snr", "per-timestep weight of the v loss (see common.loss_weights)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--sample-steps", type=common.positive_int, default=25, help="DDIM steps for the sample grids")
     g.add_argument("--sample-guidance", type=float, default=5.0, help="CFG scale for the sample grids")
@@ -312,8 +310,7 @@ def run(argv: list[str] | None = None) -> dict:
     common.check_common_args(args)
     if not 0.0 <= args.uncond_prob <= 1.0:
         raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
-    if not args.min_snr_gamma >= 1.0:
-        raise ValueError(f"--min-snr-gamma must be >= 1, got {args.min_snr_gamma}")
+    common.check_loss_weighting(args)
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     check_image_size(args.image_size)
