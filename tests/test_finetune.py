@@ -143,3 +143,71 @@ def test_instance_images_may_carry_their_own_captions(setup, tmp_path):
     with pytest.raises(ValueError, match=f"captions of {files[1].name} do not contain the identifier 'sks'"):
         run(dreambooth_args(model, captioned, out, "--steps", "1"), "dreambooth")
     assert not out.exists()
+
+
+def test_caption_dropout_trains_on_the_empty_caption(setup, tmp_path):
+    """With --caption-dropout 1 every example (subject and class) is trained on the empty caption, so the instance
+    prompt no longer matters: two runs with different ones save the same weights; without dropout, or with the
+    dropout on the class examples only (--caption-dropout-on class), they differ."""
+    model, subjects = setup
+
+    def weights(name, dropout, instance_prompt, *extra):
+        args = dreambooth_args(model, subjects, tmp_path / name, "--steps", "2", "--caption-dropout", dropout, *extra)
+        args[args.index("a sks shape")] = instance_prompt
+        saved = run(args, "dreambooth")["saved"]
+        return load_file(str(saved / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(weights("a", "1", "a sks shape"), weights("b", "1", "one sks thing"))
+    assert not same(weights("c", "0", "a sks shape"), weights("d", "0", "one sks thing"))
+    on_class = ("--caption-dropout-on", "class")
+    assert not same(weights("e", "1", "a sks shape", *on_class), weights("f", "1", "one sks thing", *on_class))
+    with pytest.raises(ValueError, match="--caption-dropout must be a probability"):
+        run(dreambooth_args(model, subjects, tmp_path / "h", "--caption-dropout", "nan"), "dreambooth")
+    assert not (tmp_path / "h").exists()
+
+
+def test_prior_towards_the_base_models_predictions(setup, tmp_path):
+    """--prior-target base: the class examples' target is the frozen base model's prediction, so at the base weights
+    (the first step) the prior term is exactly zero whatever its weight lambda; afterwards it pulls the weights
+    (lambda changes them). With the paper's targets (images) lambda changes the first loss already."""
+    model, subjects = setup
+
+    def result(name, target, weight):
+        return run(dreambooth_args(model, subjects, tmp_path / name, "--steps", "2", "--prior-target", target,
+                                   "--prior-loss-weight", weight), "dreambooth")
+
+    one, five = result("base1", "base", "1"), result("base5", "base", "5")
+    assert one["losses"][0] == five["losses"][0]
+    a, b = (load_file(str(r["saved"] / "unet" / "diffusion_pytorch_model.safetensors")) for r in (one, five))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert result("images1", "images", "1")["losses"][0] != result("images5", "images", "5")["losses"][0]
+
+
+def test_ema_of_the_fine_tuned_unet(setup, tmp_path):
+    """--ema-decay saves the average, not the last weights: after one step the average is diffusers' warm-up
+    decay min(d, (1 + 0) / (10 + 0)) = 0.1 of the base plus 0.9 of the trained weights; a resumed run restores the
+    average and saves the same weights as an uninterrupted one; LoRA runs refuse it."""
+    model, subjects = setup
+
+    def unet(folder):
+        return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    raw = unet(run(dreambooth_args(model, subjects, tmp_path / "raw", "--steps", "1"), "dreambooth")["saved"])
+    ema = unet(run(dreambooth_args(model, subjects, tmp_path / "ema", "--steps", "1", "--ema-decay", "0.99"),
+                   "dreambooth")["saved"])
+    base = unet(model)
+    assert any(not torch.equal(raw[k], base[k]) for k in raw)
+    for k in raw:
+        torch.testing.assert_close(ema[k], 0.1 * base[k] + 0.9 * raw[k], rtol=0, atol=1e-6)
+    args = dreambooth_args(model, subjects, tmp_path / "whole", "--steps", "3", "--ema-decay", "0.99")
+    whole = unet(run(args, "dreambooth")["saved"])
+    args = dreambooth_args(model, subjects, tmp_path / "parts", "--steps", "3", "--ema-decay", "0.99")
+    run(args + ["--stop-after", "2"], "dreambooth")
+    parts = unet(run(args + ["--resume", "latest"], "dreambooth")["saved"])
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    with pytest.raises(ValueError, match="--ema-decay averages a full fine-tune"):
+        run(dreambooth_args(model, subjects, tmp_path / "lora", "--method", "lora", "--ema-decay", "0.9"), "dreambooth")
+    assert not (tmp_path / "lora").exists()

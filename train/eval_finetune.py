@@ -119,14 +119,22 @@ def placement(pipe, seeds: int = 4, steps: int = 20, guidance: float = 7.5) -> d
             "count": len(hits)}
 
 
-def base_accuracy(pipe, seeds: int = 2) -> dict:
+def base_accuracy(pipe, seeds: int = 2, guidance: tuple[float, ...] = (7.5,)) -> dict:
     """The base model's own single-object accuracy on the evaluation prompts (seen and held-out): all attributes
-    right ("base accuracy", the drift measure), and shape, colour and position alone (where drift shows)."""
+    right ("base accuracy", the drift measure), and shape, colour and position alone (where drift shows), at each
+    CFG scale in ``guidance`` (the keys of scales after the first end in " @cfg<scale>")."""
     from train.eval_model import generate_evaluation_set
 
-    result = evaluate_pairs(generate_evaluation_set(pipe, seeds, progress=False, num_inference_steps=20))["overall"]
-    return {"base accuracy": float(result["single/all"]), "base shape": float(result["single/shape"]),
-            "base colour": float(result["single/color"]), "base position": float(result["single/position"])}
+    row = {}
+    for k, scale in enumerate(guidance):
+        result = evaluate_pairs(generate_evaluation_set(pipe, seeds, progress=False, num_inference_steps=20,
+                                                        guidance_scale=scale))["overall"]
+        suffix = "" if k == 0 else f" @cfg{scale:g}"
+        row |= {f"base accuracy{suffix}": float(result["single/all"]),
+                f"base shape{suffix}": float(result["single/shape"]),
+                f"base colour{suffix}": float(result["single/color"]),
+                f"base position{suffix}": float(result["single/position"])}
+    return row
 
 
 def load_variant(base: Path, saved: Path, method: str):
@@ -155,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", default="1", help="subject images per step (as many class images join them)")
     parser.add_argument("--loss-weighting", default="uniform", choices=("uniform", "min_snr"),
                         help="per-timestep loss weight of the fine-tune (min_snr: as the shipped UNet was trained)")
+    parser.add_argument("--caption-dropout", default="0", help="probability of the empty caption per training example")
+    parser.add_argument("--caption-dropout-on", default="all", choices=("all", "class"))
+    parser.add_argument("--ema-decay", default="0", help="EMA of the full fine-tune's UNet (0 = none)")
+    parser.add_argument("--prior-target", default="images", choices=("images", "base"),
+                        help="class examples trained towards their image (eq. 2) or the frozen base's prediction")
+    parser.add_argument("--drift-guidance", type=float, nargs="+", default=[7.5],
+                        help="CFG scales of the drift measure (the first is the table's)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per placement prompt")
     parser.add_argument("--drift-seeds", type=int, default=2, help="seeds per evaluation prompt for the drift")
     parser.add_argument("--variants", nargs="+", default=[f"{m}:{p}" for m, p in VARIANTS],
@@ -176,10 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                       f", {len(prompts)} caption class prompts" if args.class_prompts == "captions" else "",
                       f", {args.class_images} class images" if args.class_prompts == "shape" and
                       args.class_images != 50 else "",
-                      ", min-SNR weighting" if args.loss_weighting == "min_snr" else ""])
+                      ", min-SNR weighting" if args.loss_weighting == "min_snr" else "",
+                      ", prior towards the base's predictions" if args.prior_target == "base" else "",
+                      f", EMA {args.ema_decay}" if float(args.ema_decay) else "",
+                      f", caption dropout {args.caption_dropout} on {args.caption_dropout_on}" if float(args.caption_dropout)
+                      else ""])
     base_pipe = TextToImagePipeline.from_pretrained(base)
     rows = {"base model": {**placement(base_pipe, args.seeds),
-                           **base_accuracy(base_pipe, args.drift_seeds),
+                           **base_accuracy(base_pipe, args.drift_seeds, args.drift_guidance),
                            "subject survives the VAE": subject_survives_vae(base_pipe, subject_images())}}
     for variant in args.variants:
         method, _, prior = variant.partition(":")
@@ -190,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                       "--num-class-images", str(args.class_images),
                       "--steps", str(args.steps), "--output-dir", str(out), "--sample-every", "0",
                       "--batch-size", args.batch_size, "--loss-weighting", args.loss_weighting,
+                      "--caption-dropout", args.caption_dropout, "--caption-dropout-on", args.caption_dropout_on,
+                      "--prior-target", args.prior_target,
+                      *(["--ema-decay", args.ema_decay] if method == "full" else []),
                       "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
                       "--class-data-dir", str(work / f"class_images-{args.class_prompts}")], "dreambooth")
         seconds = time.perf_counter() - started
@@ -197,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = result["saved"]
         size = saved.stat().st_size if saved.is_file() else folder_size(saved / "unet")
         rows[f"{method}, prior weight {prior}{suffix}"] = {**placement(pipe, args.seeds),
-                                                   **base_accuracy(pipe, args.drift_seeds),
+                                                   **base_accuracy(pipe, args.drift_seeds, args.drift_guidance),
                                                    "train seconds": seconds, "saved MB": size / 1e6}
         print(variant, json.dumps(rows[f"{method}, prior weight {prior}{suffix}"]))
     print(json.dumps(rows, indent=1))

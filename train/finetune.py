@@ -12,6 +12,15 @@ may be given (image k is made from prompt k mod n and trained with it), which an
     L = E[ w_t || x_hat(a_t x + s_t eps) - x ||^2 ] + lambda E[ w_t' || x_hat(a_t' x_pr + s_t' eps') - x_pr ||^2 ]
 
 written here, as the model's own parameterisation, on its prediction target (eps, v or x0) with ``w_t = 1``.
+Three measures against language drift beyond the paper (README, "Measured on the shapes model"):
+``--prior-target base`` trains the class examples towards the frozen base model's prediction on the same noised
+class latent instead of towards the latent itself (when the class images are the model's own samples both targets
+have nearly the same expectation, but the base's prediction has none of a single draw's noise, so the prior term
+is zero at the base weights and anchors the function directly; costs a frozen copy of the UNet and text encoder);
+``--caption-dropout p [--caption-dropout-on class]`` trains that share of examples on the empty caption, so the
+unconditional branch that CFG extrapolates from is anchored too (on the class examples only, the subject's few
+images do not become what the unconditional branch draws); ``--ema-decay`` saves an average of the weights.
+
 ``--method full`` trains every UNet weight; ``--method lora`` trains low-rank adapters (peft) on the attention
 projections (``to_q, to_k, to_v, to_out.0``); ``--train-text-encoder`` also trains the text encoder (fully, or
 LoRA on ``q_proj, k_proj, v_proj, out_proj``).
@@ -27,6 +36,7 @@ and the progress bar come from ``train/common.py``.
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import shutil
 import sys
@@ -68,13 +78,30 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                        help='e.g. "a shape"; needed for prior preservation; several prompts: class image k is '
                             'made from (and trained with) prompt k mod n')
         g.add_argument("--prior-loss-weight", type=float, default=1.0, help="lambda of eq. 2; 0 = no prior loss")
+        g.add_argument("--prior-target", default="images", choices=("images", "base"),
+                       help="what the class examples are trained towards: images = eq. 2 as the paper (the noised "
+                            "class image's own target); base = the frozen base model's prediction on the same "
+                            "noised class latent (the same expected gradient when the class images are the "
+                            "model's own samples, without the noise of a single draw)")
         g.add_argument("--num-class-images", type=common.positive_int, default=50)
+        g.add_argument("--class-batch-size", type=common.positive_int, default=None,
+                       help="class examples per step (default: --batch-size, one per subject example, as the paper)")
         g.add_argument("--class-data-dir", default=None, help="class image cache (default <output-dir>/class_images)")
         g.add_argument("--class-steps", type=common.positive_int, default=20, help="sampler steps per class image")
         g.add_argument("--class-guidance", type=float, default=7.5, help="CFG scale of the class images")
         g.add_argument("--method", default="full", choices=METHODS)
     else:
         g.add_argument("--data", required=True, help="folder of captioned images (metadata.jsonl or .txt files)")
+    g.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="probability of training an example (subject, class or dataset image) on the empty "
+                        "caption, so the unconditional branch that classifier-free guidance extrapolates from is "
+                        "trained too (the shipped UNet was trained with 0.1; kohya's caption_dropout_rate)")
+    if recipe == "dreambooth":
+        g.add_argument("--caption-dropout-on", default="all", choices=("all", "class"),
+                       help="which examples caption dropout applies to: all, or only the prior's class images")
+    g.add_argument("--ema-decay", type=float, default=0.0,
+                   help="save an exponential moving average of the fine-tuned UNet's weights instead of the last "
+                        "ones (--method full; 0 = none)")
     g.add_argument("--rank", type=common.positive_int, default=4, help="LoRA rank (alpha = rank)")
     g.add_argument("--train-text-encoder", action="store_true")
     g.add_argument("--resolution", type=common.positive_int, default=None,
@@ -119,6 +146,8 @@ def instance_captions(examples, instance_prompt: str, identifier: str) -> list[s
 def check_args(args: argparse.Namespace, recipe: str) -> None:
     common.check_common_args(args)
     common.check_loss_weighting(args)
+    if not 0.0 <= args.caption_dropout <= 1.0:
+        raise ValueError(f"--caption-dropout must be a probability in [0, 1], got {args.caption_dropout}")
     if recipe == "lora":
         args.method = "lora"
         args.prior_loss_weight = 0.0
@@ -129,6 +158,10 @@ def check_args(args: argparse.Namespace, recipe: str) -> None:
         if args.prior_loss_weight > 0 and not args.class_prompt:
             raise ValueError("prior preservation needs --class-prompt (e.g. \"a shape\"); or pass "
                              "--prior-loss-weight 0 to train without it")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.ema_decay and args.method != "full":
+        raise ValueError("--ema-decay averages a full fine-tune's UNet; it is not used with --method lora")
     if args.lr == 0.0:
         args.lr = DEFAULTS[recipe][2][METHODS.index(args.method)]
 
@@ -263,9 +296,10 @@ def lora_layers(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(network, state_dict=state))
 
 
-def save_final(args, pipe, base: Path, final: Path, accelerator) -> Path:
-    """Full fine-tune: a complete model folder (base components copied, trained ones saved). LoRA: diffusers'
-    ``pytorch_lora_weights.safetensors``. Every process calls this (FSDP gathers); the main one writes."""
+def save_final(args, pipe, base: Path, final: Path, accelerator, unet_average=None) -> Path:
+    """Full fine-tune: a complete model folder (base components copied, trained ones saved; the UNet is
+    ``unet_average`` when given, an EMA). LoRA: diffusers' ``pytorch_lora_weights.safetensors``. Every process calls
+    this (FSDP gathers); the main one writes."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     if args.method == "lora":
@@ -278,7 +312,7 @@ def save_final(args, pipe, base: Path, final: Path, accelerator) -> Path:
             StableDiffusionLoraLoaderMixin.save_lora_weights(final, unet_lora_layers=unet_layers,
                                                              text_encoder_lora_layers=text_layers)
         return final / "pytorch_lora_weights.safetensors"
-    networks = {"unet": common.full_model(accelerator, pipe.unet)}
+    networks = {"unet": unet_average if unet_average is not None else common.full_model(accelerator, pipe.unet)}
     if args.train_text_encoder:
         networks["text_encoder"] = common.full_model(accelerator, pipe.text_encoder)
     if accelerator.is_main_process:
@@ -341,8 +375,11 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
         class_latents = encode_images(pipe, load_pixels(files, resolution, args.resize))
     latents = encode_images(pipe, pixels)
 
-    # Trainable parameters.
+    # Trainable parameters (and, for --prior-target base, a frozen copy of the base made before anything changes).
     unet, text_encoder = pipe.unet, pipe.text_encoder
+    frozen = None
+    if recipe == "dreambooth" and args.prior_target == "base" and class_latents is not None:
+        frozen = copy.deepcopy(TextConditionedUNet(unet, text_encoder, False)).requires_grad_(False).eval()
     if args.method == "lora":
         trainable = add_lora(unet, UNET_LORA_TARGETS, args.rank, args.seed)
         if args.train_text_encoder:
@@ -363,7 +400,12 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
             checkpoint_models["lora"] |= {f"text_encoder.{k}": p for k, p in lora_parameters(text_encoder).items()}
     else:
         checkpoint_models = {"unet": unet} | ({"text_encoder": text_encoder} if args.train_text_encoder else {})
+    ema = common.EMA(unet, args.ema_decay)
+    if ema.state is not None:
+        checkpoint_models["unet_ema"] = ema.state
     device = accelerator.device
+    if frozen is not None:
+        frozen.to(device)
 
     from ldm.text import tokenize_batch
 
@@ -372,16 +414,23 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     caption_ids = tokenize_batch(pipe.tokenizer, captions)[:, 0]  # (N, 77)
     class_ids = (tokenize_batch(pipe.tokenizer, class_captions(args.class_prompt, len(class_latents[0])))[:, 0]
                  if class_latents is not None else None)  # (N_class, 77)
+    empty_ids = tokenize_batch(pipe.tokenizer, [""])[:, 0]  # (1, 77): the unconditional branch's caption
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
         rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, accelerator.process_index)
         idx = torch.from_numpy(rng.integers(0, len(caption_ids), size=args.batch_size))
         mean, std, ids = latents[0][idx], latents[1][idx], caption_ids[idx]
         if class_latents is not None:
-            cls = torch.from_numpy(rng.integers(0, len(class_latents[0]), size=args.batch_size))
+            cls = torch.from_numpy(rng.integers(0, len(class_latents[0]), size=args.class_batch_size or
+                                                args.batch_size))
             mean = torch.cat([mean, class_latents[0][cls]])
             std = torch.cat([std, class_latents[1][cls]])
             ids = torch.cat([ids, class_ids[cls]])
+        if args.caption_dropout > 0:  # drawn last, so runs without dropout keep their random streams
+            drop = torch.from_numpy(rng.random(len(ids)) < args.caption_dropout)  # (B',)
+            if getattr(args, "caption_dropout_on", "all") == "class":
+                drop[:args.batch_size] = False
+            ids = torch.where(drop[:, None], empty_ids, ids)
         gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, accelerator.process_index)
         x0 = to_network_units(mean + std * torch.randn(mean.shape, generator=gen), pipe.vae.config)  # (B', C, h, w)
         t = torch.randint(0, len(alpha_bar), (len(x0),), generator=gen)
@@ -390,6 +439,10 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
                                       pipe.prediction_type)
         with accelerator.autocast():
             pred = model(x_t, t.to(device), ids.to(device))
+            if frozen is not None:  # class rows: towards the base model's own prediction
+                with torch.no_grad():
+                    n = args.batch_size
+                    target[n:] = frozen(x_t[n:], t[n:].to(device), ids[n:].to(device)).float()
         weights = common.loss_weights(alpha_bar[t.to(device)], args.loss_weighting, args.min_snr_gamma)  # (B',)
         return prior_preservation_loss(pred, target.float(), args.batch_size, args.prior_loss_weight, weights)
 
@@ -406,11 +459,13 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
 
     result = common.train_loop(args=args, accelerator=accelerator, recipe=recipe, model_config=config,
                                model=model, optimizer=optimizer, loss_fn=loss_fn,
-                               checkpoint_models=checkpoint_models, log=log, desc=recipe, sample_fn=sample_fn)
+                               checkpoint_models=checkpoint_models, log=log, desc=recipe, sample_fn=sample_fn,
+                               after_step=ema.update)
     denoiser.eval()
     if common.stopped_early(accelerator, result, args.steps):
         return result
-    saved = save_final(args, pipe, base, out / "final", accelerator)
+    saved = save_final(args, pipe, base, out / "final", accelerator,
+                       ema.averaged() if ema.state is not None else None)
     metrics = {"steps": args.steps, "method": args.method, "trainable_params": sum(p.numel() for p in
                trainable.values()), "images": len(examples), "class_images": 0 if class_latents is None else
                len(class_latents[0]), "steps_per_second": result["steps_per_second"],
