@@ -172,12 +172,13 @@ def test_caption_dropout_trains_on_the_empty_caption(setup, tmp_path):
 def test_prior_towards_the_base_models_predictions(setup, tmp_path):
     """--prior-target base: the class examples' target is the frozen base model's prediction, so at the base weights
     (the first step) the prior term is exactly zero whatever its weight lambda; afterwards it pulls the weights
-    (lambda changes them). With the paper's targets (images) lambda changes the first loss already."""
+    (lambda changes them). With the paper's targets (images) lambda changes the first loss already. Each step here
+    draws three class examples per subject example (--class-batch-size)."""
     model, subjects = setup
 
-    def result(name, target, weight):
+    def result(name, target, weight):  # three class examples beside each subject example (--class-batch-size)
         return run(dreambooth_args(model, subjects, tmp_path / name, "--steps", "2", "--prior-target", target,
-                                   "--prior-loss-weight", weight), "dreambooth")
+                                   "--prior-loss-weight", weight, "--class-batch-size", "3"), "dreambooth")
 
     one, five = result("base1", "base", "1"), result("base5", "base", "5")
     assert one["losses"][0] == five["losses"][0]

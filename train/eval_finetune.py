@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="per-timestep loss weight of the fine-tune (min_snr: as the shipped UNet was trained)")
     parser.add_argument("--caption-dropout", default="0", help="probability of the empty caption per training example")
     parser.add_argument("--caption-dropout-on", default="all", choices=("all", "class"))
+    parser.add_argument("--class-batch-size", default=None, help="class examples per step (default: --batch-size)")
     parser.add_argument("--ema-decay", default="0", help="EMA of the full fine-tune's UNet (0 = none)")
     parser.add_argument("--prior-target", default="images", choices=("images", "base"),
                         help="class examples trained towards their image (eq. 2) or the frozen base's prediction")
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                       ", min-SNR weighting" if args.loss_weighting == "min_snr" else "",
                       ", prior towards the base's predictions" if args.prior_target == "base" else "",
                       f", EMA {args.ema_decay}" if float(args.ema_decay) else "",
+                      f", {args.class_batch_size} class examples per step" if args.class_batch_size else "",
                       f", caption dropout {args.caption_dropout} on {args.caption_dropout_on}" if float(args.caption_dropout)
                       else ""])
     base_pipe = TextToImagePipeline.from_pretrained(base)
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                       "--caption-dropout", args.caption_dropout, "--caption-dropout-on", args.caption_dropout_on,
                       "--prior-target", args.prior_target,
                       *(["--ema-decay", args.ema_decay] if method == "full" else []),
+                      *(["--class-batch-size", args.class_batch_size] if args.class_batch_size else []),
                       "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
                       "--class-data-dir", str(work / f"class_images-{args.class_prompts}")], "dreambooth")
         seconds = time.perf_counter() - started
