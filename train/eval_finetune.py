@@ -149,7 +149,7 @@ def load_variant(base: Path, saved: Path, method: str):
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines.text_to_image import DEFAULT_MODEL, TextToImagePipeline
-    from train.common import folder_size
+    from train.common import add_loss_weighting_args, folder_size
     from train.finetune import run
 
     parser = argparse.ArgumentParser(prog="python -m train.eval_finetune", description=__doc__.split("\n\n")[0])
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-lora", default="1e-3", help="LoRA learning rate")
     parser.add_argument("--rank", default="8")
     parser.add_argument("--batch-size", default="1", help="subject images per step (as many class images join them)")
-    parser.add_argument("--loss-weighting", default="uniform", choices=("uniform", "min_snr"),
-                        help="per-timestep loss weight of the fine-tune (min_snr: as the shipped UNet was trained)")
+    add_loss_weighting_args(parser, "uniform", "per-timestep loss weight of the fine-tune (min_snr: as the shipped "
+                            "UNet was trained)")
     parser.add_argument("--caption-dropout", default="0", help="probability of the empty caption per training example")
     parser.add_argument("--caption-dropout-on", default="all", choices=("all", "class"))
     parser.add_argument("--class-batch-size", default=None, help="class examples per step (default: --batch-size)")
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                       "--num-class-images", str(args.class_images),
                       "--steps", str(args.steps), "--output-dir", str(out), "--sample-every", "0",
                       "--batch-size", args.batch_size, "--loss-weighting", args.loss_weighting,
+                      "--min-snr-gamma", str(args.min_snr_gamma),
                       "--caption-dropout", args.caption_dropout, "--caption-dropout-on", args.caption_dropout_on,
                       "--prior-target", args.prior_target,
                       *(["--ema-decay", args.ema_decay] if method == "full" else []),

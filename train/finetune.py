@@ -151,7 +151,9 @@ def check_args(args: argparse.Namespace, recipe: str) -> None:
     if recipe == "lora":
         args.method = "lora"
         args.prior_loss_weight = 0.0
+        args.caption_dropout_on = "all"
     else:
+        args.class_batch_size = args.class_batch_size or args.batch_size
         check_instance_prompt(args.instance_prompt, args.identifier)
         if not (args.prior_loss_weight >= 0.0 and args.prior_loss_weight < float("inf")):
             raise ValueError(f"--prior-loss-weight must be a finite number >= 0, got {args.prior_loss_weight}")
@@ -421,29 +423,28 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
         idx = torch.from_numpy(rng.integers(0, len(caption_ids), size=args.batch_size))
         mean, std, ids = latents[0][idx], latents[1][idx], caption_ids[idx]
         if class_latents is not None:
-            cls = torch.from_numpy(rng.integers(0, len(class_latents[0]), size=args.class_batch_size or
-                                                args.batch_size))
+            cls = torch.from_numpy(rng.integers(0, len(class_latents[0]), size=args.class_batch_size))
             mean = torch.cat([mean, class_latents[0][cls]])
             std = torch.cat([std, class_latents[1][cls]])
             ids = torch.cat([ids, class_ids[cls]])
         if args.caption_dropout > 0:  # drawn last, so runs without dropout keep their random streams
             drop = torch.from_numpy(rng.random(len(ids)) < args.caption_dropout)  # (B',)
-            if getattr(args, "caption_dropout_on", "all") == "class":
+            if args.caption_dropout_on == "class":
                 drop[:args.batch_size] = False
             ids = torch.where(drop[:, None], empty_ids, ids)
         gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, accelerator.process_index)
         x0 = to_network_units(mean + std * torch.randn(mean.shape, generator=gen), pipe.vae.config)  # (B', C, h, w)
         t = torch.randint(0, len(alpha_bar), (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        x_t, target = training_target(x0.to(device), noise.to(device), alpha_bar[t.to(device)],
-                                      pipe.prediction_type)
+        t, ids = t.to(device), ids.to(device)
+        x_t, target = training_target(x0.to(device), noise.to(device), alpha_bar[t], pipe.prediction_type)
         with accelerator.autocast():
-            pred = model(x_t, t.to(device), ids.to(device))
+            pred = model(x_t, t, ids)
             if frozen is not None:  # class rows: towards the base model's own prediction
                 with torch.no_grad():
                     n = args.batch_size
-                    target[n:] = frozen(x_t[n:], t[n:].to(device), ids[n:].to(device)).float()
-        weights = common.loss_weights(alpha_bar[t.to(device)], args.loss_weighting, args.min_snr_gamma)  # (B',)
+                    target[n:] = frozen(x_t[n:], t[n:], ids[n:]).float()
+        weights = common.loss_weights(alpha_bar[t], args.loss_weighting, args.min_snr_gamma)  # (B',)
         return prior_preservation_loss(pred, target.float(), args.batch_size, args.prior_loss_weight, weights)
 
     prompts = args.validation_prompt or ([args.instance_prompt] if recipe == "dreambooth" else captions[:4])
