@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -153,7 +154,7 @@ def test_text_encoder_trains_on_a_short_window_without_changing_what_captions_se
         train_text_encoder.CaptionTokens(tokenizer, 8)(captions)
 
 
-def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it_and_it_is_faster(monkeypatch):
     from train import common
 
     assert common.cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni")
@@ -162,9 +163,20 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert common.resolve_precision("fp16") == "fp16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    for native in (True, False):
+    for native, speedup, expected in ((True, 5.0, "bf16"), (True, 0.5, "no"), (False, 5.0, "no")):
         monkeypatch.setattr(common, "cpu_has_native_bf16", lambda cpuinfo=None, native=native: native)
-        assert common.resolve_precision("auto") == ("bf16" if native else "no")
+        monkeypatch.setattr(common, "cpu_bf16_speedup", lambda speedup=speedup: speedup)
+        assert common.resolve_precision("auto") == expected
+
+
+def test_cpu_bf16_speedup_is_a_measured_positive_ratio():
+    """The measurement runs both dtypes and returns their time ratio (cached: the second call is the same)."""
+    from train import common
+
+    common.cpu_bf16_speedup.cache_clear()
+    ratio = common.cpu_bf16_speedup(size=64, repeats=2)
+    assert math.isfinite(ratio) and ratio > 0
+    assert common.cpu_bf16_speedup(size=64, repeats=2) == ratio
 
 
 def test_vae_crops_show_an_object_and_weight_its_pixels():
