@@ -212,3 +212,19 @@ def test_ema_of_the_fine_tuned_unet(setup, tmp_path):
     with pytest.raises(ValueError, match="--ema-decay averages a full fine-tune"):
         run(dreambooth_args(model, subjects, tmp_path / "lora", "--method", "lora", "--ema-decay", "0.9"), "dreambooth")
     assert not (tmp_path / "lora").exists()
+
+
+def test_cross_attention_kv_fine_tune_changes_only_those_weights(setup, tmp_path):
+    """--unet-params cross_attention_kv (Custom Diffusion): after training, exactly the attn2.to_k / attn2.to_v
+    weights differ from the base UNet's, every one of them; LoRA refuses the option."""
+    model, subjects = setup
+    args = dreambooth_args(model, subjects, tmp_path / "kv", "--steps", "2", "--unet-params", "cross_attention_kv")
+    trained = load_file(str(run(args, "dreambooth")["saved"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    kv = {k for k in base if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    assert kv and changed == kv
+    with pytest.raises(ValueError, match="--unet-params cross_attention_kv chooses the weights of a full"):
+        run(dreambooth_args(model, subjects, tmp_path / "lora", "--method", "lora", "--unet-params",
+                            "cross_attention_kv"), "dreambooth")
+    assert not (tmp_path / "lora").exists()

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train.finetune import UNET_PARAMS
 from train.evaluate import BASE_SHAPES, detect_objects, evaluate_pairs
 from train.shapes import EXTRA_SHAPES, Scene, caption, make_object, render, sample_scene
 
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-dropout-on", default="all", choices=("all", "class"))
     parser.add_argument("--class-batch-size", default=None, help="class examples per step (default: --batch-size)")
     parser.add_argument("--ema-decay", default="0", help="EMA of the full fine-tune's UNet (0 = none)")
+    parser.add_argument("--unet-params", default="all", choices=UNET_PARAMS,
+                        help="which UNet weights the full fine-tunes train (cross_attention_kv: Custom Diffusion)")
     parser.add_argument("--prior-target", default="images", choices=("images", "base"),
                         help="class examples trained towards their image (eq. 2) or the frozen base's prediction")
     parser.add_argument("--drift-guidance", type=float, nargs="+", default=[7.5],
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                       ", min-SNR weighting" if args.loss_weighting == "min_snr" else "",
                       ", prior towards the base's predictions" if args.prior_target == "base" else "",
                       f", EMA {args.ema_decay}" if float(args.ema_decay) else "",
+                      ", cross-attention K/V only" if args.unet_params != "all" else "",
                       f", {args.class_batch_size} class examples per step" if args.class_batch_size else "",
                       f", caption dropout {args.caption_dropout} on {args.caption_dropout_on}" if float(args.caption_dropout)
                       else ""])
@@ -214,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                       "--min-snr-gamma", str(args.min_snr_gamma),
                       "--caption-dropout", args.caption_dropout, "--caption-dropout-on", args.caption_dropout_on,
                       "--prior-target", args.prior_target,
-                      *(["--ema-decay", args.ema_decay] if method == "full" else []),
+                      *(["--ema-decay", args.ema_decay, "--unet-params", args.unet_params] if method == "full"
+                        else []),
                       *(["--class-batch-size", args.class_batch_size] if args.class_batch_size else []),
                       "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
                       "--class-data-dir", str(work / f"class_images-{args.class_prompts}")], "dreambooth")

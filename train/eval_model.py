@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--sweep", choices=["none", "guidance", "samplers"], default="none")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="phi of guidance rescale (Lin et al. 2023, eq. 16)")
+    parser.add_argument("--sweep", choices=["none", "guidance", "samplers", "rescale"], default="none",
+                        help="guidance: CFG 1 / 3 / 5 / 7.5; samplers: 4 samplers x 5-50 steps; rescale: guidance "
+                             "rescale phi 0 / 0.3 / 0.7 / 1 at --cfg")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="also write all results to this JSON file")
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controlnet", help="with --task controlnet: the trained ControlNet folder")
     parser.add_argument("--control", default="mask", help="with --task controlnet: its control type")
     parser.add_argument("--scenes", type=int, default=16, help="with --task controlnet: held-out scenes per scale")
+    parser.add_argument("--control-scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5],
+                        help="with --task controlnet: the conditioning scales measured (0 = the base model)")
     parser.add_argument("--tables", nargs="+", default=None, help="with --task editing: which tables "
                         "(inversion p2p p2p_real inpaint sdedit resample photos; default all)")
     args = parser.parse_args(argv)
@@ -114,12 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         return editing_main(pipe, args)
     if args.task == "controlnet":
         return controlnet_main(pipe, args)
-    base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg)
+    base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                guidance_rescale=args.guidance_rescale)
     if args.sweep == "guidance":
         runs = [(f"CFG {g}", {**base, "guidance_scale": g}) for g in (1.0, 3.0, 5.0, 7.5)]
     elif args.sweep == "samplers":
         runs = [(f"{s}, {n} steps", {**base, "sampler": s, "num_inference_steps": n})
                 for s in ("ddim", "euler", "heun", "dpmpp_2m") for n in (5, 10, 20, 50)]
+    elif args.sweep == "rescale":
+        runs = [(f"CFG {args.cfg}, rescale {phi}", {**base, "guidance_rescale": phi}) for phi in (0.0, 0.3, 0.7, 1.0)]
     else:
         runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}", base)]
     rows = []
@@ -160,15 +169,15 @@ def editing_main(pipe, args) -> int:
 
 def controlnet_main(pipe, args) -> int:
     """``ldm eval --task controlnet``: mean IoU between each held-out scene's object mask and the objects the
-    evaluator finds in the image generated from its control and caption, at conditioning scales 0 (the base
-    model), 0.5, 1 and 1.5 (``train.train_controlnet.evaluate_iou``)."""
+    evaluator finds in the image generated from its control and caption, at each of ``--control-scales`` (default
+    0 = the base model, 0.5, 1 and 1.5; ``train.train_controlnet.evaluate_iou``)."""
     from train.train_controlnet import evaluate_iou
 
     if not args.controlnet:
         raise ValueError("--task controlnet needs --controlnet FOLDER")
     pipe.load_controlnet(args.controlnet)
     results = {}
-    for scale in (0.0, 0.5, 1.0, 1.5):
+    for scale in args.control_scales:
         results[scale] = evaluate_iou(pipe, args.control, count=args.scenes, scale=scale, steps=args.steps,
                                       guidance=args.cfg)
         print(f"scale {scale}: mean IoU {results[scale]['mean_iou']:.3f}, IoU >= 0.8 in "

@@ -21,7 +21,9 @@ is zero at the base weights and anchors the function directly; costs a frozen co
 unconditional branch that CFG extrapolates from is anchored too (on the class examples only, the subject's few
 images do not become what the unconditional branch draws); ``--ema-decay`` saves an average of the weights.
 
-``--method full`` trains every UNet weight; ``--method lora`` trains low-rank adapters (peft) on the attention
+``--method full`` trains every UNet weight, or with ``--unet-params cross_attention_kv`` only the key and value
+projections of the cross-attention layers (Kumari et al. 2022, "Multi-Concept Customization of Text-to-Image
+Diffusion" / Custom Diffusion, sec. 3.2: the only weights that read the text, 5 % of SD's UNet); ``--method lora`` trains low-rank adapters (peft) on the attention
 projections (``to_q, to_k, to_v, to_out.0``); ``--train-text-encoder`` also trains the text encoder (fully, or
 LoRA on ``q_proj, k_proj, v_proj, out_proj``).
 
@@ -50,6 +52,7 @@ from train.datasets import RESIZE_MODES, describe, load_pixels, scan_folder
 RECIPES = ("dreambooth", "lora")
 METHODS = ("full", "lora")
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_PARAMS = ("all", "cross_attention_kv")  # --unet-params of a full fine-tune
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 DEFAULTS = {  # recipe -> (steps, batch size, learning rate for full / for LoRA)
     "dreambooth": (400, 1, (5e-6, 1e-4)),
@@ -102,6 +105,9 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="save an exponential moving average of the fine-tuned UNet's weights instead of the last "
                         "ones (--method full; 0 = none)")
+    g.add_argument("--unet-params", default="all", choices=UNET_PARAMS,
+                   help="which UNet weights a full fine-tune trains: all, or the cross-attention key/value "
+                        "projections only (Custom Diffusion, Kumari et al. 2022)")
     g.add_argument("--rank", type=common.positive_int, default=4, help="LoRA rank (alpha = rank)")
     g.add_argument("--train-text-encoder", action="store_true")
     g.add_argument("--resolution", type=common.positive_int, default=None,
@@ -162,6 +168,9 @@ def check_args(args: argparse.Namespace, recipe: str) -> None:
                              "--prior-loss-weight 0 to train without it")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.unet_params != "all" and args.method != "full":
+        raise ValueError(f"--unet-params {args.unet_params} chooses the weights of a full fine-tune; LoRA trains "
+                         "adapters on the attention projections")
     if args.ema_decay and args.method != "full":
         raise ValueError("--ema-decay averages a full fine-tune's UNet; it is not used with --method lora")
     if args.lr == 0.0:
@@ -284,6 +293,21 @@ def add_lora(network: torch.nn.Module, targets: list[str], rank: int, seed: int)
     return params
 
 
+def unet_trainable(unet: torch.nn.Module, which: str) -> dict[str, torch.nn.Parameter]:
+    """The UNet weights a full fine-tune trains (``which`` is ``--unet-params``), marked trainable; the rest frozen.
+    ``cross_attention_kv``: the ``attn2.to_k`` / ``attn2.to_v`` projections of every transformer block (Custom
+    Diffusion, Kumari et al. 2022, sec. 3.2), the only weights that map text tokens into the image features."""
+    if which not in UNET_PARAMS:
+        raise ValueError(f"unknown --unet-params {which!r}; known: {', '.join(UNET_PARAMS)}")
+    chosen = {k: p for k, p in unet.named_parameters()
+              if which == "all" or re.search(r"\.attn2\.to_[kv]\.", k)}
+    if not chosen:
+        raise ValueError(f"--unet-params {which}: this UNet has no such weights")
+    for k, p in unet.named_parameters():
+        p.requires_grad_(k in chosen)
+    return chosen
+
+
 def lora_parameters(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The network's LoRA parameters by name (as they are now: FSDP replaces them when it shards)."""
     return {n: p for n, p in network.named_parameters() if "lora_" in n}
@@ -356,7 +380,8 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     if args.dry_run:
         print(describe(examples, resolution, args.resize))
         return {"dry_run": True, "examples": len(examples)}
-    config = {"base": str(base.resolve()), "method": args.method, "rank": args.rank if args.method == "lora" else 0,
+    config = {"base": str(base.resolve()), "method": args.method, "unet_params": args.unet_params,
+              "rank": args.rank if args.method == "lora" else 0,
               "train_text_encoder": args.train_text_encoder, "resolution": resolution,
               "unet": {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}}
     common.check_resumable(args, recipe, config)
@@ -388,9 +413,8 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
             trainable |= {f"text_encoder.{k}": v for k, v in
                           add_lora(text_encoder, TEXT_LORA_TARGETS, args.rank, args.seed + 1).items()}
     else:
-        unet.requires_grad_(True)
+        trainable = {f"unet.{k}": p for k, p in unet_trainable(unet, args.unet_params).items()}
         text_encoder.requires_grad_(args.train_text_encoder)
-        trainable = {f"unet.{k}": p for k, p in unet.named_parameters()}
         if args.train_text_encoder:
             trainable |= {f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()}
     denoiser = TextConditionedUNet(unet, text_encoder, args.train_text_encoder)
