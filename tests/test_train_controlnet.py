@@ -115,9 +115,10 @@ def test_eval_task_controlnet_reports_iou_per_scale(tmp_path):
 
     pipe = ScaledMaskPainter()
     args = argparse.Namespace(controlnet="cn-folder", control="mask", scenes=3, steps=4, cfg=7.5,
-                              json=str(tmp_path / "iou.json"))
+                              control_scales=[0.0, 0.5, 1.0, 1.5, 2.0], json=str(tmp_path / "iou.json"))
     assert controlnet_main(pipe, args) == 0 and pipe.loaded == "cn-folder"
     results = json.loads((tmp_path / "iou.json").read_text())
-    assert [results[s]["mean_iou"] > 0.9 for s in ("0.0", "0.5", "1.0", "1.5")] == [False, False, True, True]
+    assert [results[s]["mean_iou"] > 0.9 for s in ("0.0", "0.5", "1.0", "1.5", "2.0")] == [False, False, True,
+                                                                                          True, True]
     with pytest.raises(ValueError, match="needs --controlnet"):
         controlnet_main(pipe, argparse.Namespace(controlnet=None))

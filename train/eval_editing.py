@@ -188,8 +188,10 @@ def photo_table(pipe, steps: int = 50, guidance: float = 7.5, strengths=(0.2, 0.
     return table
 
 
-def p2p_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: float = 7.5) -> dict:
-    """Colour and shape swaps of generated images over ``seeds`` seeds (local blend on the object word)."""
+def p2p_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: float = 7.5,
+                        cross_replace_steps: float = 0.8, self_replace_steps: float = 0.4) -> dict:
+    """Colour and shape swaps of generated images over ``seeds`` seeds (local blend on the object word), with the
+    controller's cross- and self-attention replacement fractions."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     captions = [c for _, c in single_object_scenes(seeds, 1, size)]
     table = {}
@@ -200,7 +202,8 @@ def p2p_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: float 
             shape_words = [captions[k].split()[2], target.split()[2]]
             source, edited = pipe.prompt_to_prompt([captions[k], target], seed=k, num_inference_steps=steps,
                                                    guidance_scale=guidance, local_blend=sorted(set(shape_words)),
-                                                   progress=False).images
+                                                   cross_replace_steps=cross_replace_steps,
+                                                   self_replace_steps=self_replace_steps, progress=False).images
             outcomes.append(edit_outcome(source, edited, attribute, new))
             source_ok.append(score(parse_prompt(captions[k]), source)["all"])
         good = [o for o, ok in zip(outcomes, source_ok) if ok]
