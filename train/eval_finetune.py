@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.finetune import UNET_PARAMS
+from train.finetune import CAPTION_DROPOUT_ON, PRIOR_TARGETS, UNET_PARAMS, run
 from train.evaluate import BASE_SHAPES, detect_objects, evaluate_pairs
 from train.shapes import EXTRA_SHAPES, Scene, caption, make_object, render, sample_scene
 
@@ -151,7 +151,6 @@ def load_variant(base: Path, saved: Path, method: str):
 def main(argv: list[str] | None = None) -> int:
     from pipelines.text_to_image import DEFAULT_MODEL, TextToImagePipeline
     from train.common import add_loss_weighting_args, folder_size
-    from train.finetune import run
 
     parser = argparse.ArgumentParser(prog="python -m train.eval_finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", required=True)
@@ -165,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     add_loss_weighting_args(parser, "uniform", "per-timestep loss weight of the fine-tune (min_snr: as the shipped "
                             "UNet was trained)")
     parser.add_argument("--caption-dropout", default="0", help="probability of the empty caption per training example")
-    parser.add_argument("--caption-dropout-on", default="all", choices=("all", "class"))
+    parser.add_argument("--caption-dropout-on", default="all", choices=CAPTION_DROPOUT_ON)
     parser.add_argument("--class-batch-size", default=None, help="class examples per step (default: --batch-size)")
     parser.add_argument("--ema-decay", default="0", help="EMA of the full fine-tune's UNet (0 = none)")
     parser.add_argument("--unet-params", default="all", choices=UNET_PARAMS,
                         help="which UNet weights the full fine-tunes train (cross_attention_kv: Custom Diffusion)")
-    parser.add_argument("--prior-target", default="images", choices=("images", "base"),
+    parser.add_argument("--prior-target", default="images", choices=PRIOR_TARGETS,
                         help="class examples trained towards their image (eq. 2) or the frozen base's prediction")
     parser.add_argument("--drift-guidance", type=float, nargs="+", default=[7.5],
                         help="CFG scales of the drift measure (the first is the table's)")
@@ -200,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                       f", EMA {args.ema_decay}" if float(args.ema_decay) else "",
                       ", cross-attention K/V only" if args.unet_params != "all" else "",
                       f", {args.class_batch_size} class examples per step" if args.class_batch_size else "",
-                      f", caption dropout {args.caption_dropout} on {args.caption_dropout_on}" if float(args.caption_dropout)
-                      else ""])
+                      f", caption dropout {args.caption_dropout} on {args.caption_dropout_on}"
+                      if float(args.caption_dropout) else ""])
     base_pipe = TextToImagePipeline.from_pretrained(base)
     rows = {"base model": {**placement(base_pipe, args.seeds),
                            **base_accuracy(base_pipe, args.drift_seeds, args.drift_guidance),

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(f"{s}, {n} steps", {**base, "sampler": s, "num_inference_steps": n})
                 for s in ("ddim", "euler", "heun", "dpmpp_2m") for n in (5, 10, 20, 50)]
     elif args.sweep == "rescale":
-        runs = [(f"CFG {args.cfg}, rescale {phi}", {**base, "guidance_rescale": phi}) for phi in (0.0, 0.3, 0.7, 1.0)]
+        runs = [(f"CFG {args.cfg}, rescale {phi}", {**base, "guidance_rescale": phi})
+                for phi in (0.0, 0.3, 0.7, 1.0)]
     else:
         runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}", base)]
     rows = []

@@ -23,9 +23,9 @@ images do not become what the unconditional branch draws); ``--ema-decay`` saves
 
 ``--method full`` trains every UNet weight, or with ``--unet-params cross_attention_kv`` only the key and value
 projections of the cross-attention layers (Kumari et al. 2022, "Multi-Concept Customization of Text-to-Image
-Diffusion" / Custom Diffusion, sec. 3.2: the only weights that read the text, 5 % of SD's UNet); ``--method lora`` trains low-rank adapters (peft) on the attention
-projections (``to_q, to_k, to_v, to_out.0``); ``--train-text-encoder`` also trains the text encoder (fully, or
-LoRA on ``q_proj, k_proj, v_proj, out_proj``).
+Diffusion" / Custom Diffusion, sec. 3.2: the only weights that read the text, 5 % of SD's UNet); ``--method lora``
+trains low-rank adapters (peft) on the attention projections (``to_q, to_k, to_v, to_out.0``);
+``--train-text-encoder`` also trains the text encoder (fully, or LoRA on ``q_proj, k_proj, v_proj, out_proj``).
 
 ``ldm train lora``: LoRA on a captioned folder (``train/datasets.py``: ``metadata.jsonl`` or ``.txt`` captions).
 
@@ -53,6 +53,8 @@ RECIPES = ("dreambooth", "lora")
 METHODS = ("full", "lora")
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_PARAMS = ("all", "cross_attention_kv")  # --unet-params of a full fine-tune
+PRIOR_TARGETS = ("images", "base")  # --prior-target
+CAPTION_DROPOUT_ON = ("all", "class")  # --caption-dropout-on
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 DEFAULTS = {  # recipe -> (steps, batch size, learning rate for full / for LoRA)
     "dreambooth": (400, 1, (5e-6, 1e-4)),
@@ -81,7 +83,7 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                        help='e.g. "a shape"; needed for prior preservation; several prompts: class image k is '
                             'made from (and trained with) prompt k mod n')
         g.add_argument("--prior-loss-weight", type=float, default=1.0, help="lambda of eq. 2; 0 = no prior loss")
-        g.add_argument("--prior-target", default="images", choices=("images", "base"),
+        g.add_argument("--prior-target", default="images", choices=PRIOR_TARGETS,
                        help="what the class examples are trained towards: images = eq. 2 as the paper (the noised "
                             "class image's own target); base = the frozen base model's prediction on the same "
                             "noised class latent (the same expected gradient when the class images are the "
@@ -100,7 +102,7 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
                         "caption, so the unconditional branch that classifier-free guidance extrapolates from is "
                         "trained too (the shipped UNet was trained with 0.1; kohya's caption_dropout_rate)")
     if recipe == "dreambooth":
-        g.add_argument("--caption-dropout-on", default="all", choices=("all", "class"),
+        g.add_argument("--caption-dropout-on", default="all", choices=CAPTION_DROPOUT_ON,
                        help="which examples caption dropout applies to: all, or only the prior's class images")
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="save an exponential moving average of the fine-tuned UNet's weights instead of the last "
