@@ -228,6 +228,33 @@ def test_denoiser_overfits_a_fixed_batch(tmp_path, components):
     assert (tmp_path / "samples" / "step-0000020.png").is_file()
 
 
+def test_denoiser_starts_from_an_init_unet_and_refuses_a_mismatched_one(tmp_path, components):
+    """``--init-unet`` continues from a saved UNet (not the seeded init); another architecture is refused."""
+    from diffusers import UNet2DConditionModel
+
+    vae_dir, text_dir = components
+    # One step at lr 1e-30 moves no float32 weight (far below an ulp): the saved UNet must be the init exactly.
+    init = train_denoiser.run(denoiser_args(tmp_path / "a", vae_dir, text_dir, "--steps", "2", "--seed", "5",
+                                            "--sample-every", "0", "--lr", "1e-2", "--warmup", "0"))
+    init_dir = init["final_dir"] / "unet"
+    started = train_denoiser.run(denoiser_args(tmp_path / "b", vae_dir, text_dir, "--steps", "1", "--seed", "0",
+                                               "--sample-every", "0", "--lr", "1e-30", "--ema-decay", "0",
+                                               "--init-unet", str(init_dir)))
+    fresh = train_denoiser.run(denoiser_args(tmp_path / "c", vae_dir, text_dir, "--steps", "1", "--seed", "0",
+                                             "--sample-every", "0", "--lr", "1e-30", "--ema-decay", "0"))
+    want = UNet2DConditionModel.from_pretrained(str(init_dir)).state_dict()
+    got = UNet2DConditionModel.from_pretrained(str(started["final_dir"] / "unet")).state_dict()
+    seeded = UNet2DConditionModel.from_pretrained(str(fresh["final_dir"] / "unet")).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not all(torch.equal(seeded[k], want[k]) for k in want)
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**train_denoiser.PRESETS["tiny"], "block_out_channels": [32, 32]}))
+    with pytest.raises(ValueError, match="--init-unet .* does not match the UNet config .*block_out_channels"):
+        train_denoiser.run(denoiser_args(tmp_path / "d", vae_dir, text_dir, "--steps", "1", "--model-config",
+                                         str(other), "--init-unet", str(init_dir)))
+
+
 def test_mmdit_overfits_a_fixed_batch_and_ships_a_folder_diffusers_loads(tmp_path, components):
     """The MMDiT recipe learns (loss falls on 4 images); its StableDiffusion3Pipeline folder loads in diffusers
     and in our pipeline, which agree on the same noise."""

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rebuilt when it does not match the VAE/data flags")
     g.add_argument("--uncond-prob", type=float, default=0.1, help="probability of training on the empty caption")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights; 0 = no EMA")
+    g.add_argument("--init-unet", default=None,
+                   help="start from this diffusers UNet folder (e.g. weights/shapes-unet/unet) instead of a seeded "
+                        "init; its config must match the preset's. Optimizer and EMA start fresh")
     common.add_loss_weighting_args(g, "min_snr", "per-timestep weight of the v loss (see common.loss_weights)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--sample-steps", type=common.positive_int, default=25, help="DDIM steps for the sample grids")
@@ -162,10 +165,20 @@ def unet_config(preset: dict, vae_config, text_config, image_size: int) -> dict:
             "out_channels": vae_config.latent_channels, "cross_attention_dim": text_config.hidden_size}
 
 
-def build_unet(config: dict, seed: int):
+def build_unet(config: dict, seed: int, init_folder: str | None = None):
+    """A seeded fresh UNet of ``config``, or the float32 weights of ``init_folder`` if its config agrees."""
     from diffusers import UNet2DConditionModel
 
-    return common.seeded_init(seed, lambda: UNet2DConditionModel(**config))
+    if init_folder is None:
+        return common.seeded_init(seed, lambda: UNet2DConditionModel(**config))
+    folder = common.require_model_folder(init_folder, "--init-unet")
+    saved = UNet2DConditionModel.load_config(str(folder))
+    differ = [f"{key}: {saved.get(key)!r} in the folder, {value!r} here" for key, value in config.items()
+              if json.loads(json.dumps(saved.get(key))) != json.loads(json.dumps(value))]
+    if differ:
+        raise ValueError(f"--init-unet {folder} does not match the UNet config ({'; '.join(differ)})")
+    unet = UNet2DConditionModel.from_pretrained(str(folder), local_files_only=True)
+    return torch.nn.Module.to(unet, torch.float32)
 
 
 # --------------------------------------------------------------------------- latent cache
@@ -330,7 +343,7 @@ def run(argv: list[str] | None = None) -> dict:
     vae.to(device)
     ab = alphas_cumprod().to(device)
 
-    unet = build_unet(config, args.seed)
+    unet = build_unet(config, args.seed, args.init_unet)
     if device.type == "cpu":
         # On CPU, PyTorch's fused SDPA kernels are ~2x slower than plain matmul-softmax-matmul for these small
         # heads (measured on the 2-core bf16 box); the choice does not change the weights' meaning.
