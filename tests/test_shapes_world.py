@@ -200,6 +200,18 @@ def test_parse_prompt_recovers_caption_attributes():
     assert stated_positions > 200 and 100 < stated_sizes < 400
 
 
+def test_captions_can_leave_the_colour_unsaid():
+    rng = np.random.default_rng(3)
+    for scene in _scenes(200, "all", seed=4):
+        text = caption(scene, rng, omit=("color",))
+        parsed = parse_prompt(text)
+        assert [o.shape for o in parsed.objects] == [o.shape for o in scene.objects], text
+        assert all(o.color is None for o in parsed.objects), text
+        assert parsed.relation == scene.relation, text
+    with pytest.raises(ValueError, match="cannot omit 'shape' from a caption; can omit: color"):
+        caption(scene, rng, omit=("shape",))
+
+
 def test_captions_are_varied():
     rng = np.random.default_rng(0)
     scene = Scene("white", (make_object("red", "square", "top left", "small"),))

@@ -8,6 +8,7 @@ scale) assembles a float16 diffusers folder that StableDiffusionPipeline and ldm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 
@@ -253,6 +254,36 @@ def test_denoiser_starts_from_an_init_unet_and_refuses_a_mismatched_one(tmp_path
     with pytest.raises(ValueError, match="--init-unet .* does not match the UNet config .*block_out_channels"):
         train_denoiser.run(denoiser_args(tmp_path / "d", vae_dir, text_dir, "--steps", "1", "--model-config",
                                          str(other), "--init-unet", str(init_dir)))
+
+
+def test_drop_color_prob_leaves_colour_words_out_of_cached_captions(tmp_path, components):
+    """``--drop-color-prob 1`` caches only colourless captions of the same scenes; 0 keeps the dataset's own."""
+    from ldm.text import load_tokenizer
+    from train.shapes import OBJECT_COLORS, ShapesDataset, parse_prompt
+
+    vae_dir, text_dir = components
+    tokenizer = load_tokenizer(text_dir / "tokenizer")
+    vae, _, _ = train_denoiser.load_components(train_denoiser.build_parser().parse_args(
+        denoiser_args(tmp_path, vae_dir, text_dir)))
+    dataset = ShapesDataset(6, 0, 16, "train")
+    for probability in (0.0, 1.0):
+        args = train_denoiser.build_parser().parse_args(denoiser_args(
+            tmp_path, vae_dir, text_dir, "--num-images", "6", "--data-seed", "0", "--drop-color-prob",
+            str(probability)))
+        cache = train_denoiser.build_latent_cache(args, vae, tokenizer, contextlib.nullcontext,
+                                                  torch.device("cpu"))
+        for i in range(6):
+            texts = tokenizer.batch_decode(cache["ids"][i].long(), skip_special_tokens=True)  # (variants,)
+            scene = dataset[i]["scene"]
+            for text in texts:
+                parsed = parse_prompt(text)
+                assert [o.shape for o in parsed.objects] == [o.shape for o in scene.objects], text
+                has_colour = any(colour in text.split() for colour in OBJECT_COLORS)
+                assert has_colour == (probability == 0.0), text
+            if probability == 0.0:
+                assert texts[0].replace(" ", "") == dataset[i]["caption"].lower().replace(" ", "")
+    with pytest.raises(ValueError, match="--drop-color-prob must be in"):
+        train_denoiser.run(denoiser_args(tmp_path / "bad", vae_dir, text_dir, "--drop-color-prob", "nan"))
 
 
 def test_mmdit_overfits_a_fixed_batch_and_ships_a_folder_diffusers_loads(tmp_path, components):

@@ -102,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="also write all results to this JSON file")
     parser.add_argument("--grid", help="write the first setting's images (seed 0 of every prompt) to this PNG")
-    parser.add_argument("--task", choices=["generation", "editing", "controlnet"], default="generation",
+    parser.add_argument("--task", choices=["generation", "editing", "controlnet", "composition"],
+                        default="generation",
                         help="editing: inversion, prompt-to-prompt, inpainting and SDEdit tables "
                              "(train/eval_editing.py); controlnet: mask IoU of held-out scenes vs conditioning scale "
-                             "(needs --controlnet)")
+                             "(needs --controlnet); composition: each colour x shape pair's nearest seen pair in the "
+                             "text encoder's states and the shapes drawn for it (train/eval_text.py)")
     parser.add_argument("--controlnet", help="with --task controlnet: the trained ControlNet folder")
     parser.add_argument("--control", default="mask", help="with --task controlnet: its control type")
     parser.add_argument("--scenes", type=int, default=16, help="with --task controlnet: held-out scenes per scale")
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return editing_main(pipe, args)
     if args.task == "controlnet":
         return controlnet_main(pipe, args)
+    if args.task == "composition":
+        return composition_main(pipe, args)
     base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg,
                 guidance_rescale=args.guidance_rescale)
     if args.sweep == "guidance":
@@ -186,6 +190,30 @@ def controlnet_main(pipe, args) -> int:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(results, file, indent=1)
+    return 0
+
+
+def composition_main(pipe, args) -> int:
+    """``ldm eval --task composition``: per colour x shape pair, the nearest seen pair in the text encoder's states
+    (``train.eval_text.composition_probe``) and the shapes read back from ``--seeds`` images at ``--cfg``."""
+    from train.eval_text import composition_probe, drawn_shapes
+
+    probe = composition_probe(pipe.text_encoder, pipe.tokenizer)
+    drawn = drawn_shapes(pipe, args.seeds, args.cfg, args.steps)
+    print(f"model {pipe.path} | text-encoder neighbours over 24 captions per pair | shapes drawn for 'a large <colour> "
+          f"<shape> in the center on a white background', {args.seeds} seeds, CFG {args.cfg}, {args.steps} steps")
+    print("| pair | nearest seen pair (cosine) | shapes drawn |\n|---|---|---|")
+    for row in probe["pairs"]:
+        name = f"**{row['pair']}** (held out)" if row["heldout"] else row["pair"]
+        shapes = ", ".join(f"{shape} {count}" for shape, count in sorted(drawn[row["pair"]].items()))
+        print(f"| {name} | {row['nearest_seen']} ({row['cosine']:.2f}) | {shapes} |")
+    print(f"nearest seen pair shares the shape: seen {100 * probe['seen_shares_shape']:.0f} %, held-out "
+          f"{100 * probe['heldout_shares_shape']:.0f} %; additive model a(colour) + b(shape) fitted on seen pairs "
+          f"reads the shape of {100 * probe['additive_shape_read']['seen']:.0f} % of seen and "
+          f"{100 * probe['additive_shape_read']['heldout']:.0f} % of held-out captions")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"probe": probe, "drawn": drawn}, file, indent=1)
     return 0
 
 

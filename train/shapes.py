@@ -294,10 +294,14 @@ def _with_article(rng: np.random.Generator, phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
-def _noun_phrase(rng: np.random.Generator, obj: ShapeObject, shape_first: bool = False) -> str:
-    """E.g. "a red circle", "one big blue box" or (``shape_first``) "a triangle colored green"."""
+def _noun_phrase(rng: np.random.Generator, obj: ShapeObject, shape_first: bool = False,
+                 omit: tuple[str, ...] = ()) -> str:
+    """E.g. "a red circle", "one big blue box", (``shape_first``) "a triangle colored green", or with
+    ``omit=("color",)`` "a big box"."""
     shape_word = _pick(rng, _SHAPE_SYNONYMS.get(obj.shape, (obj.shape,)))
     size_word = _pick(rng, _SIZE_SYNONYMS[obj.size]) + " " if rng.random() < SIZE_WORD_PROBABILITY else ""
+    if "color" in omit:
+        return _with_article(rng, f"{size_word}{shape_word}")
     if shape_first:
         return _with_article(rng, f"{size_word}{shape_word} {_pick(rng, ('colored', 'in'))} {obj.color}")
     return _with_article(rng, f"{size_word}{obj.color} {shape_word}")
@@ -326,10 +330,10 @@ def _join(*parts: str) -> str:
     return " ".join(part for part in parts if part).replace(" ,", ",").strip(" ,")
 
 
-def _single_object_caption(rng: np.random.Generator, scene: Scene) -> str:
+def _single_object_caption(rng: np.random.Generator, scene: Scene, omit: tuple[str, ...] = ()) -> str:
     """Caption one object in one of several word orders, with optional position and background."""
     obj = scene.objects[0]
-    noun = _noun_phrase(rng, obj, shape_first=rng.random() < SHAPE_FIRST_PROBABILITY)
+    noun = _noun_phrase(rng, obj, shape_first=rng.random() < SHAPE_FIRST_PROBABILITY, omit=omit)
     where = _position_phrase(rng, obj.position) if rng.random() < POSITION_WORD_PROBABILITY else ""
     if rng.random() >= BACKGROUND_CLAUSE_PROBABILITY:
         background = ""
@@ -342,9 +346,9 @@ def _single_object_caption(rng: np.random.Generator, scene: Scene) -> str:
     return _join(*_pick(rng, orders))
 
 
-def _two_object_caption(rng: np.random.Generator, scene: Scene) -> str:
+def _two_object_caption(rng: np.random.Generator, scene: Scene, omit: tuple[str, ...] = ()) -> str:
     """Caption two objects as "<subject> <relation> <reference>" with an optional background."""
-    nouns = [_noun_phrase(rng, obj) for obj in scene.objects]
+    nouns = [_noun_phrase(rng, obj, omit=omit) for obj in scene.objects]
     body = _join(nouns[0], scene.relation or "and", nouns[1])
     if rng.random() >= BACKGROUND_CLAUSE_PROBABILITY:
         return body
@@ -352,12 +356,20 @@ def _two_object_caption(rng: np.random.Generator, scene: Scene) -> str:
     return _join(background, ",", body) if rng.random() < BACKGROUND_FIRST_PROBABILITY else _join(body, background)
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A randomly worded caption of ``scene``; ``parse_prompt`` recovers every attribute it states."""
+CAPTION_OMISSIONS: tuple[str, ...] = ("color",)
+"""Attributes a caption may leave unsaid (``caption(..., omit=...)``)."""
+
+
+def caption(scene: Scene, rng: np.random.Generator, omit: tuple[str, ...] = ()) -> str:
+    """A randomly worded caption of ``scene``; ``parse_prompt`` recovers every attribute it states. ``omit``
+    names attributes left unsaid: ``("color",)`` gives e.g. "a circle at the top left on white"."""
     if len(scene.objects) not in (1, 2):
         raise ValueError(f"can caption scenes of one or two objects, got {len(scene.objects)}")
+    unknown = [name for name in omit if name not in CAPTION_OMISSIONS]
+    if unknown:
+        raise ValueError(f"cannot omit {unknown[0]!r} from a caption; can omit: {', '.join(CAPTION_OMISSIONS)}")
     describe = _single_object_caption if len(scene.objects) == 1 else _two_object_caption
-    text = describe(rng, scene)
+    text = describe(rng, scene, omit)
     return _pick(rng, _PREFIXES) + text if text.startswith(("a ", "an ", "one ")) else text
 
 

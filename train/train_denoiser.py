@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safetensors file of encoded latents (default <output-dir>/latents.safetensors); "
                         "rebuilt when it does not match the VAE/data flags")
     g.add_argument("--uncond-prob", type=float, default=0.1, help="probability of training on the empty caption")
+    g.add_argument("--drop-color-prob", type=float, default=0.0,
+                   help="probability that a cached caption variant leaves out the colour words ('a circle at the "
+                        "top'), so shape words are learnt apart from the colours seen with them")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights; 0 = no EMA")
     g.add_argument("--init-unet", default=None,
                    help="start from this diffusers UNet folder (e.g. weights/shapes-unet/unet) instead of a seeded "
@@ -189,7 +192,7 @@ def _cache_meta(args: argparse.Namespace, vae) -> dict:
     return {"vae_config": {k: v for k, v in dict(vae.config).items() if not k.startswith("_")},
             "vae_weights_abs_sum": round(weights, 3), "num_images": args.num_images,
             "caption_variants": args.caption_variants, "data_seed": args.data_seed, "image_size": args.image_size,
-            "split": args.split, "version": 1}
+            "split": args.split, "drop_color_prob": args.drop_color_prob, "version": 1}
 
 
 @torch.no_grad()
@@ -214,10 +217,13 @@ def build_latent_cache(args: argparse.Namespace, vae, tokenizer, autocast, devic
         stds.append(dist.std.float().cpu().contiguous())
         captions = []
         for offset, it in enumerate(items):
-            captions.append(it["caption"])
-            for v in range(1, args.caption_variants):
+            for v in range(args.caption_variants):
                 rng = np.random.default_rng([args.data_seed, common.STREAM_DATA, start + offset, v])
-                captions.append(caption(it["scene"], rng))
+                colorless = args.drop_color_prob > 0 and rng.random() < args.drop_color_prob
+                if colorless:
+                    captions.append(caption(it["scene"], rng, omit=("color",)))
+                else:  # variant 0 is the dataset's own caption; the others are freshly worded
+                    captions.append(it["caption"] if v == 0 else caption(it["scene"], rng))
         tokens = tokenize_batch(tokenizer, captions)  # (n * V, W, 77)
         if tokens.shape[1] != 1:
             raise ValueError("a caption is longer than one 77-token window")
@@ -321,8 +327,9 @@ def run(argv: list[str] | None = None) -> dict:
 
     args = build_parser().parse_args(argv)
     common.check_common_args(args)
-    if not 0.0 <= args.uncond_prob <= 1.0:
-        raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
+    for flag in ("uncond_prob", "drop_color_prob"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
     common.check_loss_weighting(args)
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
