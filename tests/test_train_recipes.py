@@ -286,6 +286,16 @@ def test_drop_color_prob_leaves_colour_words_out_of_cached_captions(tmp_path, co
         train_denoiser.run(denoiser_args(tmp_path / "bad", vae_dir, text_dir, "--drop-color-prob", "nan"))
 
 
+def test_cached_text_states_train_as_the_encoder_run_in_every_step(tmp_path, components):
+    vae_dir, text_dir = components
+    runs = {mode: train_denoiser.run(denoiser_args(tmp_path / mode, vae_dir, text_dir, "--steps", "3",
+                                                   "--sample-every", "0", "--uncond-prob", "0.5",
+                                                   "--text-states", mode))["losses"]
+            for mode in train_denoiser.TEXT_STATES}
+    cached, on_the_fly = (torch.tensor(runs[mode]) for mode in train_denoiser.TEXT_STATES)
+    assert torch.allclose(cached, on_the_fly, rtol=1e-4, atol=0), runs
+
+
 def test_mmdit_overfits_a_fixed_batch_and_ships_a_folder_diffusers_loads(tmp_path, components):
     """The MMDiT recipe learns (loss falls on 4 images); its StableDiffusion3Pipeline folder loads in diffusers
     and in our pipeline, which agree on the same noise."""

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from train import common
-from train.train_denoiser import SAMPLE_PROMPTS, LatentBatches, load_or_build_cache
+from train.train_denoiser import (SAMPLE_PROMPTS, LatentBatches, add_caption_args, check_probabilities,
+                                  load_or_build_cache)
 
 FLOW_SHIFT = 1.0
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safetensors file of encoded latents (default <output-dir>/latents.safetensors); "
                         "rebuilt when it does not match the VAE/data flags")
     g.add_argument("--uncond-prob", type=float, default=0.1, help="probability of training on the empty caption")
+    add_caption_args(g)
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights; 0 = no EMA")
     g.add_argument("--logit-mean", type=float, default=0.0, help="m of the logit-normal flow-time density")
     g.add_argument("--logit-std", type=float, default=1.0, help="s of the logit-normal flow-time density")
@@ -295,8 +297,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     args = build_parser().parse_args(argv)
     common.check_common_args(args)
-    if not 0.0 <= args.uncond_prob <= 1.0:
-        raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
+    check_probabilities(args)
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not args.logit_std > 0:
