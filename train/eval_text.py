@@ -1,8 +1,8 @@
-"""``ldm eval --task composition``: does the frozen text encoder keep the shape of a held-out colour x shape pair?
+"""``ldm eval --task composition``: where a held-out colour x shape pair loses its shape, text encoder or denoiser.
 
 The denoiser sees a prompt only through the text encoder's hidden states, so a held-out pair ("an orange circle":
 orange and circle were each seen, never together) can be drawn right only if those states carry "circle" as they
-do for seen circles. Two measures, both per colour x shape pair of the base world:
+do for seen circles, and the denoiser reads it there. Two measures, per colour x shape pair of the base world:
 
 1. ``composition_probe``: the last-layer states (all 77 positions, as the UNet reads them) of freshly worded
    single-object captions of each pair (``train.shapes.caption``: random templates, places, sizes and

@@ -14,7 +14,8 @@ Data: ``--num-images`` renders are encoded once through the frozen VAE (posterio
 ``--latent-cache``); every step samples ``z = mean + std * n`` and multiplies it by the VAE's ``scaling_factor``.
 Each image has ``--caption-variants`` captions (freshly worded descriptions of the same scene, pre-tokenized);
 a random one is used per sample, replaced by the empty caption with probability ``--uncond-prob`` (for
-classifier-free guidance). Captions are encoded on the fly by the frozen text encoder (all 77 hidden states).
+classifier-free guidance). The frozen text encoder's states (all 77) of every cached caption are computed once
+(``--text-states cached``) or in every step (``on-the-fly``).
 An EMA of the weights (``--ema-decay``) is what ``final/unet`` holds. Sample grids use ``ldm.samplers.sample_ddim``
 through ``ldm.denoiser.Denoiser`` and ``ldm.guidance.CFGDenoiser``.
 
