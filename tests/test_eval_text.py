@@ -56,3 +56,14 @@ def test_probe_reads_shape_from_a_shape_encoder_and_not_from_a_colour_encoder(to
     assert result["additive_shape_read"]["heldout"] < 1 / 3  # no shape in the states: not above chance
     for row in result["pairs"]:
         assert row["nearest_seen"].split()[0] == row["pair"].split()[0]
+
+
+def test_drawn_shapes_reads_back_what_a_perfect_model_draws():
+    from test_eval_model import RenderingPipe
+
+    from train.eval_text import drawn_shapes
+
+    pipe = RenderingPipe()
+    counts = drawn_shapes(pipe, seeds=2, guidance_scale=3.0, steps=5)
+    assert counts == {f"{color} {shape}": {shape: 2} for color, shape in PAIRS}
+    assert pipe.calls[0][2] == {"num_inference_steps": 5, "guidance_scale": 3.0}
