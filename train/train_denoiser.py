@@ -194,10 +194,9 @@ def build_unet(config: dict, seed: int, init_folder: str | None = None):
         return common.seeded_init(seed, lambda: UNet2DConditionModel(**config))
     folder = common.require_model_folder(init_folder, "--init-unet")
     saved = UNet2DConditionModel.load_config(str(folder))
-    differ = [f"{key}: {saved.get(key)!r} in the folder, {value!r} here" for key, value in config.items()
-              if json.loads(json.dumps(saved.get(key))) != json.loads(json.dumps(value))]
-    if differ:
-        raise ValueError(f"--init-unet {folder} does not match the UNet config ({'; '.join(differ)})")
+    diff = common.config_difference({key: saved.get(key) for key in config}, config)  # the folder holds more keys
+    if diff:
+        raise ValueError(f"--init-unet {folder} does not match the UNet config ({diff})")
     unet = UNet2DConditionModel.from_pretrained(str(folder), local_files_only=True)
     return torch.nn.Module.to(unet, torch.float32)
 
