@@ -410,6 +410,10 @@ def test_bad_inputs_fail_clearly(tmp_path, components):
         train_denoiser.run(denoiser_args(tmp_path, empty, text_dir, "--steps", "1"))
     with pytest.raises(FileNotFoundError, match="text encoder folder"):
         default_model.assemble(vae_dir, tmp_path / "nope", vae_dir, tmp_path / "out")
+    with pytest.raises(ValueError, match="--drop-color-prob must be in"):  # refused before the VAE stage starts
+        default_model.run(["--work-dir", str(tmp_path / "whole"), "--output", str(tmp_path / "out"),
+                           "--drop-color-prob", "1.5"])
+    assert not (tmp_path / "whole").exists()
 
 
 def test_default_recipe_assembles_a_diffusers_folder(tmp_path):
@@ -422,8 +426,10 @@ def test_default_recipe_assembles_a_diffusers_folder(tmp_path):
         "--work-dir", str(tmp_path / "work"), "--output", str(out), "--preset", "tiny", "--image-size", "16",
         "--crop-size", "8", "--vae-steps", "2", "--vae-batch-size", "4", "--text-steps", "2",
         "--text-batch-size", "8", "--denoiser-steps", "2", "--denoiser-batch-size", "4", "--num-images", "8",
-        "--mixed-precision", "no", "--sample-every", "0"])
+        "--drop-color-prob", "0.5", "--mixed-precision", "no", "--sample-every", "0"])
     assert report["total_bytes"] <= default_model.MAX_BYTES
+    with safe_open(str(tmp_path / "work" / "unet" / "latents.safetensors"), "pt") as f:  # the flag reached the stage
+        assert json.loads(f.metadata()["meta"])["drop_color_prob"] == 0.5
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
     assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
