@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from train import common, train_denoiser
+from train import common, train_denoiser, train_text_encoder, train_vae
 
 MAX_BYTES = 40_000_000
 
@@ -73,8 +73,6 @@ def _common_flags(args: argparse.Namespace, run: Path, steps: int, batch: int) -
 
 
 def run_stages(args: argparse.Namespace) -> dict[str, Path]:
-    from train import train_text_encoder, train_vae
-
     work = Path(args.work_dir)
     runs = {"vae": work / "vae", "text": work / "text", "unet": work / "unet"}
     timings = {}
