@@ -88,3 +88,15 @@ def test_inpaint_masks_cover_the_object_and_room_for_another_shape():
         assert mask[silhouette].all() and mask.mean() < 0.25
     assert inpaint_mask(silhouette, "object")[circle_pixels].mean() < 0.8
     assert inpaint_mask(silhouette, "box")[circle_pixels].mean() > 0.95
+
+
+def test_editing_tables_run_at_the_requested_guidance(monkeypatch):
+    """`ldm eval --task editing --cfg 3` measures every table at CFG 3; the resample table keeps its own sweep."""
+    import train.eval_editing as eval_editing
+
+    seen = {}
+    monkeypatch.setattr(eval_editing, "TABLES", {
+        "inpaint": lambda pipe, guidance=7.5: seen.setdefault("inpaint", guidance),
+        "resample": lambda pipe, guidances=(1.0, 7.5): seen.setdefault("resample", guidances)})
+    assert eval_editing.evaluate_editing(None, ["inpaint", "resample"], guidance=3.0) == {
+        "inpaint": 3.0, "resample": (1.0, 7.5)}

@@ -316,6 +316,8 @@ TABLES = {"inversion": inversion_table, "p2p": p2p_generated_table, "p2p_real": 
           "inpaint": inpaint_table, "sdedit": sdedit_table, "resample": resample_table, "photos": photo_table}
 
 
-def evaluate_editing(pipe, tables=tuple(TABLES)) -> dict:
-    """Every requested table (keys of :data:`TABLES`) with its default sizes."""
-    return {name: TABLES[name](pipe) for name in tables}
+def evaluate_editing(pipe, tables=tuple(TABLES), guidance: float = 7.5) -> dict:
+    """Every requested table (keys of :data:`TABLES`) with its default sizes, at CFG ``guidance`` (the resample
+    table keeps its own sweep of CFG 1 and 7.5)."""
+    return {name: TABLES[name](pipe) if name == "resample" else TABLES[name](pipe, guidance=guidance)
+            for name in tables}

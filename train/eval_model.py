@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model folder (default: the shipped model)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale; the editing "
+                        "tables use it too, except the resample table's own CFG 1 and 7.5")
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="phi of guidance rescale (Lin et al. 2023, eq. 16)")
@@ -163,7 +164,7 @@ def editing_main(pipe, args) -> int:
         raise ValueError(f"unknown editing table {unknown[0]!r}; known: {', '.join(TABLES)}")
     results = {}
     for name in tables:
-        results[name] = evaluate_editing(pipe, [name])[name]
+        results[name] = evaluate_editing(pipe, [name], guidance=args.cfg)[name]
         print(f"## {name}")
         print(json.dumps(results[name], indent=1))
     if args.json:
