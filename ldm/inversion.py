@@ -64,21 +64,24 @@ def null_text_optimization(denoiser, trajectory: list[torch.Tensor], sigmas: tor
     """Null-text inversion (Mokady et al. 2022, Algorithm 1): for each DDIM step i, optimise the unconditional
     embedding so that the guided step from the current latent lands on the pivot trajectory (the inversion at
     guidance 1), then take that step. ``denoiser`` is a :class:`ldm.denoiser.Denoiser`; ``cond``/``uncond``
-    ``(1, L, D)`` (or SDXL's dicts, whose ``hidden`` part is optimised). Adam with the paper's schedule: lr
-    ``lr * (1 - i / 100)``, early stop at ``tolerance + 2e-5 * i``. Returns one embedding per step;
-    ``callback(i, loss)`` runs after each step."""
+    ``(1, L, D)`` (or SDXL's dicts, whose ``hidden`` part is optimised). Adam with the paper's schedule for its
+    50 steps, stretched over any step count: with ``k = 50 i / steps``, lr ``lr * (1 - k / 100)`` and early stop at
+    ``tolerance + 2e-5 * k`` (the paper's own ``i`` would make the lr negative past step 100). Returns one
+    embedding per step; ``callback(i, loss)`` runs after each step."""
     embeddings = []
     x = trajectory[-1]
     as_cond = (lambda h: {**uncond, "hidden": h}) if isinstance(uncond, dict) else (lambda h: h)
     null = (uncond["hidden"] if isinstance(uncond, dict) else uncond).detach().clone()
-    for i in range(len(sigmas) - 1):
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        paper_step = 50.0 * i / steps  # the paper's step index for its 50-step schedule
         sigma = sigmas[i].expand(x.shape[0])
         sigma_next = float(sigmas[i + 1])
         target = trajectory[-2 - i] / denoiser.noise_scale(sigma_next)  # in the network's units, as the paper
         with torch.no_grad():
             out_cond = denoiser.model_output(x, sigma, cond)
         null = null.detach().requires_grad_(True)
-        optimizer = torch.optim.Adam([null], lr=lr * (1.0 - i / 100.0))
+        optimizer = torch.optim.Adam([null], lr=lr * (1.0 - paper_step / 100.0))
         loss = torch.tensor(0.0)
         for _ in range(inner_steps):
             x_next = _guided_ddim_step(denoiser, x, sigma, sigma_next, out_cond, as_cond(null), scale)
@@ -86,7 +89,7 @@ def null_text_optimization(denoiser, trajectory: list[torch.Tensor], sigmas: tor
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if loss.item() < tolerance + 2e-5 * i:
+            if loss.item() < tolerance + 2e-5 * paper_step:
                 break
         null = null.detach()
         embeddings.append(null.clone())

@@ -16,6 +16,8 @@ region. Only the conditional half of a classifier-free-guidance batch is edited,
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -97,7 +99,7 @@ class PromptToPrompt:
         if edit not in EDITS:
             raise ValueError(f"unknown edit {edit!r}; known: {', '.join(EDITS)}")
         for name, fraction in (("cross_replace_steps", cross_replace_steps), ("self_replace_steps", self_replace_steps)):
-            if not 0.0 <= fraction <= 1.0:
+            if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 <= fraction <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {fraction!r}")
         src_ids = tokenizer(source, add_special_tokens=False, verbose=False)["input_ids"]
         tgt_ids = tokenizer(target, add_special_tokens=False, verbose=False)["input_ids"]
@@ -113,11 +115,15 @@ class PromptToPrompt:
         self.scale = torch.ones(length)  # (L,) reweighting of the edited prompt's tokens
         if equalizer and edit != "reweight":
             raise ValueError(f"equalizer weights are used by edit='reweight' only, not edit={edit!r}")
+        if edit == "reweight" and not equalizer:
+            raise ValueError("edit='reweight' needs equalizer={word: weight} (without it, it is edit='replace')")
         for word, weight in (equalizer or {}).items():
-            if not 0.0 <= float(weight) <= 10.0:  # also refuses NaN
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0.0 <= weight <= 10.0:  # NaN too
                 raise ValueError(f"equalizer weight of {word!r} must be a number in [0, 10], got {weight!r}")
             self.scale[token_positions(tokenizer, target, word)] = float(weight)
         self.blend_positions = None
+        if isinstance(local_blend, str):
+            local_blend = [local_blend]
         if local_blend:
             self.blend_positions = (
                 sorted({p for w in local_blend for p in self._positions_if_any(tokenizer, source, w)}),
@@ -160,7 +166,10 @@ class PromptToPrompt:
                 self._store(pair[..., :self.length])
             if step >= self.cross_steps:
                 return probs
-            edited = self._edit_cross(pair[0], pair[1])
+            # keys past the prompt's window (a negative prompt longer than 75 tokens pads every row to more
+            # windows) hold padding; the edited row keeps its own attention there
+            edited = pair[1].clone()
+            edited[..., :self.length] = self._edit_cross(pair[0][..., :self.length], pair[1][..., :self.length])
         elif step < self.self_steps and probs.shape[2] <= SELF_REPLACE_MAX_QUERIES:
             edited = pair[0]
         else:
@@ -174,7 +183,7 @@ class PromptToPrompt:
         token for token (replace, reweight), or for the aligned tokens only (refine); reweight then scales them."""
         taken = source[..., self.mapping.clamp(min=0)]
         if self.edit == "refine":
-            return torch.where(self.mapping >= 0, taken, edited)
+            return torch.where((self.mapping >= 0).to(taken.device), taken, edited)
         if self.edit == "reweight":
             return taken * self.scale.to(taken.device, taken.dtype)
         return taken

@@ -106,7 +106,8 @@ class EditingMixin:
             def blend(i, sigma, x, x0_estimate):
                 known = x0 + float(sigmas[i + 1]) * noise
                 x = latent_mask * x + (1 - latent_mask) * known
-                return callback(i, sigma, x, x0_estimate) if callback is not None else x
+                replaced = callback(i, sigma, x, x0_estimate) if callback is not None else None
+                return x if replaced is None else replaced  # a callback that returns nothing keeps the blend
             step_callback = blend
         denoiser = self.denoiser(request.sampler, request.spacing, extra_channels, request)
         x = x0 + float(sigmas[0]) * noise

@@ -103,6 +103,10 @@ class PromptToPromptMixin:
         the picture (what each word attends to; the first thing to look at when an edit misbehaves)."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        words = word_tokens(self.tokenizer, prompt)
+        if words and words[-1][1][-1] > 75:
+            raise ValueError(f"attention_maps shows prompts of at most 75 tokens (one window); this one has "
+                             f"{words[-1][1][-1]}")
         request = self.prepare(prompt, seed=seed, **{**settings, "output_type": "pt"})
         latent_size = (request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
         store = AttentionStore(guided=request.guidance_scale > 1, latent_size=latent_size)
@@ -115,7 +119,7 @@ class PromptToPromptMixin:
         image = self.decode(denoiser.to_model_space(x, float(sigmas[-1])))  # (1, 3, H, W)
         average = store.average()[0]  # (keys, h, w)
         maps = {}
-        for word, positions in word_tokens(self.tokenizer, prompt):
+        for word, positions in words:
             word_map = average[positions].sum(0)
             maps[word] = word_map / word_map.max().clamp(min=1e-8)
         return self.to_pil(image)[0], maps, heatmap_grid(image[0], maps)

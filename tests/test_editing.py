@@ -64,6 +64,17 @@ def test_inpainting_keeps_every_pixel_outside_the_mask(pipe):
     assert np.abs(after[mask == 255].astype(int) - before[mask == 255]).mean() > 2
 
 
+def test_a_callback_that_returns_nothing_keeps_the_inpainting_blend(pipe):
+    """A progress callback (returns None) must not undo the re-blend of the known region after each step."""
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:12, 6:14] = 255
+    kwargs = dict(seed=0, num_inference_steps=4, sampler="euler", output_type="latent", progress=False)
+    plain = pipe.inpaint(picture(2), Image.fromarray(mask), "a green triangle", **kwargs).images
+    watched = pipe.inpaint(picture(2), Image.fromarray(mask), "a green triangle", callback=lambda *step: None,
+                           **kwargs).images
+    torch.testing.assert_close(watched, plain, atol=0, rtol=0)
+
+
 def test_inpainting_with_repaint_resampling_walks_the_jump_schedule(pipe):
     """RePaint's resampling: the sampler runs each step of ``repaint_path`` (the callback sees those step indices
     and their sigmas), the output still keeps every pixel outside the mask, and the jumps change the repainting."""
@@ -202,6 +213,21 @@ def test_null_text_inversion_retraces_the_pivot_under_guidance(tiny_model_factor
     assert errors["fixed-point"] < 5e-3, errors
     with pytest.raises(ValueError, match="null_text inversion is for guidance_scale > 1"):
         pipe.invert(picture(7), "x", guidance_scale=1.0, null_text=True, progress=False)
+
+
+def test_null_text_inversion_runs_past_the_papers_hundred_steps(tiny_model_factory, monkeypatch):
+    """The paper's lr schedule 1e-2 (1 - i / 100) is for 50 steps; stretched over the step count it stays positive
+    (taken literally it is 0 at step 100 and Adam refuses step 101)."""
+    import ldm.inversion
+
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    rates = []
+    adam = torch.optim.Adam
+    monkeypatch.setattr(ldm.inversion.torch.optim, "Adam", lambda params, lr: rates.append(lr) or adam(params, lr))
+    inversion = pipe.invert(picture(7), "a red circle", num_inference_steps=102, guidance_scale=7.5,
+                            null_text=True, null_text_steps=1, progress=False)
+    assert len(inversion.null_embeddings) == 102 and min(rates) > 0
+    assert rates == pytest.approx([1e-2 * (1 - 50 * i / 102 / 100) for i in range(102)])
 
 
 def test_inversion_files_round_trip_and_damaged_ones_are_refused(pipe, tmp_path):

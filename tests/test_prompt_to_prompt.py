@@ -84,6 +84,9 @@ def test_local_blend_keeps_the_source_outside_the_words_region():
     ({"prompts": ["only one"]}, "a list of two strings"),
     ({"edit": "reweight", "equalizer": {"red": float("nan")}}, r"equalizer weight of 'red' must be a number in \[0, 10\]"),
     ({"equalizer": {"red": 2.0}}, "equalizer weights are used by edit='reweight' only"),
+    ({"edit": "reweight"}, "edit='reweight' needs equalizer"),
+    ({"cross_replace_steps": "0.5"}, "cross_replace_steps must be a fraction"),
+    ({"edit": "reweight", "equalizer": {"red": "2"}}, "equalizer weight of 'red' must be a number"),
 ])
 def test_bad_edits_are_refused(tiny_model_factory, kwargs, message):
     pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
@@ -116,12 +119,39 @@ def test_without_control_the_edit_is_plain_generation_and_with_it_stays_near_the
     assert (edited - plain_target).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("edit, source, target", [("replace", "a red circle", "a blue circle"),
+                                                   ("refine", "a circle", "a red circle")])
+def test_a_negative_prompt_longer_than_one_window_keeps_the_edit(tiny_model_factory, edit, source, target):
+    """A negative prompt over 75 tokens pads every row to two windows of keys (154): the edit acts on the first
+    window exactly as with 77 keys, and the edited row keeps its own attention on the second."""
+    controller = PromptToPrompt(TOKENIZER, source, target, num_steps=4, edit=edit, latent_size=(4, 4))
+    p = probs(keys=154)
+    out = controller(p, is_cross=True, place="x.attn2", step=0)
+    torch.testing.assert_close(out[3, ..., :77], controller(p[..., :77], is_cross=True, place="x.attn2", step=0)[3])
+    torch.testing.assert_close(out[3, ..., 77:], p[3, ..., 77:])
+    torch.testing.assert_close(out[:3], p[:3])
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    images = pipe.prompt_to_prompt([source, target], seed=3, num_inference_steps=2, negative_prompt="blurry " * 80,
+                                   edit=edit, output_type="latent", progress=False).images
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+
+
+def test_local_blend_takes_one_word_as_a_string(tiny_model_factory):
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    settings = dict(seed=2, num_inference_steps=3, sampler="ddim", output_type="latent", progress=False)
+    as_list = pipe.prompt_to_prompt(["a red circle", "a blue circle"], local_blend=["circle"], **settings).images
+    as_word = pipe.prompt_to_prompt(["a red circle", "a blue circle"], local_blend="circle", **settings).images
+    torch.testing.assert_close(as_word, as_list, atol=0, rtol=0)
+
+
 def test_attention_maps_give_one_normalised_map_per_word(tiny_model_factory):
     pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
     image, maps, grid = pipe.attention_maps("a red sksqzv circle", seed=0, num_inference_steps=3, progress=False)
     assert list(maps) == ["a", "red", "sksqzv", "circle"]
     assert all(m.shape == (8, 8) and abs(m.max().item() - 1) < 1e-6 and m.min() >= 0 for m in maps.values())
     assert grid.size == (16 * 5, 16) and image.size == (16, 16)
+    with pytest.raises(ValueError, match="at most 75 tokens"):
+        pipe.attention_maps("red " * 76, seed=0, num_inference_steps=2, progress=False)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"prediction_type": "v_prediction"}])
