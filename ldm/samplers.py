@@ -233,8 +233,10 @@ def sample_flow_heun(model, x, sigmas, generator=None, callback=None):
 @dataclass(frozen=True)
 class SamplerSpec:
     """A registered sampler: its function, order, whether it draws noise, whether the network gets integer
-    timesteps for Karras sigmas (diffusers' DPM-Solver rounds them), and the alpha_bar standing for zero at the end
-    of a zero-terminal-SNR schedule (see ``ldm.schedules``). ``flow_fn``, where set, replaces ``fn`` on flow models."""
+    timesteps for Karras sigmas (diffusers' DPM-Solver rounds them), the alpha_bar standing for zero at the end
+    of a zero-terminal-SNR schedule (see ``ldm.schedules``), and whose timestep lists it follows
+    (``ldm.schedules.TIMESTEP_CONVENTIONS``: the diffusers scheduler of the same method). ``flow_fn``, where set,
+    replaces ``fn`` on flow models."""
 
     fn: Callable
     order: int
@@ -242,6 +244,7 @@ class SamplerSpec:
     quantize_karras_timesteps: bool = False
     terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR
     flow_fn: Callable | None = None
+    timestep_convention: str = "euler"
 
     def function(self, flow: bool) -> Callable:
         """The sampling function for a flow model (``flow=True``) or a discrete-schedule one."""
@@ -249,10 +252,13 @@ class SamplerSpec:
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(sample_ddpm, 1, True, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT),
-    "ddim": SamplerSpec(sample_ddim, 1, False, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT),
-    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, 2, False, quantize_karras_timesteps=True),
-    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, 2, True, quantize_karras_timesteps=True),
+    "ddpm": SamplerSpec(sample_ddpm, 1, True, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT,
+                        timestep_convention="ddim"),
+    "ddim": SamplerSpec(sample_ddim, 1, False, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT,
+                        timestep_convention="ddim"),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, 2, False, quantize_karras_timesteps=True, timestep_convention="dpm"),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, 2, True, quantize_karras_timesteps=True,
+                                timestep_convention="dpm"),
     "euler": SamplerSpec(sample_euler, 1, False),
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
     "heun": SamplerSpec(sample_heun, 2, False, flow_fn=sample_flow_heun),

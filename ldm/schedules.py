@@ -19,6 +19,8 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras")
+# whose timestep lists a sampler reproduces: diffusers' EulerDiscrete-, DDIM- or DPMSolverMultistepScheduler
+TIMESTEP_CONVENTIONS = ("euler", "ddim", "dpm")
 
 # A zero-terminal-SNR schedule puts the first sigma at infinity; the VE view needs it finite. diffusers' Euler,
 # Heun and DPM-Solver clip the terminal alpha_bar to 2^-24 (sigma ~ 4096); its DDIM and DDPM keep alpha_bar = 0
@@ -116,32 +118,40 @@ class DiscreteSchedule:
         grid = torch.arange(self.num_train_timesteps, dtype=torch.float64)
         return torch.from_numpy(np.interp(t.numpy(), grid.numpy(), self.sigmas.double().numpy())).float()
 
-    def timesteps(self, steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
-        """The ``steps`` timesteps a sampler visits, descending, as diffusers' DDIM/Euler schedulers define them
-        (Lin et al. 2023, table 2): ``leading`` = k * (T // n) + offset, ``trailing`` = round(T - k * T / n) - 1,
-        ``linspace`` = linspace(0, T - 1, n) (fractional, interpolated)."""
+    def timesteps(self, steps: int, spacing: str, steps_offset: int = 0, convention: str = "euler") -> np.ndarray:
+        """The ``steps`` timesteps a sampler visits, descending, as diffusers' schedulers define them (Lin et al.
+        2023, table 2): ``leading`` = k * (T // n) + offset, ``trailing`` = round(T - k * T / n) - 1, ``linspace``
+        = linspace(0, T - 1, n), fractional for ``convention="euler"`` (EulerDiscreteScheduler), rounded for
+        ``"ddim"`` (DDIMScheduler). ``"dpm"`` (DPMSolverMultistepScheduler) spaces n + 1 points and drops the
+        last for ``leading`` (k * (T // (n + 1)) + offset) and ``linspace`` (rounded)."""
         T = self.num_train_timesteps
+        if convention not in TIMESTEP_CONVENTIONS:
+            raise ValueError(f"unknown timestep convention {convention!r}; known: {', '.join(TIMESTEP_CONVENTIONS)}")
         if spacing in ("leading", "trailing") and steps > T:  # leading would repeat t = 0, trailing other steps
             raise ValueError(f"num_inference_steps {steps} exceeds the schedule's {T} training steps with "
                              f"{spacing!r} spacing; use at most {T} (or 'linspace' / 'karras')")
+        points = steps + 1 if convention == "dpm" else steps
         if spacing == "leading":
-            return (np.arange(steps) * (T // steps)).round()[::-1].astype(np.float64) + steps_offset
+            ks = np.arange(points) * (T // points)
+            return ks[::-1][:steps].astype(np.float64) + steps_offset
         if spacing == "trailing":
-            return np.round(np.arange(T, 0, -T / steps)).astype(np.float64) - 1
+            # arange(T, 0, -T / n) would give n + 1 values for some n (61, 103, ...), as diffusers' does
+            return np.round(T - np.arange(steps) * T / steps).astype(np.float64) - 1
         if spacing == "linspace":
-            return np.linspace(0, T - 1, steps, dtype=np.float64)[::-1].copy()
+            grid = np.linspace(0, T - 1, points, dtype=np.float64)[::-1][:steps]
+            return grid.copy() if convention == "euler" else grid.round()
         raise ValueError(f"unknown timestep spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
 
     def sigma_list(self, steps: int, spacing: str = "leading", steps_offset: int = 0,
-                   final_sigma: str = "zero", rho: float = 7.0) -> torch.Tensor:
+                   final_sigma: str = "zero", rho: float = 7.0, convention: str = "euler") -> torch.Tensor:
         """Descending sigmas ``(steps + 1,)`` for a sampler. ``spacing="karras"`` gives Karras et al. 2022
-        eq. 5 between the schedule's sigma_max and sigma_min with ``rho``. ``final_sigma`` is ``"zero"`` (end on
-        a clean sample) or ``"sigma_min"`` (end at the schedule's smallest sigma, like DDIM with
-        ``set_alpha_to_one=False``)."""
+        eq. 5 between the schedule's sigma_max and sigma_min with ``rho``; other spacings are :meth:`timesteps`
+        with ``convention``. ``final_sigma`` is ``"zero"`` (end on a clean sample) or ``"sigma_min"`` (end at the
+        schedule's smallest sigma, like DDIM with ``set_alpha_to_one=False``)."""
         if spacing == "karras":
             sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
         else:
-            sigmas = self.t_to_sigma(torch.from_numpy(self.timesteps(steps, spacing, steps_offset)))
+            sigmas = self.t_to_sigma(torch.from_numpy(self.timesteps(steps, spacing, steps_offset, convention)))
         return append_final_sigma(sigmas, final_sigma, self.sigma_min)
 
 
@@ -199,10 +209,14 @@ class FlowSchedule:
         return self.shifted(np.linspace(1.0, t_min, steps))
 
     def sigma_list(self, steps: int, spacing: str = "linspace", steps_offset: int = 0,
-                   final_sigma: str = "zero", rho: float = 7.0) -> torch.Tensor:
-        """Descending sigmas ``(steps + 1,)``; ``spacing`` is ``"linspace"`` (in t, shifted) or ``"karras"``."""
+                   final_sigma: str = "zero", rho: float = 7.0, convention: str = "euler") -> torch.Tensor:
+        """Descending sigmas ``(steps + 1,)``; ``spacing`` is ``"linspace"`` (in t, shifted) or ``"karras"``
+        (Karras et al. 2022, eq. 5, over the flow times between the linspace list's ends, as diffusers'
+        FlowMatchEulerDiscreteScheduler does: in VE sigma, whose top is ~1e7, nearly every step would sit at
+        t > 0.99). Every sampler uses the same flow times, so ``convention`` is accepted and unused."""
         if spacing == "karras":
-            sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
+            times = self.flow_times(steps)
+            sigmas = self.t_to_sigma(karras_sigmas(steps, float(times[-1]), float(times[0]), rho).double())
         elif spacing in ("linspace", "leading", "trailing"):
             sigmas = self.t_to_sigma(torch.from_numpy(self.flow_times(steps)))
         else:

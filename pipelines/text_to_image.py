@@ -191,7 +191,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         final = self.scheduler_config.get("final_sigmas_type", "zero")
         if sampler == "ddim" and not self.scheduler_config.get("set_alpha_to_one", True):
             final = "sigma_min"
-        return self.schedule(sampler).sigma_list(steps, spacing, self.scheduler_config.get("steps_offset", 0), final)
+        return self.schedule(sampler).sigma_list(steps, spacing, self.scheduler_config.get("steps_offset", 0), final,
+                                                 convention=get_sampler(sampler).timestep_convention)
 
     def denoiser(self, sampler: str = "euler", spacing: str = "leading",
                  extra_channels: torch.Tensor | None = None, request: "Request | None" = None) -> Denoiser:

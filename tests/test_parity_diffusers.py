@@ -18,6 +18,10 @@ CASES = [
     ("heun-eps-leading", "heun", HeunDiscreteScheduler, {}, {}, 8),
     ("dpmpp_2m-eps-trailing", "dpmpp_2m", DPMSolverMultistepScheduler, {"timestep_spacing": "trailing"},
      {"algorithm_type": "dpmsolver++"}, 10),
+    # DPMSolverMultistepScheduler spaces n + 1 points and drops the last for leading / linspace (not Euler's n)
+    ("dpmpp_2m-eps-leading", "dpmpp_2m", DPMSolverMultistepScheduler, {}, {"algorithm_type": "dpmsolver++"}, 10),
+    ("dpmpp_2m-eps-linspace", "dpmpp_2m", DPMSolverMultistepScheduler, {"timestep_spacing": "linspace"},
+     {"algorithm_type": "dpmsolver++"}, 10),
     ("dpmpp_2m-eps-karras", "dpmpp_2m", DPMSolverMultistepScheduler, {"use_karras_sigmas": True},
      {"algorithm_type": "dpmsolver++"}, 12),
     ("ddim-v-leading", "ddim", DDIMScheduler, {"prediction_type": "v_prediction"}, {}, 10),

@@ -48,12 +48,15 @@ def test_karras_sigmas_match_diffusers_dpm(steps):
     torch.testing.assert_close(schedule.sigma_to_t(ours[:-1]).round(), theirs.timesteps.float())
 
 
-def test_ddim_timesteps_match_diffusers():
-    for spacing, offset in (("leading", 1), ("trailing", 0)):
-        theirs = DDIMScheduler(**SD, timestep_spacing=spacing, steps_offset=offset)
-        theirs.set_timesteps(20)
-        ours = DiscreteSchedule.from_config(SD).timesteps(20, spacing, offset)
-        np.testing.assert_array_equal(ours, theirs.timesteps.numpy())
+@pytest.mark.parametrize("steps", [7, 20])
+def test_ddim_and_dpm_timesteps_match_diffusers(steps):
+    """DDIM rounds linspace; DPM-Solver spaces n + 1 points and drops the last for leading and linspace."""
+    for spacing, offset in (("leading", 1), ("trailing", 0), ("linspace", 0)):
+        for convention, scheduler in (("ddim", DDIMScheduler), ("dpm", DPMSolverMultistepScheduler)):
+            theirs = scheduler(**SD, timestep_spacing=spacing, steps_offset=offset)
+            theirs.set_timesteps(steps)
+            ours = DiscreteSchedule.from_config(SD).timesteps(steps, spacing, offset, convention)
+            np.testing.assert_array_equal(ours, theirs.timesteps.numpy())
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
@@ -64,3 +67,25 @@ def test_flow_sigmas_match_diffusers(shift):
     # our sigmas are VE (t / (1 - t)); t = 1 is held just below 1 so the first sigma is finite
     torch.testing.assert_close(FlowSchedule.sigma_to_t(ours), theirs.sigmas, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(ours).all() and ours[0] > 1e6
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_karras_sigmas_match_diffusers(shift):
+    """Karras spacing of a flow model is eq. 5 over flow time t (as diffusers), not over the VE sigma t / (1 - t),
+    which would crowd the steps at t > 0.99."""
+    theirs = FlowMatchEulerDiscreteScheduler(shift=shift, use_karras_sigmas=True)
+    theirs.set_timesteps(20)
+    ours = FlowSchedule(shift=shift).sigma_list(20, "karras")
+    torch.testing.assert_close(FlowSchedule.sigma_to_t(ours), theirs.sigmas, rtol=1e-5, atol=1e-6)
+    assert (FlowSchedule.sigma_to_t(ours[:-1]) > 0.99).sum() <= 2
+
+
+@pytest.mark.parametrize("steps", [61, 103, 121])
+def test_trailing_spacing_gives_exactly_the_steps_asked_for(steps):
+    """diffusers' trailing arange(T, 0, -T / n) yields n + 1 timesteps for these n (the last one -1); ours gives its
+    first n."""
+    theirs = DDIMScheduler(**SD, timestep_spacing="trailing")
+    theirs.set_timesteps(steps)
+    ours = DiscreteSchedule.from_config(SD).timesteps(steps, "trailing")
+    assert len(theirs.timesteps) == steps + 1 and len(ours) == steps
+    np.testing.assert_array_equal(ours, theirs.timesteps.numpy()[:steps])
