@@ -149,7 +149,10 @@ class DiscreteSchedule:
         with ``convention``. ``final_sigma`` is ``"zero"`` (end on a clean sample) or ``"sigma_min"`` (end at the
         schedule's smallest sigma, like DDIM with ``set_alpha_to_one=False``)."""
         if spacing == "karras":
-            sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
+            # DDIM / DDPM's stand-in for alpha_bar = 0 (sigma ~4e9) must not set where the ramp starts: from
+            # there 19 of 20 steps would sit above SD's sigma_max; start at Euler's stand-in (~4096) as diffusers
+            top = min(self.sigma_max, ((1 - ZERO_SNR_ALPHA_BAR) / ZERO_SNR_ALPHA_BAR) ** 0.5)
+            sigmas = karras_sigmas(steps, self.sigma_min, top, rho)
         else:
             sigmas = self.t_to_sigma(torch.from_numpy(self.timesteps(steps, spacing, steps_offset, convention)))
         return append_final_sigma(sigmas, final_sigma, self.sigma_min)

@@ -5,7 +5,8 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        FlowMatchEulerDiscreteScheduler)
 
-from ldm.schedules import DiscreteSchedule, FlowSchedule, make_betas, rescale_zero_terminal_snr
+from ldm.schedules import (ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, DiscreteSchedule, FlowSchedule, make_betas,
+                           rescale_zero_terminal_snr)
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
@@ -89,3 +90,13 @@ def test_trailing_spacing_gives_exactly_the_steps_asked_for(steps):
     ours = DiscreteSchedule.from_config(SD).timesteps(steps, "trailing")
     assert len(theirs.timesteps) == steps + 1 and len(ours) == steps
     np.testing.assert_array_equal(ours, theirs.timesteps.numpy()[:steps])
+
+
+def test_karras_ramp_of_a_zero_snr_schedule_starts_at_eulers_stand_in():
+    """DDIM's alpha_bar_T stand-in (2^-64, sigma ~4e9) would put the Karras ramp's top far above any trained
+    sigma; every sampler's ramp starts at Euler's (2^-24, sigma ~4096), as diffusers' Euler / DPM-Solver."""
+    config = {**SD, "rescale_betas_zero_snr": True}
+    ddim = DiscreteSchedule.from_config(config, ZERO_SNR_ALPHA_BAR_EXACT).sigma_list(20, "karras")
+    euler = DiscreteSchedule.from_config(config, ZERO_SNR_ALPHA_BAR).sigma_list(20, "karras")
+    torch.testing.assert_close(ddim, euler)
+    assert 4000 < float(ddim[0]) < 4200
