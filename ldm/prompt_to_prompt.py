@@ -36,6 +36,11 @@ def token_maps(probs: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tenso
     return F.interpolate(maps.float(), size=(height, width), mode="bilinear", align_corners=False)
 
 
+def _number_in(value, low: float, high: float) -> bool:
+    """Whether ``value`` is a real number (not a bool, not NaN) in ``[low, high]``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and low <= value <= high
+
+
 def word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
     """The prompt's words with the positions (after BOS, so 1-based) of their BPE tokens; CLIP marks a word's last
     token with ``</w>``, so a word split into several tokens keeps all of them."""
@@ -99,7 +104,7 @@ class PromptToPrompt:
         if edit not in EDITS:
             raise ValueError(f"unknown edit {edit!r}; known: {', '.join(EDITS)}")
         for name, fraction in (("cross_replace_steps", cross_replace_steps), ("self_replace_steps", self_replace_steps)):
-            if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 <= fraction <= 1.0:
+            if not _number_in(fraction, 0.0, 1.0):
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {fraction!r}")
         src_ids = tokenizer(source, add_special_tokens=False, verbose=False)["input_ids"]
         tgt_ids = tokenizer(target, add_special_tokens=False, verbose=False)["input_ids"]
@@ -118,7 +123,7 @@ class PromptToPrompt:
         if edit == "reweight" and not equalizer:
             raise ValueError("edit='reweight' needs equalizer={word: weight} (without it, it is edit='replace')")
         for word, weight in (equalizer or {}).items():
-            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0.0 <= weight <= 10.0:  # NaN too
+            if not _number_in(weight, 0.0, 10.0):
                 raise ValueError(f"equalizer weight of {word!r} must be a number in [0, 10], got {weight!r}")
             self.scale[token_positions(tokenizer, target, word)] = float(weight)
         self.blend_positions = None

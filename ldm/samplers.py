@@ -55,7 +55,7 @@ def repaint_path(steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
     return path
 
 
-def _step_callback(callback, i, sigma, x, x0):
+def apply_step_callback(callback, i, sigma, x, x0):
     """Run the per-step callback; it may hand back a replacement x."""
     if callback is None:
         return x
@@ -87,7 +87,7 @@ def sample_euler(model, x, sigmas, generator=None, callback=None):
         x0 = model(x, _sigma(sigmas[i], x))
         d = (x - x0) / sigmas[i]
         x = x0 + d * sigmas[i + 1]
-        x = _step_callback(callback, i, sigmas[i], x, x0)
+        x = apply_step_callback(callback, i, sigmas[i], x, x0)
     return x
 
 
@@ -103,7 +103,7 @@ def sample_ddim(model, x, sigmas, generator=None, callback=None, eta: float = 0.
         x = x0 + eps * sigma_down
         if sigma_up > 0:
             x = x + randn_like(x, generator) * sigma_up
-        x = _step_callback(callback, i, sigmas[i], x, x0)
+        x = apply_step_callback(callback, i, sigmas[i], x, x0)
     return x
 
 
@@ -124,7 +124,7 @@ def sample_ddpm(model, x, sigmas, generator=None, callback=None):
         if sigma_next > 0:
             x_vp_next = mean + randn_like(x, generator) * ((1 - a_next) / (1 - a) * beta).sqrt()
         x = x_vp_next / a_next.sqrt()
-        x = _step_callback(callback, i, sigma, x, x0)
+        x = apply_step_callback(callback, i, sigma, x, x0)
     return x
 
 
@@ -154,7 +154,7 @@ def _heun(model, x, sigmas, callback, flow_time: bool):
             if flow_time:
                 weight = weight * (1 + sigma_next) / (1 + sigma)
             x = x_pred + weight * (x0 - x0_next) / 2
-        x = _step_callback(callback, i, sigma, x, x0)
+        x = apply_step_callback(callback, i, sigma, x, x0)
     return x
 
 
@@ -184,7 +184,7 @@ def sample_dpmpp_2m(model, x, sigmas, generator=None, callback=None):
             x = (sigma_next / sigma) * x - torch.expm1(-h) * x0_combined
             h_prev = h
         x0_prev = x0
-        x = _step_callback(callback, i, sigma, x, x0)
+        x = apply_step_callback(callback, i, sigma, x, x0)
     return x
 
 
@@ -209,7 +209,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, generator=None, callback=None, eta: fl
                 x = x + randn_like(x, generator) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt()
             h_prev = h
         x0_prev = x0
-        x = _step_callback(callback, i, sigma, x, x0)
+        x = apply_step_callback(callback, i, sigma, x, x0)
     return x
 
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ldm.guidance import CFGDenoiser
 from ldm.inversion import invert_ddim, null_text_optimization
-from ldm.samplers import randn_like, renoise, repaint_path
+from ldm.samplers import apply_step_callback, randn_like, renoise, repaint_path
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_strength
 from pipelines.images import image_tensor, mask_tensor
 
@@ -106,8 +106,7 @@ class EditingMixin:
             def blend(i, sigma, x, x0_estimate):
                 known = x0 + float(sigmas[i + 1]) * noise
                 x = latent_mask * x + (1 - latent_mask) * known
-                replaced = callback(i, sigma, x, x0_estimate) if callback is not None else None
-                return x if replaced is None else replaced  # a callback that returns nothing keeps the blend
+                return apply_step_callback(callback, i, sigma, x, x0_estimate)  # None from it keeps the blend
             step_callback = blend
         denoiser = self.denoiser(request.sampler, request.spacing, extra_channels, request)
         x = x0 + float(sigmas[0]) * noise
