@@ -88,6 +88,13 @@ def run_bench(args, ours, device, dtype) -> int:
     width, height = parse_size(args.size) if args.size else (native, native)
     matched = diffusers_pipeline(ours.path, args.sampler, device, dtype)
     theirs_default = diffusers_pipeline(ours.path, None, device, dtype)
+    if args.compile == "inductor":
+        from pipelines.compiled import inductor_frozen
+
+        ours.compile("inductor")
+        for theirs in (matched, theirs_default):  # the same compiler on the same two networks
+            theirs.unet.forward = inductor_frozen(theirs.unet.forward)
+            theirs.vae.decode = inductor_frozen(theirs.vae.decode)
     prompt = "a red circle at the top left"
     settings = dict(num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width)
 
@@ -104,7 +111,8 @@ def run_bench(args, ours, device, dtype) -> int:
     }, args.repeats, device)
 
     name = f"random-weight '{args.random_model}' preset" if args.random_model else str(ours.path)
-    print(f"model {name} | {width}x{height} | {dtype} | {device_name(device)} | torch {torch.__version__}")
+    print(f"model {name} | {width}x{height} | {dtype} | {args.compile} | {device_name(device)} | "
+          f"torch {torch.__version__}")
     print(f"same settings ({args.sampler}, {args.steps} steps, CFG {args.cfg}): "
           f"ours {same['ours']:.3f} s/image, diffusers {same['diffusers']:.3f} s/image, "
           f"ratio diffusers/ours {same['diffusers'] / same['ours']:.2f}x")

@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--size", help="N or WxH (default: the model's native size)")
+    bench.add_argument("--compile", default="eager", choices=["eager", "inductor"],
+                       help="inductor: torch.compile both pipelines' UNet and VAE decoder with weight freezing "
+                            "(ours through pipe.compile(); the first call compiles, about a minute on 2 cores)")
     bench.set_defaults(run=cmd_bench)
 
     convert = commands.add_parser("convert", help="single-file checkpoint <-> diffusers folder")

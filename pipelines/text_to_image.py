@@ -23,6 +23,7 @@ from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import T5_TOKENS, encode_tokens, encode_tokens_and_pooled, sd3_context, tokenize_batch
 from pipelines.checks import check_finite, check_positive_int, check_prompts
+from pipelines.compiled import COMPILE_BACKENDS, CompiledNetwork
 from pipelines.controlnet import ControlNetMixin, control_residuals
 from pipelines.editing import EditingMixin
 from pipelines.lora import LoraMixin
@@ -70,6 +71,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             self.attention.tail_repeats = T5_TOKENS
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.dtype = torch.float32
+        self.compiled: dict[str, CompiledNetwork] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False,
@@ -125,6 +127,32 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         for module, module_dtype in networks:
             module.to(device=device, **({"dtype": module_dtype} if module.dtype != module_dtype else {}))
         return self
+
+    def compile(self, backend: str = "inductor") -> "TextToImagePipeline":
+        """Run the denoiser network and the VAE decoder through ``torch.compile`` with inductor's weight freezing
+        (``"inductor"``), or eagerly again (``"eager"``); see ``pipelines.compiled``. Each new input shape
+        compiles on its first call (about a minute on a 2-core CPU); weight changes (LoRA, ``.to()``) recompile.
+        The eager networks serve whenever gradients are on (null-text inversion) or an attention controller is
+        set (prompt-to-prompt, attention maps), and for tiled decoding."""
+        if backend not in COMPILE_BACKENDS:
+            raise ValueError(f"unknown compile backend {backend!r}; known: {', '.join(COMPILE_BACKENDS)}")
+        self.compiled = {}
+        if backend == "inductor":
+            torch.compiler.reset()
+
+            def lora_scales() -> tuple:  # adapter scales are Python attributes, not weights
+                return tuple(self.loras.items())
+
+            self.compiled = {"unet": CompiledNetwork(self.unet, self.unet, lora_scales),
+                             "vae_decode": CompiledNetwork(self.vae.decode, self.vae)}
+        return self
+
+    def network(self, name: str, eager: Callable) -> Callable:
+        """The compiled copy of ``name`` when there is one and it may serve this call, else ``eager``."""
+        compiled = self.compiled.get(name)
+        if compiled is None or torch.is_grad_enabled() or self.attention.controller is not None:
+            return eager
+        return compiled
 
     # -- conditioning -------------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str], negative: list[str], size: tuple[int, int] | None = None):
@@ -206,7 +234,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
 
         def unet(x_in, timestep, cond):
             if self.is_mmdit:
-                return self.unet(hidden_states=x_in.to(self.dtype), timestep=timestep,
+                return self.network("unet", self.unet)(hidden_states=x_in.to(self.dtype), timestep=timestep,
                                  encoder_hidden_states=cond["hidden"].to(self.dtype),
                                  pooled_projections=cond["pooled"].to(self.dtype)).sample
             added = None
@@ -220,7 +248,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                 x_in = torch.cat([x_in, extra_channels.repeat(x_in.shape[0] // extra_channels.shape[0], 1, 1, 1)], 1)
             if added is not None:
                 residuals["added_cond_kwargs"] = added
-            return self.unet(x_in.to(self.dtype), timestep, encoder_hidden_states=cond, **residuals).sample
+            network = self.network("unet", self.unet)
+            return network(x_in.to(self.dtype), timestep, encoder_hidden_states=cond, **residuals).sample
 
         prediction = "flow" if self.is_flow else self.prediction_type
         return Denoiser(unet, self.schedule(sampler), prediction, quantize_timesteps=quantize)
@@ -252,7 +281,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         z = z.to(device=self.vae.device, dtype=self.vae.dtype)
         native = config.sample_size // self.vae_scale_factor
         tiled = max(z.shape[-2:]) > native
-        images = self.vae.tiled_decode(z).sample if tiled else self.vae.decode(z).sample
+        images = self.vae.tiled_decode(z).sample if tiled else self.network("vae_decode", self.vae.decode)(z).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @staticmethod
