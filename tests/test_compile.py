@@ -20,10 +20,16 @@ def test_inductor_matches_eager_and_follows_weight_edits(tiny_model_factory):
     with torch.no_grad():
         pipe.unet.conv_in.weight.mul_(1.5)  # an in-place edit, as load_state_dict or an optimizer makes
     compiled_after_edit = latents(pipe)
+    pipe.unet.conv_out.bias = torch.nn.Parameter(pipe.unet.conv_out.bias + 0.5)  # a replaced tensor
+    compiled_after_replace = latents(pipe)
     pipe.compile("eager")
+    eager_after_replace = latents(pipe)
+    pipe.unet.conv_out.bias = torch.nn.Parameter(pipe.unet.conv_out.bias - 0.5)
     eager_after_edit = latents(pipe)
     assert (eager_after_edit - eager).abs().max() > 1e-2  # the edit matters
+    assert (eager_after_replace - eager_after_edit).abs().max() > 1e-2  # so does the replacement
     assert torch.allclose(compiled_after_edit, eager_after_edit, atol=1e-4)
+    assert torch.allclose(compiled_after_replace, eager_after_replace, atol=1e-4)
 
 
 def snapshot_compiler(module):
@@ -44,14 +50,21 @@ def test_compiled_network_recompiles_on_new_weights_adapters_and_state():
     assert torch.equal(network(x), layer(x))
     with torch.no_grad():
         layer.weight.add_(1.0)  # in place
+    assert not torch.equal(network(x), layer(x))  # seen at the next refresh (the pipeline's next request)
+    network.refresh()
     assert torch.equal(network(x), layer(x))
     layer.bias = torch.nn.Parameter(torch.zeros(2))  # replaced
+    network.refresh()
     assert torch.equal(network(x), layer(x))
+    layer.extra = torch.nn.Linear(2, 2)  # an added layer (as an adapter), same forward
     compiled = network.compiled
-    network(x)
+    network.refresh()
+    assert network.compiled is not compiled
+    compiled = network.compiled
+    network.refresh()
     assert network.compiled is compiled  # unchanged weights: no recompile
     scale["value"] = 0.5
-    network(x)
+    network.refresh()
     assert network.compiled is not compiled
 
 
