@@ -131,8 +131,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
 
     def compile(self, backend: str = "inductor") -> "TextToImagePipeline":
         """Run the denoiser network and the VAE decoder through ``torch.compile`` with inductor's weight freezing
-        (``"inductor"``), or eagerly again (``"eager"``); see ``pipelines.compiled``. Each new input shape
-        compiles on its first call (about a minute on a 2-core CPU); weight changes (LoRA, ``.to()``) recompile.
+        and C++ wrapper (``"inductor"``), or eagerly again (``"eager"``); see ``pipelines.compiled``. Each new
+        input shape compiles on its first call (about a minute on a 2-core CPU); weight changes (LoRA, ``.to()``,
+        in-place edits, replaced tensors) recompile at the next request.
         The eager networks serve whenever gradients are on (null-text inversion) or an attention controller is
         set (prompt-to-prompt, attention maps), and for tiled decoding."""
         if backend not in COMPILE_BACKENDS:
@@ -141,10 +142,11 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         if backend == "inductor":
             torch.compiler.reset()
 
-            def lora_scales() -> tuple:  # adapter scales are Python attributes, not weights
-                return tuple(self.loras.items())
+            def unet_state() -> tuple:  # what a compiled graph depends on besides the weights and the inputs
+                processors = tuple(map(id, self.unet.attn_processors.values()))
+                return tuple(self.loras.items()), self.unet.training, processors  # LoRA scales are attributes
 
-            self.compiled = {"unet": CompiledNetwork(self.unet, self.unet, lora_scales),
+            self.compiled = {"unet": CompiledNetwork(self.unet, self.unet, unet_state),
                              "vae_decode": CompiledNetwork(self.vae.decode, self.vae)}
         return self
 

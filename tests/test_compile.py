@@ -72,3 +72,40 @@ def test_compile_refuses_unknown_backend(tiny_model_factory):
     pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
     with pytest.raises(ValueError, match="unknown compile backend 'tensorrt'"):
         pipe.compile("tensorrt")
+
+
+def test_guard_skipping_dispatches_new_shapes_and_survives_a_reset(tiny_model_factory):
+    """Calls whose signature ran before skip dynamo's guards; a new batch size must still compile its own graph,
+    and a compiler.reset() from elsewhere must not leave a call without a graph."""
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+
+    def both(p):
+        return [p("a red circle", num_inference_steps=2, guidance_scale=3.0, seed=0, num_images_per_prompt=n,
+                  output_type="latent", progress=False).images for n in (1, 2)]
+
+    eager = both(pipe)
+    pipe.compile("inductor")
+    first = both(pipe)  # each batch size compiles with full guards, its second step skips them
+    second = both(pipe)  # both signatures seen: guards skipped, graphs still told apart by shape
+    torch.compiler.reset()
+    after_reset = both(pipe)
+    for run in (first, second, after_reset):
+        for got, want in zip(run, eager):
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
+
+
+def test_call_signature_tells_apart_what_graphs_specialise_on():
+    from pipelines.compiled import call_signature
+
+    x = torch.zeros(2, 3)
+    base = call_signature((x,), {"t": torch.ones(2), "flag": True})
+    assert call_signature((torch.ones(2, 3),), {"t": torch.zeros(2), "flag": True}) == base  # values don't matter
+    assert call_signature((torch.zeros(4, 3),), {"t": torch.ones(2), "flag": True}) != base  # shapes do
+    assert call_signature((x.t().contiguous().t(),), {"t": torch.ones(2), "flag": True}) != base  # strides
+    assert call_signature((x.double(),), {"t": torch.ones(2), "flag": True}) != base  # dtypes
+    assert call_signature((x,), {"t": torch.ones(2), "flag": False}) != base  # other arguments
+    assert call_signature((x,), {"t": torch.ones(2)}) != base
+    with torch.no_grad():
+        assert call_signature((x,), {"t": torch.ones(2), "flag": True}) != base  # grad mode
+    with pytest.raises(TypeError):
+        call_signature((x,), {"options": {"a": set()}})  # unhashable: no signature, so full guards
