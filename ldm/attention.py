@@ -66,7 +66,8 @@ def project_qkv(attn, hidden_states: torch.Tensor, context: torch.Tensor, is_cro
     ``Linear`` projections of the same input run as one product: the concatenated weight is folded into a constant,
     and on a CPU one ``(L, 3C)`` product costs less than three tiny ones (about 20 us of overhead each)."""
     layers = (attn.to_q, attn.to_k, attn.to_v)
-    fusable = (torch.compiler.is_compiling() and torch._inductor.config.freezing
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()  # torch >= 2.3
+    fusable = (compiling and torch._inductor.config.freezing
                and all(type(layer) is torch.nn.Linear for layer in layers)  # not LoRA-wrapped
                and len({layer.bias is None for layer in layers}) == 1)
     if not fusable:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 COMPILE_BACKENDS = ("eager", "inductor")
+SKIPS_GUARDS = hasattr(torch.compiler, "set_stance")  # torch >= 2.6; older versions check every guard
 
 
 def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -78,7 +79,7 @@ class CompiledNetwork:
             signature = call_signature(args, kwargs)
         except TypeError:
             return self.compiled(*args, **kwargs)
-        if signature in self.seen:
+        if signature in self.seen and SKIPS_GUARDS:
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self.compiled(*args, **kwargs)
