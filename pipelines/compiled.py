@@ -26,16 +26,13 @@ COMPILE_BACKENDS = ("eager", "inductor")
 SKIPS_GUARDS = hasattr(torch.compiler, "set_stance")  # torch >= 2.6; older versions check every guard
 
 
-def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer of ``module`` (a walk over all its submodules)."""
-    return list(itertools.chain(module.parameters(), module.buffers()))
-
-
-def tensors_key(tensors: list[torch.Tensor]) -> tuple:
-    """Identity, in-place version counter, dtype and device of each tensor: it changes when a tensor is replaced,
-    edited in place (``load_state_dict``, optimizer steps), cast or moved. Edits through ``.data`` bypass the
-    version counter; call ``pipe.compile()`` again after those."""
-    return tuple((id(t), t._version, t.dtype, t.device) for t in tensors)
+def weights_key(module: torch.nn.Module) -> tuple:
+    """Identity, in-place version counter, dtype and device of every parameter and buffer: it changes when
+    weights are replaced, edited in place (``load_state_dict``, optimizer steps), cast or moved, and when adapter
+    layers (LoRA) are added or removed. Edits through ``.data`` bypass the version counter; call
+    ``pipe.compile()`` again after those."""
+    return tuple((id(t), t._version, t.dtype, t.device)
+                 for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 def inductor_frozen(function: Callable) -> Callable:
@@ -68,18 +65,20 @@ class CompiledNetwork:
     def refresh(self) -> None:
         """Recompile if the weights were edited in place, replaced, cast or moved, adapter layers were added or
         removed, or ``state()`` changed since the last compile."""
-        key = (tensors_key(module_tensors(self.module)), self.state())
+        key = (weights_key(self.module), self.state())
         if key != self.key:
             if self.compiled is not None:
                 torch.compiler.reset()  # compiled code is cached per code object; drop the stale constants
             self.compiled, self.key, self.seen = self.compiler(self.function), key, set()
 
     def __call__(self, *args, **kwargs):
+        if not SKIPS_GUARDS:
+            return self.compiled(*args, **kwargs)
         try:
             signature = call_signature(args, kwargs)
         except TypeError:
             return self.compiled(*args, **kwargs)
-        if signature in self.seen and SKIPS_GUARDS:
+        if signature in self.seen:
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self.compiled(*args, **kwargs)
