@@ -397,11 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time our pipeline against diffusers' on the same weights")
     bench.add_argument("--model", help="diffusers model folder (default: the shipped model)")
-    bench.add_argument("--random-model", choices=["tiny", "shapes", "sd15"],
-                       help="benchmark a random-weight model of this architecture instead of a folder")
+    bench.add_argument("--random-model", metavar="NAME",
+                       help="benchmark a random-weight model of this architecture instead of a folder: tiny, shapes, "
+                            "or full-size sd15, sdxl, sd3 (built on --device), or tiny-sdxl, tiny-sd3")
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--cfg", type=float, default=7.5)
-    bench.add_argument("--sampler", default="dpmpp_2m")
+    bench.add_argument("--sampler", help="default: dpmpp_2m, or flow_euler on flow-matching models")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per pipeline (after one warm-up)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="float32")
