@@ -127,8 +127,9 @@ def main(args) -> int:
 
 def run_bench(args, ours, device, dtype) -> dict:
     """Compare ``ours`` with diffusers' pipeline on the same folder: both ``images`` ``(1, H, W, 3)`` from
-    identical settings and noise and their largest difference (``max_difference``, pixel values in [0, 1]), then the timings and peak memory of :func:`time_alternating`
-    at identical settings (``same``) and at each pipeline's defaults (``defaults``)."""
+    identical settings and noise and their largest difference (``max_difference``, pixel values in [0, 1]), then
+    the timings and peak memory of :func:`time_alternating` at identical settings (``same``) and at each
+    pipeline's defaults (``defaults``)."""
     from pipelines.cli import parse_size
 
     native = ours.unet.config.sample_size * ours.vae_scale_factor
