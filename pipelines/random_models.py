@@ -152,8 +152,8 @@ def _check_size(size: str, sizes: dict) -> dict:
 def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: int = 0, size: str = "tiny",
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Path:
     """An SDXL-shaped model folder (two text towers, pooled embedding, size/crop micro-conditioning): ``"tiny"``
-    at the sizes of diffusers' own SDXL tests, ``"full"`` at SDXL base 1.0's (2.6 B-parameter UNet; build it on a
-    GPU ``device`` and save it in float16 ``dtype``, or it takes minutes and 14 GB)."""
+    at the sizes of diffusers' own SDXL tests, ``"full"`` at SDXL base 1.0's (2.6 B-parameter UNet, 13.9 GB of
+    weights in float32: build it on a GPU ``device`` and save it in float16 ``dtype``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
