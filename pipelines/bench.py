@@ -109,16 +109,13 @@ def main(args) -> int:
     from pipelines.text_to_image import TextToImagePipeline
 
     device, dtype = pick_device(args.device), pick_dtype(args.dtype)
-    if args.random_model:
-        from pipelines.random_models import RANDOM_MODELS
-
-        if args.random_model not in RANDOM_MODELS:
-            raise UsageError(f"unknown --random-model {args.random_model!r}; known: {', '.join(RANDOM_MODELS)}")
-    with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch:  # removed with whatever it holds
         model = args.model
         if args.random_model:
-            from pipelines.random_models import save_random_model
+            from pipelines.random_models import RANDOM_MODELS, save_random_model
 
+            if args.random_model not in RANDOM_MODELS:
+                raise UsageError(f"unknown --random-model {args.random_model!r}; known: {', '.join(RANDOM_MODELS)}")
             model = save_random_model(scratch, args.random_model, device=device, dtype=dtype)
         ours = TextToImagePipeline.from_pretrained(model, device=device, dtype=dtype)
         report(args, ours, device, dtype, run_bench(args, ours, device, dtype))
@@ -169,15 +166,26 @@ def run_bench(args, ours, device, dtype) -> dict:
         peaks={name: max(same_peaks[name], default_peaks[name]) for name in same},
         weights={"ours": weight_bytes(ours.text_encoders + [ours.unet, ours.vae]),
                  "diffusers": weight_bytes(c for c in matched.components.values() if isinstance(c, torch.nn.Module))},
-        diffusers_class=type(matched).__name__, diffusers_default=theirs_default)
+        diffusers_class=type(matched).__name__, defaults_label=defaults_label(ours, theirs_default))
+
+
+def call_defaults(pipe) -> dict:
+    """The default value of each argument of ``pipe``'s ``__call__``."""
+    return {k: p.default for k, p in inspect.signature(type(pipe).__call__).parameters.items()}
+
+
+def defaults_label(ours, theirs) -> str:
+    """Sampler, steps and CFG each pipeline uses when the caller sets none."""
+    mine, their = call_defaults(ours), call_defaults(theirs)
+    return (f"ours: {mine['sampler']}, {mine['num_inference_steps']} steps, CFG {mine['guidance_scale']} | "
+            f"diffusers: {type(theirs.scheduler).__name__}, {their['num_inference_steps']} steps, "
+            f"CFG {their['guidance_scale']}")
 
 
 def report(args, ours, device, dtype, result: dict) -> None:
     """Print what :func:`run_bench` measured."""
-    from pipelines.text_to_image import TextToImagePipeline
-
     width, height = result["size"]
-    same, defaults, theirs_default = result["same"], result["defaults"], result["diffusers_default"]
+    same, defaults = result["same"], result["defaults"]
     name = f"random-weight '{args.random_model}' preset" if args.random_model else str(ours.path)
     print(f"model {name} | {width}x{height} | {dtype} | {args.compile} | {device_name(device)} | "
           f"torch {torch.__version__} | against diffusers' {result['diffusers_class']}")
@@ -185,11 +193,7 @@ def report(args, ours, device, dtype, result: dict) -> None:
     print(f"same settings ({result['sampler']}, {args.steps} steps, CFG {args.cfg}): "
           f"ours {same['ours']:.3f} s/image, diffusers {same['diffusers']:.3f} s/image, "
           f"ratio diffusers/ours {same['diffusers'] / same['ours']:.2f}x")
-    ours_defaults = {k: p.default for k, p in inspect.signature(TextToImagePipeline.__call__).parameters.items()}
-    theirs_defaults = {k: p.default for k, p in inspect.signature(type(theirs_default).__call__).parameters.items()}
-    print(f"defaults (ours: {ours_defaults['sampler']}, {ours_defaults['num_inference_steps']} steps, "
-          f"CFG {ours_defaults['guidance_scale']} | diffusers: {type(theirs_default.scheduler).__name__}, "
-          f"{theirs_defaults['num_inference_steps']} steps, CFG {theirs_defaults['guidance_scale']}): "
+    print(f"defaults ({result['defaults_label']}): "
           f"ours {defaults['ours']:.3f} s/image, diffusers {defaults['diffusers']:.3f} s/image, "
           f"ratio diffusers/ours {defaults['diffusers'] / defaults['ours']:.2f}x")
     if device.type == "cuda":

@@ -74,17 +74,6 @@ def random_components(preset: str = "tiny", seed: int = 0):
     return unet.eval(), vae.eval(), text_encoder.eval()
 
 
-def _tiny_sdxl_unet_and_vae(cross_attention_dim: int, time_ids: int):
-    """An SDXL-shaped UNet (``text_time`` added conditioning: ``time_ids`` 8-wide embeddings and a 32-wide pooled
-    embedding) and VAE at diffusers' test sizes; the base has 6 time ids, the refiner 5."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    unet = UNet2DConditionModel(**SDXL_SIZES["tiny"]["unet"], cross_attention_dim=cross_attention_dim,
-                                projection_class_embeddings_input_dim=8 * time_ids + 32)
-    vae = AutoencoderKL(**SDXL_SIZES["tiny"]["vae"])
-    return unet.eval(), vae.eval()
-
-
 def _vae_kwargs(block_out_channels: tuple, layers_per_block: int, sample_size: int, **extra) -> dict:
     blocks = len(block_out_channels)
     return dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block, sample_size=sample_size,
@@ -148,13 +137,24 @@ def _check_size(size: str, sizes: dict) -> dict:
     return sizes[size]
 
 
+def _sdxl_unet_and_vae(size: str, cross_attention_dim: int, time_ids: int, pooled: int):
+    """An SDXL-shaped UNet (``text_time`` added conditioning: ``time_ids`` embeddings and a ``pooled``-wide text
+    embedding; the base has 6 time ids, the refiner 5) and VAE of ``SDXL_SIZES[size]``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    sizes = _check_size(size, SDXL_SIZES)
+    time_embed = sizes["unet"]["addition_time_embed_dim"]
+    unet = UNet2DConditionModel(**sizes["unet"], cross_attention_dim=cross_attention_dim,
+                                projection_class_embeddings_input_dim=time_ids * time_embed + pooled)
+    return unet, AutoencoderKL(**sizes["vae"])
+
+
 @keeps_global_rng
 def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: int = 0, size: str = "tiny",
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Path:
     """An SDXL-shaped model folder (two text towers, pooled embedding, size/crop micro-conditioning): ``"tiny"``
     at the sizes of diffusers' own SDXL tests, ``"full"`` at SDXL base 1.0's (2.6 B-parameter UNet, 13.9 GB of
     weights in float32: build it on a GPU ``device`` and save it in float16 ``dtype``)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ldm.configs import SD15_SCHEDULER
@@ -164,13 +164,9 @@ def save_random_sdxl(folder: str | Path, scheduler: dict | None = None, seed: in
 
     sizes = _check_size(size, SDXL_SIZES)
     text, text_2 = CLIPTextConfig(**sizes["text"]), CLIPTextConfig(**sizes["text_2"])
-    pooled = text_2.projection_dim
-    time_embed = sizes["unet"]["addition_time_embed_dim"]
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**sizes["unet"], cross_attention_dim=text.hidden_size + text_2.hidden_size,
-                                    projection_class_embeddings_input_dim=6 * time_embed + pooled)
-        vae = AutoencoderKL(**sizes["vae"])
+        unet, vae = _sdxl_unet_and_vae(size, text.hidden_size + text_2.hidden_size, 6, text_2.projection_dim)
         networks = [unet, vae, CLIPTextModel(text), CLIPTextModelWithProjection(text_2)]
     unet, vae, text_encoder, text_encoder_2 = (network.to(dtype).eval() for network in networks)
     components = Components(unet, vae, text_encoder, load_tokenizer(pad_token=EOS),
@@ -190,8 +186,8 @@ def save_random_sdxl_refiner(folder: str | Path, seed: int = 1) -> Path:
     from ldm.text import OPENCLIP_PAD, load_tokenizer, save_tokenizer
 
     torch.manual_seed(seed)
-    unet, vae = _tiny_sdxl_unet_and_vae(cross_attention_dim=32, time_ids=5)
     text = CLIPTextConfig(**TINY_TEXT)
+    unet, vae = _sdxl_unet_and_vae("tiny", text.hidden_size, 5, text.projection_dim)
     folder = Path(folder)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
