@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.text import load_tokenizer
-from train.eval_text import PAIRS, composition_probe, pair_captions
+from train.eval_text import PAIRS, composition_probe, pair_captions, shape_word_read, shape_word_states
 from train.shapes import HELDOUT_COLOR_SHAPES, parse_prompt
 
 
@@ -28,6 +28,27 @@ class WordEncoder(torch.nn.Module):
 
     def forward(self, ids):
         return (self.table(ids),)  # (B, 77, groups)
+
+
+class ColourLeakingEncoder(torch.nn.Module):
+    """A contextual 'text encoder' whose every token carries the caption's colour (one-hot, summed over the
+    sequence) plus, weakly, its own shape word: as if attention had moved the colour into the shape word's state."""
+
+    COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+
+    def __init__(self, tokenizer, shape_weight: float = 0.1):
+        super().__init__()
+        self.colours = WordEncoder(tokenizer, [[c] for c in self.COLOURS])
+        self.shapes = WordEncoder(tokenizer, [["circle", "disc"], ["square", "box"], ["triangle"]])
+        self.shape_weight = shape_weight
+
+    @property
+    def device(self):
+        return self.colours.device
+
+    def forward(self, ids):
+        colour = self.colours(ids)[0].sum(1, keepdim=True).expand(-1, ids.shape[1], -1)  # (B, 77, 6)
+        return (torch.cat([colour, self.shape_weight * self.shapes(ids)[0]], -1),)  # (B, 77, 9)
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +88,22 @@ def test_drawn_shapes_reads_back_what_a_perfect_model_draws():
     counts = drawn_shapes(pipe, seeds=2, guidance_scale=3.0, steps=5)
     assert counts == {f"{color} {shape}": {shape: 2} for color, shape in PAIRS}
     assert pipe.calls[0][2] == {"num_inference_steps": 5, "guidance_scale": 3.0}
+
+
+def test_shape_word_read_tells_a_word_encoder_from_a_colour_leaking_one(tokenizer):
+    words = WordEncoder(tokenizer, [["circle", "disc"], ["square", "box"], ["triangle"], ["red", "orange"]])
+    read = shape_word_read(shape_word_states(words, tokenizer, captions_per_pair=8))
+    assert read["seen"] == read["heldout"] == 1.0
+    assert read["heldout_cosine_same_shape"] == pytest.approx(1.0) and read["heldout_cosine_same_colour"] == 0.0
+    # the colour in the shape word's state pulls each held-out pair to the shapes its colour was seen with
+    leaky = ColourLeakingEncoder(tokenizer)
+    read = shape_word_read(shape_word_states(leaky, tokenizer, captions_per_pair=8))
+    assert read["seen"] == 1.0 and read["heldout"] == 0.0
+    assert read["heldout_cosine_same_colour"] > read["heldout_cosine_same_shape"]
+
+
+def test_shape_word_states_take_the_shape_words_token(tokenizer):
+    shapes = WordEncoder(tokenizer, [["circle", "disc"], ["square", "box"], ["triangle"]])
+    states = shape_word_states(shapes, tokenizer, captions_per_pair=4)  # (P, 4, 3)
+    expected = torch.tensor([("circle", "square", "triangle").index(shape) for _, shape in PAIRS])
+    assert torch.equal(states.argmax(-1), expected[:, None].expand(-1, 4)) and torch.all(states.sum(-1) == 1)

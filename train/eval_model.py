@@ -212,6 +212,11 @@ def composition_main(pipe, args) -> int:
           f"{100 * probe['heldout_shares_shape']:.0f} %; additive model a(colour) + b(shape) fitted on seen pairs "
           f"reads the shape of {100 * probe['additive_shape_read']['seen']:.0f} % of seen and "
           f"{100 * probe['additive_shape_read']['heldout']:.0f} % of held-out captions")
+    word = probe["shape_word_read"]
+    print(f"at the shape word's own token (the last-layer state cross-attention reads), the nearest seen shape reads "
+          f"{100 * word['seen']:.0f} % of seen and {100 * word['heldout']:.0f} % of held-out captions right; held-out "
+          f"states' cosine to the same shape {word['heldout_cosine_same_shape']:.2f}, to the same colour "
+          f"{word['heldout_cosine_same_colour']:.2f}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"probe": probe, "drawn": drawn}, file, indent=1)

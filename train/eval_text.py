@@ -9,7 +9,11 @@ do for seen circles, and the denoiser reads it there. Two measures, per colour x
    backgrounds). Each pair's nearest *seen* pair by cosine of the mean states (which attribute dominates), and
    whether an additive model ``a(colour) + b(shape)`` fitted to the seen pairs reads the shape back from each
    held-out caption as well as from seen ones (whether the encoder composes).
-2. ``drawn_shapes``: the shape the evaluator reads back from the pipeline's images of "a large <colour> <shape> in
+2. ``shape_word_read``: the same question asked where cross-attention reads it, at one token: the state at the
+   shape word's position. Is it nearest to the mean state of that shape word in seen pairs of other colours, or is
+   it dominated by the colour said before it (a contextual encoder can move the colour into the shape word's state,
+   which the mean over 77 positions hides)?
+3. ``drawn_shapes``: the shape the evaluator reads back from the pipeline's images of "a large <colour> <shape> in
    the center on a white background" (the easiest placement), several seeds per pair.
 """
 from __future__ import annotations
@@ -20,7 +24,8 @@ import itertools
 import numpy as np
 import torch
 
-from train.shapes import BASE_SHAPES, HELDOUT_COLOR_SHAPES, OBJECT_COLORS, POSITIONS, Scene, caption, make_object
+from train.shapes import (BASE_SHAPES, HELDOUT_COLOR_SHAPES, OBJECT_COLORS, POSITIONS, SHAPE_SYNONYMS, Scene, caption,
+                          make_object)
 
 PAIRS: tuple[tuple[str, str], ...] = tuple(itertools.product(OBJECT_COLORS, BASE_SHAPES))
 """Every (colour, shape) pair of the base world, colours in ``OBJECT_COLORS`` order."""
@@ -86,9 +91,60 @@ def additive_shape_decoding(states: torch.Tensor) -> dict[str, float]:
     return {"seen": sum(right[False]) / len(right[False]), "heldout": sum(right[True]) / len(right[True])}
 
 
+def _shape_word_end(ids: list[int], shape_words: list[list[int]]) -> int:
+    """The position of the last token of the first shape word (any synonym; a word may be several BPE tokens)."""
+    for end in range(len(ids)):
+        for word in shape_words:
+            if ids[max(0, end + 1 - len(word)):end + 1] == word:
+                return end
+    raise ValueError("caption has no shape word")
+
+
+@torch.no_grad()
+def shape_word_states(text_encoder, tokenizer, captions_per_pair: int = 24, seed: int = 0,
+                      hidden_layer: int | None = None) -> torch.Tensor:
+    """``(len(PAIRS), n, D)``: each caption's hidden state at its shape word's (last) token; ``hidden_layer`` as in
+    ``ldm.text.encode_tokens`` (None: the final layer-normed states the denoiser reads)."""
+    from ldm.text import encode_tokens, tokenize_batch
+
+    shape_words = [tokenizer(word, add_special_tokens=False)["input_ids"]
+                   for words in SHAPE_SYNONYMS.values() for word in set(words)]
+    states = []
+    for color, shape in PAIRS:
+        ids = tokenize_batch(tokenizer, pair_captions(color, shape, captions_per_pair, seed))  # (n, 1, 77)
+        hidden = encode_tokens(text_encoder, ids, hidden_layer).float()  # (n, 77, D)
+        ends = [_shape_word_end(row, shape_words) for row in ids[:, 0].tolist()]
+        states.append(hidden[torch.arange(len(ends)), ends])  # (n, D)
+    return torch.stack(states)
+
+
+def shape_word_read(states: torch.Tensor) -> dict[str, float]:
+    """Read the shape from the shape word's own state (``(P, n, D)`` from :func:`shape_word_states`): the nearest,
+    by cosine, of the per-shape mean unit states over the seen pairs. Returns the share read right among seen and
+    among held-out captions, and the held-out states' mean cosine to seen states of the same shape (other colours)
+    and of the same colour (other shapes). An encoder that keeps each word's meaning at its token reads held-out
+    shapes as well as seen ones; one that lets the colour before it dominate reads them at chance or worse."""
+    unit = torch.nn.functional.normalize(states, dim=-1)  # (P, n, D)
+    seen = [i for i, pair in enumerate(PAIRS) if pair not in HELDOUT_COLOR_SHAPES]
+    heldout = [i for i in range(len(PAIRS)) if i not in seen]
+    centroids = torch.stack([unit[[i for i in seen if PAIRS[i][1] == shape]].flatten(0, 1).mean(0)
+                             for shape in BASE_SHAPES])  # (S, D)
+    read = (unit @ torch.nn.functional.normalize(centroids, dim=-1).T).argmax(-1)  # (P, n)
+    truth = torch.tensor([BASE_SHAPES.index(shape) for _, shape in PAIRS])[:, None]  # (P, 1)
+    right = (read == truth).float()
+
+    def mean_cosine(i: int, same: int) -> torch.Tensor:
+        others = unit[[j for j in seen if PAIRS[j][same] == PAIRS[i][same]]].flatten(0, 1)  # (m, D)
+        return (unit[i] @ others.T).mean()
+
+    return {"seen": float(right[seen].mean()), "heldout": float(right[heldout].mean()),
+            "heldout_cosine_same_shape": float(torch.stack([mean_cosine(i, 1) for i in heldout]).mean()),
+            "heldout_cosine_same_colour": float(torch.stack([mean_cosine(i, 0) for i in heldout]).mean())}
+
+
 def composition_probe(text_encoder, tokenizer, captions_per_pair: int = 24, seed: int = 0) -> dict:
-    """Nearest-seen-pair rows, the share of seen / held-out pairs whose neighbour shares their shape, and the
-    additive model's shape read-back on seen / held-out captions."""
+    """Nearest-seen-pair rows, the share of seen / held-out pairs whose neighbour shares their shape, the additive
+    model's shape read-back on seen / held-out captions, and the shape word's own state's read-back."""
     states = caption_states(text_encoder, tokenizer, captions_per_pair, seed)
     rows = nearest_seen(states)
 
@@ -97,7 +153,8 @@ def composition_probe(text_encoder, tokenizer, captions_per_pair: int = 24, seed
         return sum(group) / len(group)
 
     return {"pairs": rows, "seen_shares_shape": share(False), "heldout_shares_shape": share(True),
-            "additive_shape_read": additive_shape_decoding(states)}
+            "additive_shape_read": additive_shape_decoding(states),
+            "shape_word_read": shape_word_read(shape_word_states(text_encoder, tokenizer, captions_per_pair, seed))}
 
 
 def drawn_shapes(pipe, seeds: int = 6, guidance_scale: float = 3.0, steps: int = 20) -> dict[str, dict]:

@@ -273,7 +273,8 @@ def sample_scene(rng: np.random.Generator, split: str = "train", image_size: int
 
 # --------------------------------------------------------------------------- captions
 
-_SHAPE_SYNONYMS = {"circle": ("circle", "circle", "disc"), "square": ("square", "box"), "triangle": ("triangle",)}
+SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "circle": ("circle", "circle", "disc"), "square": ("square", "box"), "triangle": ("triangle",)}
 """Words for each shape, repeated to weight them; other shapes are called by their name."""
 _SIZE_SYNONYMS = {"small": ("small", "little"), "large": ("large", "big")}
 _BACKGROUND_SYNONYMS = {"white": ("white",), "black": ("black",), "gray": ("gray", "grey")}
@@ -298,7 +299,7 @@ def _noun_phrase(rng: np.random.Generator, obj: ShapeObject, shape_first: bool =
                  omit: tuple[str, ...] = ()) -> str:
     """E.g. "a red circle", "one big blue box", (``shape_first``) "a triangle colored green", or with
     ``omit=("color",)`` "a big box"."""
-    shape_word = _pick(rng, _SHAPE_SYNONYMS.get(obj.shape, (obj.shape,)))
+    shape_word = _pick(rng, SHAPE_SYNONYMS.get(obj.shape, (obj.shape,)))
     size_word = _pick(rng, _SIZE_SYNONYMS[obj.size]) + " " if rng.random() < SIZE_WORD_PROBABILITY else ""
     if "color" in omit:
         return _with_article(rng, f"{size_word}{shape_word}")
