@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CFG scales of the drift measure (the first is the table's)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per placement prompt")
     parser.add_argument("--drift-seeds", type=int, default=2, help="seeds per evaluation prompt for the drift")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="seed of every fine-tune (default: the recipe's), to repeat a variant independently")
     parser.add_argument("--variants", nargs="+", default=[f"{m}:{p}" for m, p in VARIANTS],
                         help="METHOD:PRIOR_WEIGHT, e.g. full:1 lora:0")
     parser.add_argument("--instance-captions", default="prompt", choices=("prompt", "described"),
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                         else []),
                       *(["--class-batch-size", args.class_batch_size] if args.class_batch_size else []),
                       "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
-                      "--class-data-dir", str(work / f"class_images-{args.class_prompts}")], "dreambooth")
+                      "--class-data-dir", str(work / f"class_images-{args.class_prompts}"),
+                      *(["--seed", str(args.train_seed)] if args.train_seed is not None else [])], "dreambooth")
         seconds = time.perf_counter() - started
         pipe = load_variant(base, result["saved"], method)
         saved = result["saved"]
