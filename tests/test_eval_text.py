@@ -6,7 +6,7 @@ import torch
 
 from ldm.text import load_tokenizer
 from train.eval_text import PAIRS, composition_probe, pair_captions, shape_word_read, shape_word_states
-from train.shapes import HELDOUT_COLOR_SHAPES, parse_prompt
+from train.shapes import HELDOUT_COLOR_SHAPES, OBJECT_COLORS, parse_prompt
 
 
 class WordEncoder(torch.nn.Module):
@@ -34,11 +34,9 @@ class ColourLeakingEncoder(torch.nn.Module):
     """A contextual 'text encoder' whose every token carries the caption's colour (one-hot, summed over the
     sequence) plus, weakly, its own shape word: as if attention had moved the colour into the shape word's state."""
 
-    COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-
     def __init__(self, tokenizer, shape_weight: float = 0.1):
         super().__init__()
-        self.colours = WordEncoder(tokenizer, [[c] for c in self.COLOURS])
+        self.colours = WordEncoder(tokenizer, [[c] for c in OBJECT_COLORS])
         self.shapes = WordEncoder(tokenizer, [["circle", "disc"], ["square", "box"], ["triangle"]])
         self.shape_weight = shape_weight
 

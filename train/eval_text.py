@@ -44,15 +44,19 @@ def pair_captions(color: str, shape: str, count: int, seed: int = 0) -> list[str
 
 
 @torch.no_grad()
-def caption_states(text_encoder, tokenizer, captions_per_pair: int = 24, seed: int = 0) -> torch.Tensor:
-    """``(len(PAIRS), n, 77 * D)``: the last-layer hidden states of ``n`` captions per pair, flattened."""
+def encode_pair_captions(text_encoder, tokenizer, captions_per_pair: int = 24, seed: int = 0,
+                         hidden_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` captions per pair, encoded once: hidden states ``(len(PAIRS), n, 77, D)`` (``hidden_layer`` as in
+    ``ldm.text.encode_tokens``; None: the final layer-normed states the denoiser reads) and token ids
+    ``(len(PAIRS), n, 77)``."""
     from ldm.text import encode_tokens, tokenize_batch
 
-    states = []
+    hidden, ids = [], []
     for color, shape in PAIRS:
-        ids = tokenize_batch(tokenizer, pair_captions(color, shape, captions_per_pair, seed))  # (n, 1, 77)
-        states.append(encode_tokens(text_encoder, ids).float().flatten(1))  # (n, 77 * D)
-    return torch.stack(states)
+        tokens = tokenize_batch(tokenizer, pair_captions(color, shape, captions_per_pair, seed))  # (n, 1, 77)
+        hidden.append(encode_tokens(text_encoder, tokens, hidden_layer).float())  # (n, 77, D)
+        ids.append(tokens[:, 0])
+    return torch.stack(hidden), torch.stack(ids)
 
 
 def nearest_seen(states: torch.Tensor) -> list[dict]:
@@ -100,22 +104,20 @@ def _shape_word_end(ids: list[int], shape_words: list[list[int]]) -> int:
     raise ValueError("caption has no shape word")
 
 
-@torch.no_grad()
-def shape_word_states(text_encoder, tokenizer, captions_per_pair: int = 24, seed: int = 0,
-                      hidden_layer: int | None = None) -> torch.Tensor:
-    """``(len(PAIRS), n, D)``: each caption's hidden state at its shape word's (last) token; ``hidden_layer`` as in
-    ``ldm.text.encode_tokens`` (None: the final layer-normed states the denoiser reads)."""
-    from ldm.text import encode_tokens, tokenize_batch
-
+def states_at_shape_words(tokenizer, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``(P, n, D)``: from :func:`encode_pair_captions`' states ``(P, n, 77, D)`` and ids ``(P, n, 77)``, each
+    caption's state at its shape word's (last) token."""
     shape_words = [tokenizer(word, add_special_tokens=False)["input_ids"]
                    for words in SHAPE_SYNONYMS.values() for word in set(words)]
-    states = []
-    for color, shape in PAIRS:
-        ids = tokenize_batch(tokenizer, pair_captions(color, shape, captions_per_pair, seed))  # (n, 1, 77)
-        hidden = encode_tokens(text_encoder, ids, hidden_layer).float()  # (n, 77, D)
-        ends = [_shape_word_end(row, shape_words) for row in ids[:, 0].tolist()]
-        states.append(hidden[torch.arange(len(ends)), ends])  # (n, D)
-    return torch.stack(states)
+    ends = torch.tensor([[_shape_word_end(row, shape_words) for row in pair] for pair in ids.tolist()])  # (P, n)
+    return hidden.gather(2, ends[:, :, None, None].expand(-1, -1, 1, hidden.shape[-1]))[:, :, 0]
+
+
+def shape_word_states(text_encoder, tokenizer, captions_per_pair: int = 24, seed: int = 0,
+                      hidden_layer: int | None = None) -> torch.Tensor:
+    """``(len(PAIRS), n, D)``: each caption's hidden state at its shape word's (last) token."""
+    return states_at_shape_words(tokenizer, *encode_pair_captions(text_encoder, tokenizer, captions_per_pair, seed,
+                                                                  hidden_layer))
 
 
 def shape_word_read(states: torch.Tensor) -> dict[str, float]:
@@ -145,7 +147,8 @@ def shape_word_read(states: torch.Tensor) -> dict[str, float]:
 def composition_probe(text_encoder, tokenizer, captions_per_pair: int = 24, seed: int = 0) -> dict:
     """Nearest-seen-pair rows, the share of seen / held-out pairs whose neighbour shares their shape, the additive
     model's shape read-back on seen / held-out captions, and the shape word's own state's read-back."""
-    states = caption_states(text_encoder, tokenizer, captions_per_pair, seed)
+    hidden, ids = encode_pair_captions(text_encoder, tokenizer, captions_per_pair, seed)  # (P, n, 77, D), (P, n, 77)
+    states = hidden.flatten(2)  # (P, n, 77 * D)
     rows = nearest_seen(states)
 
     def share(heldout: bool) -> float:
@@ -154,7 +157,7 @@ def composition_probe(text_encoder, tokenizer, captions_per_pair: int = 24, seed
 
     return {"pairs": rows, "seen_shares_shape": share(False), "heldout_shares_shape": share(True),
             "additive_shape_read": additive_shape_decoding(states),
-            "shape_word_read": shape_word_read(shape_word_states(text_encoder, tokenizer, captions_per_pair, seed))}
+            "shape_word_read": shape_word_read(states_at_shape_words(tokenizer, hidden, ids))}
 
 
 def drawn_shapes(pipe, seeds: int = 6, guidance_scale: float = 3.0, steps: int = 20) -> dict[str, dict]:
