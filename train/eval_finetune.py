@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from train.finetune import CAPTION_DROPOUT_ON, PRIOR_TARGETS, UNET_PARAMS, run
-from train.evaluate import BASE_SHAPES, detect_objects, evaluate_pairs
+from train.evaluate import BASE_SHAPES, aggregate_scores, detect_objects, parse_prompt, score
 from train.shapes import EXTRA_SHAPES, Scene, caption, make_object, render, sample_scene
 
 SUBJECT_COLOR, SUBJECT_SHAPE = "purple", "ring"
@@ -123,18 +123,54 @@ def placement(pipe, seeds: int = 4, steps: int = 20, guidance: float = 7.5) -> d
 def base_accuracy(pipe, seeds: int = 2, guidance: tuple[float, ...] = (7.5,)) -> dict:
     """The base model's own single-object accuracy on the evaluation prompts (seen and held-out): all attributes
     right ("base accuracy", the drift measure), and shape, colour and position alone (where drift shows), at each
-    CFG scale in ``guidance`` (the keys of scales after the first end in " @cfg<scale>")."""
+    CFG scale in ``guidance`` (the keys of scales after the first end in " @cfg<scale>"). "base hits<suffix>" lists
+    each image's "all" in generation order (fixed prompts and seeds), for ``paired_drift``."""
     from train.eval_model import generate_evaluation_set
 
     row = {}
     for k, scale in enumerate(guidance):
-        result = evaluate_pairs(generate_evaluation_set(pipe, seeds, progress=False, num_inference_steps=20,
-                                                        guidance_scale=scale))["overall"]
+        pairs = generate_evaluation_set(pipe, seeds, progress=False, num_inference_steps=20, guidance_scale=scale)
+        items = [(expected, score(expected, image)) for expected, image in
+                 ((parse_prompt(prompt), image) for prompt, image in pairs) if len(expected.objects) == 1]
+        result = aggregate_scores(items)
         suffix = "" if k == 0 else f" @cfg{scale:g}"
         row |= {f"base accuracy{suffix}": float(result["single/all"]),
                 f"base shape{suffix}": float(result["single/shape"]),
                 f"base colour{suffix}": float(result["single/color"]),
-                f"base position{suffix}": float(result["single/position"])}
+                f"base position{suffix}": float(result["single/position"]),
+                f"base hits{suffix}": [int(scores["all"]) for _, scores in items]}
+    return row
+
+
+def paired_drift(row: dict, base_row: dict) -> dict:
+    """Drift of each "base hits<suffix>" of a fine-tuned model's row from the base model's on the same prompts and
+    seeds: the mean per-image difference and its standard error (sample sd / sqrt(n)), which is smaller than the
+    two accuracies' own errors because both models meet the same noise."""
+    drift = {}
+    for key in [k for k in row if k.startswith("base hits")]:
+        difference = np.asarray(row[key], float) - np.asarray(base_row[key], float)  # (n,)
+        suffix = key[len("base hits"):]
+        drift[f"drift{suffix}"] = float(difference.mean())
+        drift[f"drift se{suffix}"] = float(difference.std(ddof=1) / np.sqrt(len(difference)))
+    return drift
+
+
+def without_hits(row: dict) -> dict:
+    """A row without its per-image hit lists, for printing."""
+    return {key: value for key, value in row.items() if not key.startswith("base hits")}
+
+
+def cached_base_row(work: Path, key: dict, compute) -> dict:
+    """The base model's row, computed once per work dir and settings ``key`` (generation is deterministic in the
+    seeds, so repeats of a variant share it) and kept in ``work/base-row.json``."""
+    path = work / "base-row.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["key"] == key:
+            return cached["row"]
+    row = compute()
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "row": row}))
     return row
 
 
@@ -175,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CFG scales of the drift measure (the first is the table's)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per placement prompt")
     parser.add_argument("--drift-seeds", type=int, default=2, help="seeds per evaluation prompt for the drift")
-    parser.add_argument("--train-seed", type=int, default=None,
-                        help="seed of every fine-tune (default: the recipe's), to repeat a variant independently")
+    parser.add_argument("--train-seed", type=int, nargs="+", default=[None],
+                        help="seeds of the fine-tunes (default: the recipe's); several repeat every variant "
+                             "independently")
     parser.add_argument("--variants", nargs="+", default=[f"{m}:{p}" for m, p in VARIANTS],
                         help="METHOD:PRIOR_WEIGHT, e.g. full:1 lora:0")
     parser.add_argument("--instance-captions", default="prompt", choices=("prompt", "described"),
@@ -203,13 +240,17 @@ def main(argv: list[str] | None = None) -> int:
                       f", {args.class_batch_size} class examples per step" if args.class_batch_size else "",
                       f", caption dropout {args.caption_dropout} on {args.caption_dropout_on}"
                       if float(args.caption_dropout) else ""])
-    base_pipe = TextToImagePipeline.from_pretrained(base)
-    rows = {"base model": {**placement(base_pipe, args.seeds),
-                           **base_accuracy(base_pipe, args.drift_seeds, args.drift_guidance),
-                           "subject survives the VAE": subject_survives_vae(base_pipe, subject_images())}}
-    for variant in args.variants:
+    def base_row() -> dict:
+        base_pipe = TextToImagePipeline.from_pretrained(base)
+        return {**placement(base_pipe, args.seeds), **base_accuracy(base_pipe, args.drift_seeds, args.drift_guidance),
+                "subject survives the VAE": subject_survives_vae(base_pipe, subject_images())}
+
+    rows = {"base model": cached_base_row(work, {"model": str(base), "seeds": args.seeds, "drift seeds":
+                                                 args.drift_seeds, "guidance": args.drift_guidance}, base_row)}
+    for train_seed, variant in [(seed, variant) for seed in args.train_seed for variant in args.variants]:
         method, _, prior = variant.partition(":")
-        out = work / f"{method}-prior{prior}"
+        seeded = "" if train_seed is None else f", training seed {train_seed}"
+        out = work / (f"{method}-prior{prior}" + ("" if train_seed is None else f"-seed{train_seed}"))
         started = time.perf_counter()
         result = run(["--model", str(base), "--instance-data", str(subject), "--instance-prompt", "a sks shape",
                       "--class-prompt", *prompts, "--prior-loss-weight", prior, "--method", method,
@@ -224,16 +265,16 @@ def main(argv: list[str] | None = None) -> int:
                       *(["--class-batch-size", args.class_batch_size] if args.class_batch_size else []),
                       "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
                       "--class-data-dir", str(work / f"class_images-{args.class_prompts}"),
-                      *(["--seed", str(args.train_seed)] if args.train_seed is not None else [])], "dreambooth")
+                      *(["--seed", str(train_seed)] if train_seed is not None else [])], "dreambooth")
         seconds = time.perf_counter() - started
         pipe = load_variant(base, result["saved"], method)
         saved = result["saved"]
         size = saved.stat().st_size if saved.is_file() else folder_size(saved / "unet")
-        rows[f"{method}, prior weight {prior}{suffix}"] = {**placement(pipe, args.seeds),
-                                                   **base_accuracy(pipe, args.drift_seeds, args.drift_guidance),
-                                                   "train seconds": seconds, "saved MB": size / 1e6}
-        print(variant, json.dumps(rows[f"{method}, prior weight {prior}{suffix}"]))
-    print(json.dumps(rows, indent=1))
+        row = {**placement(pipe, args.seeds), **base_accuracy(pipe, args.drift_seeds, args.drift_guidance),
+               "train seconds": seconds, "saved MB": size / 1e6}
+        rows[f"{method}, prior weight {prior}{suffix}{seeded}"] = row | paired_drift(row, rows["base model"])
+        print(variant, seeded, json.dumps(without_hits(rows[f"{method}, prior weight {prior}{suffix}{seeded}"])))
+    print(json.dumps({name: without_hits(row) for name, row in rows.items()}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
