@@ -7,11 +7,19 @@ from pipelines.random_models import save_random_model
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Every test runs with outgoing connections refused: nothing may reach a hub."""
+    """Every test runs with outgoing internet connections refused: nothing may reach a hub. Local (AF_UNIX)
+    sockets stay open: worker processes pass tensors through them."""
+    local_connect = socket.socket.connect
+
     def refuse(*args, **kwargs):
         raise OSError("network access is blocked in tests")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    def connect(sock, address):
+        if sock.family == getattr(socket, "AF_UNIX", None):
+            return local_connect(sock, address)
+        refuse()
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 

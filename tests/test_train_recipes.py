@@ -286,6 +286,23 @@ def test_drop_color_prob_leaves_colour_words_out_of_cached_captions(tmp_path, co
         train_denoiser.run(denoiser_args(tmp_path / "bad", vae_dir, text_dir, "--drop-color-prob", "nan"))
 
 
+def test_render_workers_build_the_same_latent_cache(tmp_path, components):
+    """Renders made by worker processes are the ones this process makes, in the same order."""
+    from ldm.text import load_tokenizer
+
+    vae_dir, text_dir = components
+    tokenizer = load_tokenizer(text_dir / "tokenizer")
+    vae, _, _ = train_denoiser.load_components(train_denoiser.build_parser().parse_args(
+        denoiser_args(tmp_path, vae_dir, text_dir)))
+    caches = [train_denoiser.build_latent_cache(train_denoiser.build_parser().parse_args(denoiser_args(
+        tmp_path, vae_dir, text_dir, "--num-images", "20", "--data-seed", "0", "--drop-color-prob", "0.5",
+        "--render-workers", workers)),
+        vae, tokenizer, contextlib.nullcontext, torch.device("cpu")) for workers in ("0", "2")]
+    assert caches[0]["mean"].shape[0] == 20
+    for key in ("mean", "std", "ids"):
+        assert torch.equal(caches[0][key], caches[1][key]), key
+
+
 def test_cached_text_states_train_as_the_encoder_run_in_every_step(tmp_path, components):
     vae_dir, text_dir = components
     runs = {mode: train_denoiser.run(denoiser_args(tmp_path / mode, vae_dir, text_dir, "--steps", "3",
@@ -469,3 +486,37 @@ def test_ldm_train_runs_a_recipe(tmp_path, capsys):
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert ldm(["train", "vae", *vae_args(tmp_path / "bad", "--steps", "1", "--image-size", "20")]) != 0
     assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_gpu_session_fits_its_steps_to_the_probed_rate_and_writes_a_loadable_sharded_unet(tmp_path, components):
+    """train.gpu_session at tiny scale: the main run gets the steps the probe's rate allows in the time left,
+    the assembled model's UNet comes back in float16 shards under --max-shard-mb that diffusers loads as saved."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from train import gpu_session
+
+    vae_dir, text_dir = components
+    model = tmp_path / "components"
+    model.mkdir()
+    for name, source in (("vae", vae_dir), ("text_encoder", text_dir / "text_encoder"),
+                         ("tokenizer", text_dir / "tokenizer")):
+        (model / name).symlink_to(source)
+    settings = dict(seconds=40.0, reserve=30.0)
+    report = gpu_session.run(["--output-dir", str(tmp_path / "out"), "--model", str(model), "--preset", "tiny",
+                              "--image-size", "16", "--num-images", "16", "--batch-size", "8", "--probe-steps", "3",
+                              "--render-workers", "0", "--mixed-precision", "no", "--eval-seeds", "0",
+                              "--max-shard-mb", "0.5", "--seconds", str(settings["seconds"]),
+                              "--reserve", str(settings["reserve"])])
+    left = settings["seconds"] - report["probe"]["seconds"] - settings["reserve"]
+    assert report["main"]["steps"] == gpu_session.planned_steps(report["probe"]["steps_per_second"], left)
+    saved = tmp_path / "out" / "unet"
+    shards = sorted(saved.glob("*.safetensors"))
+    assert len(shards) > 1 and all(path.stat().st_size <= 0.5e6 * 1.05 for path in shards)
+    shipped = UNet2DConditionModel.from_pretrained(str(tmp_path / "gpu-session-work" / "model" / "unet"))
+    loaded = UNet2DConditionModel.from_pretrained(str(saved))
+    assert {tensor.dtype for tensor in load_file(str(shards[0])).values()} == {torch.float16}
+    for (name, a), (_, b) in zip(shipped.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "out" / "samples.png").is_file()
+    assert gpu_session.planned_steps(10.0, 2.55) == 25 and gpu_session.planned_steps(10.0, -5.0) == 1

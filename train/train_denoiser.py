@@ -50,6 +50,14 @@ PRESETS: dict[str, dict] = {
         "block_out_channels": [32, 64, 128], "layers_per_block": 1, "attention_head_dim": 2,
         "norm_num_groups": 32,
     },
+    # For a lent GPU (train/gpu_session.py): twice the channels at 16x16 and two layers per block, 8.75 M
+    # parameters (17.5 MB in float16: the shipped folder stays under 40 MB with the shipped VAE and text encoder).
+    "large": {
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [64, 128, 128], "layers_per_block": 2, "attention_head_dim": 4,
+        "norm_num_groups": 32,
+    },
     "tiny": {
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -73,7 +81,9 @@ TEXT_STATES = ("cached", "on-the-fly")
 
 
 def add_caption_args(group) -> None:
-    """Caption flags of the latent cache, shared with ``train.train_mmdit``."""
+    """Flags of the latent cache's captions and rendering, shared with ``train.train_mmdit``."""
+    group.add_argument("--render-workers", type=common.non_negative_int, default=0,
+                       help="processes rendering the latent cache's images (0: this one; a GPU run wants its CPUs)")
     group.add_argument("--drop-color-prob", type=float, default=0.0,
                        help="probability that a cached caption variant leaves out the colour words ('a circle at "
                             "the top'), so shape words are learnt apart from the colours seen with them")
@@ -212,39 +222,64 @@ def _cache_meta(args: argparse.Namespace, vae) -> dict:
             "split": args.split, "drop_color_prob": args.drop_color_prob, "version": 1}
 
 
+class CaptionedRenders(torch.utils.data.Dataset):
+    """Render ``i`` of the shapes world with its ``--caption-variants`` cached captions: variant 0 is the dataset's
+    own caption, the others freshly worded, each colourless with probability ``--drop-color-prob``; every draw
+    depends only on ``(data seed, i, variant)``, so workers give the items of one process."""
+
+    def __init__(self, args: argparse.Namespace):
+        from train.shapes import ShapesDataset
+
+        self.dataset = ShapesDataset(args.num_images, args.data_seed, args.image_size, args.split)
+        self.variants, self.drop_color_prob, self.data_seed = args.caption_variants, args.drop_color_prob, args.data_seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str]]:
+        import numpy as np
+
+        from train.shapes import caption
+
+        item = self.dataset[index]
+        captions = []
+        for v in range(self.variants):
+            rng = np.random.default_rng([self.data_seed, common.STREAM_DATA, index, v])
+            if self.drop_color_prob > 0 and rng.random() < self.drop_color_prob:
+                captions.append(caption(item["scene"], rng, omit=("color",)))
+            else:
+                captions.append(item["caption"] if v == 0 else caption(item["scene"], rng))
+        return item["image"], captions  # (3, H, W) in [-1, 1], V strings
+
+
+def collate_renders(items: list) -> tuple[torch.Tensor, list[str]]:
+    """Stack renders ``(b, 3, H, W)`` and flatten their captions image-major ``(b * V,)``."""
+    return torch.stack([image for image, _ in items]), [text for _, texts in items for text in texts]
+
+
 @torch.no_grad()
 def build_latent_cache(args: argparse.Namespace, vae, tokenizer, autocast, device) -> dict:
-    """Encode ``--num-images`` renders: posterior mean/std (N, C, h, w) and caption token ids (N, V, 77)."""
-    import numpy as np
+    """Encode ``--num-images`` renders: posterior mean/std (N, C, h, w) and caption token ids (N, V, 77). Renders
+    come from ``--render-workers`` processes (0: this one); the VAE encodes 8 at a time on a CPU (its encoder runs
+    ~2x faster per image at batch 8 than at 64 on the 2-core CPU) and 256 on a GPU."""
     from tqdm.auto import tqdm
 
     from ldm.text import tokenize_batch
-    from train.shapes import ShapesDataset, caption
 
-    dataset = ShapesDataset(args.num_images, args.data_seed, args.image_size, args.split)
+    batch = 8 if device.type == "cpu" else 256
+    loader = torch.utils.data.DataLoader(CaptionedRenders(args), batch_size=batch, num_workers=args.render_workers,
+                                         collate_fn=collate_renders)
     means, stds, ids = [], [], []
-    batch = 8  # the VAE encoder at 128x128 runs ~2x faster per image at batch 8 than at 64 on the 2-core CPU
     vae = vae.to(device)
-    for start in tqdm(range(0, args.num_images, batch), desc="encoding renders", dynamic_ncols=True):
-        items = [dataset[i] for i in range(start, min(start + batch, args.num_images))]
-        images = torch.stack([it["image"] for it in items]).to(device)
+    for images, captions in tqdm(loader, desc="encoding renders", dynamic_ncols=True):
         with autocast():
-            dist = vae.encode(images).latent_dist
+            dist = vae.encode(images.to(device)).latent_dist
         means.append(dist.mean.float().cpu().contiguous())  # (b, C, h, w); chunk() views are strided
         stds.append(dist.std.float().cpu().contiguous())
-        captions = []
-        for offset, it in enumerate(items):
-            for v in range(args.caption_variants):
-                rng = np.random.default_rng([args.data_seed, common.STREAM_DATA, start + offset, v])
-                colorless = args.drop_color_prob > 0 and rng.random() < args.drop_color_prob
-                if colorless:
-                    captions.append(caption(it["scene"], rng, omit=("color",)))
-                else:  # variant 0 is the dataset's own caption; the others are freshly worded
-                    captions.append(it["caption"] if v == 0 else caption(it["scene"], rng))
-        tokens = tokenize_batch(tokenizer, captions)  # (n * V, W, 77)
+        tokens = tokenize_batch(tokenizer, captions)  # (b * V, W, 77)
         if tokens.shape[1] != 1:
             raise ValueError("a caption is longer than one 77-token window")
-        ids.append(tokens[:, 0].reshape(len(items), args.caption_variants, -1).to(torch.int32))
+        ids.append(tokens[:, 0].reshape(len(images), args.caption_variants, -1).to(torch.int32))
     return {"mean": torch.cat(means), "std": torch.cat(stds), "ids": torch.cat(ids)}
 
 
@@ -269,54 +304,61 @@ def load_or_build_cache(args: argparse.Namespace, vae, tokenizer, accelerator, p
 
 class LatentBatches:
     """Training batches from the latent cache, reproducible per (step, micro-batch, rank): latents sampled from the
-    cached posteriors, shifted and scaled as the VAE config says, and one caption variant's token ids per image,
-    replaced by the empty caption with probability ``--uncond-prob``."""
+    cached posteriors, shifted and scaled as the VAE config says, and one caption row per image: a caption variant
+    of it, or the empty caption with probability ``--uncond-prob``. Caption rows index ``caption_ids``, every cached
+    caption ``(N * V, 77)`` with the empty one last; the posteriors live on ``device``."""
 
-    def __init__(self, args: argparse.Namespace, cache: dict, vae_config, empty_ids: list[int], rank: int):
+    def __init__(self, args: argparse.Namespace, cache: dict, vae_config, empty_ids: list[int], rank: int,
+                 device: torch.device = torch.device("cpu")):
         # Contiguous, so a fresh cache and one loaded from disk give the network identically laid-out inputs
         # (oneDNN's bf16 kernels depend on memory layout, and exact resumes depend on that).
-        self.mean, self.std = cache["mean"].float().contiguous(), cache["std"].float().contiguous()
-        self.ids = cache["ids"].long()
+        self.mean = cache["mean"].float().contiguous().to(device)
+        self.std = cache["std"].float().contiguous().to(device)
+        ids = cache["ids"].long()  # (N, V, 77)
+        self.caption_ids = torch.cat([ids.reshape(-1, ids.shape[-1]), torch.tensor([empty_ids])])  # (N * V + 1, 77)
         self.scaling, self.shift = float(vae_config.scaling_factor), float(getattr(vae_config, "shift_factor", 0) or 0)
-        self.empty_ids = torch.tensor(empty_ids)  # (77,)
-        self.args, self.rank = args, rank
+        self.args, self.rank, self.device = args, rank, device
 
     def draw(self, step: int, micro: int):
-        """``(x0 (B, C, h, w), token ids (B, 77), the noise generator of this micro-batch)``."""
+        """``(x0 (B, C, h, w) on the device, caption rows (B,), the noise generator of this micro-batch)``."""
         args = self.args
         rng = common.numpy_rng(args.seed, common.STREAM_DATA, step, micro, self.rank)
         idx = torch.from_numpy(rng.integers(0, len(self.mean), size=args.batch_size))
         variant = torch.from_numpy(rng.integers(0, args.caption_variants, size=args.batch_size))
         drop = torch.from_numpy(rng.random(args.batch_size) < args.uncond_prob)
-        ids = self.ids[idx, variant]  # (B, 77)
-        ids[drop] = self.empty_ids
+        rows = torch.where(drop, len(self.caption_ids) - 1, idx * args.caption_variants + variant)  # (B,)
         gen = common.torch_generator(args.seed, common.STREAM_NOISE, step, micro, self.rank)
-        shape = self.mean[idx].shape
-        x0 = (self.mean[idx] + self.std[idx] * torch.randn(shape, generator=gen) - self.shift) * self.scaling
-        return x0, ids, gen
+        n = torch.randn((args.batch_size, *self.mean.shape[1:]), generator=gen).to(self.device)
+        idx = idx.to(self.device)
+        x0 = (self.mean[idx] + self.std[idx] * n - self.shift) * self.scaling
+        return x0, rows, gen
+
+    def token_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, 77)`` of caption rows."""
+        return self.caption_ids[rows]
 
 
 class CachedTextStates:
-    """The frozen text encoder's last hidden states of every caption in the latent cache (and the empty one),
-    computed once: ``states(ids)`` for token ids ``(B, 77)`` gives ``(B, 77, D)``, what the encoder would give."""
+    """The frozen text encoder's last hidden states of every cached caption, computed once (each distinct caption
+    once) and kept on the encoder's device: ``states(rows)`` for caption rows ``(B,)`` of ``LatentBatches`` gives
+    ``(B, 77, D)``, what the encoder would give for their token ids."""
 
-    def __init__(self, text_encoder, ids: torch.Tensor, empty_ids: list[int], autocast, batch: int = 256):
+    def __init__(self, text_encoder, caption_ids: torch.Tensor, autocast, batch: int = 256):
         from tqdm.auto import tqdm
 
-        rows = torch.cat([ids.reshape(-1, ids.shape[-1]).long(), torch.tensor([empty_ids])])  # (N * V + 1, 77)
-        unique = torch.unique(rows, dim=0)  # (U, 77)
-        self.row_of = {tuple(row): i for i, row in enumerate(unique.tolist())}
+        unique, self.row_of = torch.unique(caption_ids, dim=0, return_inverse=True)  # (U, 77), (R,)
         device = next(text_encoder.parameters()).device
         chunks = []
         with torch.no_grad():
             for chunk in tqdm(unique.split(batch), desc="encoding captions", dynamic_ncols=True,
                               disable=bool(os.environ.get("LDM_NO_PROGRESS"))):
                 with autocast():
-                    chunks.append(text_encoder(chunk.to(device))[0].float().cpu())
+                    chunks.append(text_encoder(chunk.to(device))[0].float())
         self.table = torch.cat(chunks)  # (U, 77, D)
+        self.row_of = self.row_of.to(device)
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table[[self.row_of[tuple(row)] for row in ids.tolist()]]  # (B, 77, D)
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.table[self.row_of[rows.to(self.row_of.device)]]  # (B, 77, D)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -383,14 +425,14 @@ def run(argv: list[str] | None = None) -> dict:
     device = accelerator.device
 
     cache = load_or_build_cache(args, vae, tokenizer, accelerator, Path(args.latent_cache or out / "latents.safetensors"))
-    batches = LatentBatches(args, cache, vae.config, token_windows(tokenizer, "")[0], accelerator.process_index)
+    batches = LatentBatches(args, cache, vae.config, token_windows(tokenizer, "")[0], accelerator.process_index,
+                            device)
     text_encoder.to(device)
     vae.to(device)
     ab = alphas_cumprod().to(device)
     cached_states = None
     if args.text_states == "cached":
-        cached_states = CachedTextStates(text_encoder, cache["ids"], token_windows(tokenizer, "")[0],
-                                         accelerator.autocast)
+        cached_states = CachedTextStates(text_encoder, batches.caption_ids, accelerator.autocast)
 
     unet = build_unet(config, args.seed, args.init_unet)
     if device.type == "cpu":
@@ -405,15 +447,15 @@ def run(argv: list[str] | None = None) -> dict:
     ema = common.EMA(unwrapped, args.ema_decay)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
-        x0, ids, gen = batches.draw(step, micro)  # (B, C, h, w), (B, 77)
+        x0, rows, gen = batches.draw(step, micro)  # (B, C, h, w), (B,)
         t = torch.randint(0, len(ab), (args.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        noise, t = noise.to(device), t.to(device)
         x_t, v = add_noise(x0, noise, ab[t])
         with accelerator.autocast():
             with torch.no_grad():
-                cond = (cached_states(ids).to(device) if cached_states is not None
-                        else text_encoder(ids.to(device))[0])  # (B, 77, D)
+                cond = (cached_states(rows) if cached_states is not None
+                        else text_encoder(batches.token_ids(rows).to(device))[0])  # (B, 77, D)
             pred = model(x_t, t, encoder_hidden_states=cond).sample
         per_sample = (pred.float() - v).square().mean(dim=(1, 2, 3))  # (B,)
         return (per_sample * common.loss_weights(ab[t], args.loss_weighting, args.min_snr_gamma)).mean()

@@ -321,7 +321,8 @@ def run(argv: list[str] | None = None) -> dict:
 
     cache_file = Path(args.latent_cache or out / "latents.safetensors")
     cache = load_or_build_cache(args, vae, tokenizer, accelerator, cache_file)
-    batches = LatentBatches(args, cache, vae.config, token_windows(tokenizer, "")[0], accelerator.process_index)
+    batches = LatentBatches(args, cache, vae.config, token_windows(tokenizer, "")[0], accelerator.process_index,
+                            accelerator.device)
     tower.to(device)
     vae.to(device)
 
@@ -332,11 +333,12 @@ def run(argv: list[str] | None = None) -> dict:
     ema = common.EMA(unwrapped, args.ema_decay)
 
     def loss_fn(step: int, micro: int) -> torch.Tensor:
-        x0, ids, gen = batches.draw(step, micro)  # (B, C, h, w), (B, 77)
+        x0, rows, gen = batches.draw(step, micro)  # (B, C, h, w) on the device, (B,)
         t = logit_normal_times(args.batch_size, args.logit_mean, args.logit_std, gen)
         noise = torch.randn(x0.shape, generator=gen)
-        x_t, v = flow_pair(x0, noise, t)
-        x_t, v, t = x_t.to(device), v.to(device), t.to(device)
+        t = t.to(device)
+        x_t, v = flow_pair(x0, noise.to(device), t)
+        ids = batches.token_ids(rows)  # (B, 77)
         with accelerator.autocast():
             with torch.no_grad():
                 context, pooled = encode_captions(tower, ids.to(device))
