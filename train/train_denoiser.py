@@ -223,20 +223,32 @@ def _cache_meta(args: argparse.Namespace, vae) -> dict:
 
 
 class CaptionedRenders(torch.utils.data.Dataset):
-    """Render ``i`` of the shapes world with its ``--caption-variants`` cached captions: variant 0 is the dataset's
-    own caption, the others freshly worded, each colourless with probability ``--drop-color-prob``; every draw
-    depends only on ``(data seed, i, variant)``, so workers give the items of one process."""
+    """Render ``i`` of the shapes world and the token ids ``(V, 77)`` of its ``--caption-variants`` cached captions:
+    variant 0 is the dataset's own caption, the others freshly worded, each colourless with probability
+    ``--drop-color-prob``. Every draw depends only on ``(data seed, i, variant)``, so worker processes give the
+    items this process would; each remembers the ids of the captions it has tokenized (they repeat)."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, tokenizer):
         from train.shapes import ShapesDataset
 
         self.dataset = ShapesDataset(args.num_images, args.data_seed, args.image_size, args.split)
         self.variants, self.drop_color_prob, self.data_seed = args.caption_variants, args.drop_color_prob, args.data_seed
+        self.tokenizer, self.known = tokenizer, {}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str]]:
+    def token_ids(self, text: str) -> list[int]:
+        from ldm.text import token_windows
+
+        if text not in self.known:
+            windows = token_windows(self.tokenizer, text)
+            if len(windows) != 1:
+                raise ValueError(f"a caption is longer than one 77-token window: {text!r}")
+            self.known[text] = windows[0]
+        return self.known[text]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         import numpy as np
 
         from train.shapes import caption
@@ -249,37 +261,27 @@ class CaptionedRenders(torch.utils.data.Dataset):
                 captions.append(caption(item["scene"], rng, omit=("color",)))
             else:
                 captions.append(item["caption"] if v == 0 else caption(item["scene"], rng))
-        return item["image"], captions  # (3, H, W) in [-1, 1], V strings
-
-
-def collate_renders(items: list) -> tuple[torch.Tensor, list[str]]:
-    """Stack renders ``(b, 3, H, W)`` and flatten their captions image-major ``(b * V,)``."""
-    return torch.stack([image for image, _ in items]), [text for _, texts in items for text in texts]
+        ids = torch.tensor([self.token_ids(text) for text in captions], dtype=torch.int32)  # (V, 77)
+        return item["image"], ids  # (3, H, W) in [-1, 1]
 
 
 @torch.no_grad()
 def build_latent_cache(args: argparse.Namespace, vae, tokenizer, autocast, device) -> dict:
     """Encode ``--num-images`` renders: posterior mean/std (N, C, h, w) and caption token ids (N, V, 77). Renders
-    come from ``--render-workers`` processes (0: this one); the VAE encodes 8 at a time on a CPU (its encoder runs
-    ~2x faster per image at batch 8 than at 64 on the 2-core CPU) and 256 on a GPU."""
+    and token ids come from ``--render-workers`` processes (0: this one); the VAE encodes 8 at a time on a CPU (its
+    encoder runs ~2x faster per image at batch 8 than at 64 on the 2-core CPU) and 256 on a GPU."""
     from tqdm.auto import tqdm
 
-    from ldm.text import tokenize_batch
-
-    batch = 8 if device.type == "cpu" else 256
-    loader = torch.utils.data.DataLoader(CaptionedRenders(args), batch_size=batch, num_workers=args.render_workers,
-                                         collate_fn=collate_renders)
+    loader = torch.utils.data.DataLoader(CaptionedRenders(args, tokenizer), num_workers=args.render_workers,
+                                         batch_size=8 if device.type == "cpu" else 256)
     means, stds, ids = [], [], []
     vae = vae.to(device)
-    for images, captions in tqdm(loader, desc="encoding renders", dynamic_ncols=True):
+    for images, tokens in tqdm(loader, desc="encoding renders", dynamic_ncols=True):
         with autocast():
             dist = vae.encode(images.to(device)).latent_dist
         means.append(dist.mean.float().cpu().contiguous())  # (b, C, h, w); chunk() views are strided
         stds.append(dist.std.float().cpu().contiguous())
-        tokens = tokenize_batch(tokenizer, captions)  # (b * V, W, 77)
-        if tokens.shape[1] != 1:
-            raise ValueError("a caption is longer than one 77-token window")
-        ids.append(tokens[:, 0].reshape(len(images), args.caption_variants, -1).to(torch.int32))
+        ids.append(tokens)  # (b, V, 77)
     return {"mean": torch.cat(means), "std": torch.cat(stds), "ids": torch.cat(ids)}
 
 
