@@ -520,3 +520,17 @@ def test_gpu_session_fits_its_steps_to_the_probed_rate_and_writes_a_loadable_sha
         assert torch.equal(a, b), name
     assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "out" / "samples.png").is_file()
     assert gpu_session.planned_steps(10.0, 2.55) == 25 and gpu_session.planned_steps(10.0, -5.0) == 1
+
+
+def test_gpu_session_rate_leaves_out_the_first_steps(tmp_path):
+    from train import gpu_session
+
+    log = tmp_path / "log.jsonl"
+    records = [{"step": 10, "loss": 1.0, "time": 9.0, "steps_per_second": 1.1},  # slow first steps
+               {"step": 20, "loss": 0.9, "time": 10.0, "steps_per_second": 2.0},
+               {"step": 50, "loss": 0.8, "time": 13.0, "steps_per_second": 3.8}, {"steps_per_second": 3.8}]
+    log.write_text("\n".join(json.dumps(record) for record in records))
+    assert gpu_session.steady_rate(log) == 10.0  # 40 steps in 4 s
+    log.write_text(json.dumps(records[1]))
+    with pytest.raises(ValueError, match="at least 2"):
+        gpu_session.steady_rate(log)

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the whole time box: probe, main run, saving and evaluation")
     p.add_argument("--reserve", type=float, default=60.0,
                    help="seconds kept from training for the main run's setup, saving and the evaluation")
-    p.add_argument("--probe-steps", type=common.positive_int, default=50)
+    p.add_argument("--probe-steps", type=common.positive_int, default=50,
+                   help="steps of the rate probe (logged every fifth; the rate leaves out the first fifth)")
     p.add_argument("--preset", default="large", help="UNet preset of train.train_denoiser")
     p.add_argument("--batch-size", type=common.positive_int, default=256)
     p.add_argument("--lr", type=common.positive_float, default=6e-4)
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def denoiser_args(args: argparse.Namespace, components: Path, output: Path, cache: Path, steps: int,
-                  warmup: int) -> list[str]:
+                  warmup: int, log_every: int = 50) -> list[str]:
     """The command line of one ``train.train_denoiser`` run of this session."""
     return ["--output-dir", str(output), "--vae", str(components / "vae"),
             "--text-encoder", str(components / "text_encoder"), "--tokenizer", str(components / "tokenizer"),
@@ -74,7 +75,18 @@ def denoiser_args(args: argparse.Namespace, components: Path, output: Path, cach
             "--render-workers", str(args.render_workers), "--latent-cache", str(cache),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--steps", str(steps),
             "--warmup", str(warmup), "--mixed-precision", args.mixed_precision, "--seed", str(args.seed),
-            "--checkpoint-every", "0", "--sample-every", "0", "--log-every", "50"]
+            "--checkpoint-every", "0", "--sample-every", "0", "--log-every", str(log_every)]
+
+
+def steady_rate(log_path: Path) -> float:
+    """Steps per second between the first and the last training record of a run's ``log.jsonl``: the first
+    steps (allocation, kernel selection) are left out, so the rate is the one a longer run keeps."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    steps = [record for record in records if "loss" in record and "step" in record]
+    if len(steps) < 2:
+        raise ValueError(f"{log_path} has {len(steps)} training records; the probe needs at least 2")
+    first, last = steps[0], steps[-1]
+    return (last["step"] - first["step"]) / (last["time"] - first["time"])
 
 
 def planned_steps(rate: float, seconds_left: float) -> int:
@@ -113,13 +125,19 @@ def run(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "latents.safetensors"
 
-    probe = train_denoiser.run(denoiser_args(args, components, work / "probe", cache, args.probe_steps, 0))
-    rate = probe["steps_per_second"]
+    probe_dir = work / "probe"
+    if probe_dir.exists():
+        shutil.rmtree(probe_dir)
+    train_denoiser.run(denoiser_args(args, components, probe_dir, cache, args.probe_steps, 0,
+                                     log_every=max(1, args.probe_steps // 5)))
+    rate = steady_rate(probe_dir / "log.jsonl")
     probe_seconds = time.perf_counter() - started
     steps = planned_steps(rate, args.seconds - probe_seconds - args.reserve)
     print(f"gpu_session: probe {args.probe_steps} steps at {rate:.2f} steps/s after {probe_seconds:.0f} s; "
           f"main run {steps} steps", flush=True)
 
+    if (work / "main").exists():
+        shutil.rmtree(work / "main")
     main_started = time.perf_counter()
     trained = train_denoiser.run(denoiser_args(args, components, work / "main", cache, steps,
                                                int(args.warmup_fraction * steps)))

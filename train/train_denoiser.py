@@ -345,11 +345,12 @@ class CachedTextStates:
     once) and kept on the encoder's device: ``states(rows)`` for caption rows ``(B,)`` of ``LatentBatches`` gives
     ``(B, 77, D)``, what the encoder would give for their token ids."""
 
-    def __init__(self, text_encoder, caption_ids: torch.Tensor, autocast, batch: int = 256):
+    def __init__(self, text_encoder, caption_ids: torch.Tensor, autocast):
         from tqdm.auto import tqdm
 
         unique, self.row_of = torch.unique(caption_ids, dim=0, return_inverse=True)  # (U, 77), (R,)
         device = next(text_encoder.parameters()).device
+        batch = 256 if device.type == "cpu" else 4096
         chunks = []
         with torch.no_grad():
             for chunk in tqdm(unique.split(batch), desc="encoding captions", dynamic_ncols=True,
