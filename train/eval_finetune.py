@@ -174,17 +174,18 @@ def cached_base_row(work: Path, key: dict, compute) -> dict:
     return row
 
 
-def load_variant(base: Path, saved: Path, method: str):
+def load_variant(base: Path, saved: Path, method: str, device=None):
     from pipelines.text_to_image import TextToImagePipeline
 
     if method == "full":
-        return TextToImagePipeline.from_pretrained(saved)
-    pipe = TextToImagePipeline.from_pretrained(base)
+        return TextToImagePipeline.from_pretrained(saved, device=device)
+    pipe = TextToImagePipeline.from_pretrained(base, device=device)
     pipe.load_lora(saved)
     return pipe
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import pick_device
     from pipelines.text_to_image import DEFAULT_MODEL, TextToImagePipeline
     from train.common import add_loss_weighting_args, folder_size
 
@@ -223,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                         help='prior class images from "a shape", or from 50 random training captions')
     parser.add_argument("--class-images", type=int, default=50,
                         help="number of prior class images (with --class-prompts captions: one caption each)")
+    parser.add_argument("--device", default="auto", help="where the evaluations generate (training: accelerate's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    device = pick_device(args.device)
     work = Path(args.work_dir)
     base = Path(args.model) if args.model else DEFAULT_MODEL
     subject = write_subject(work / f"subject-{args.instance_captions}", captions=args.instance_captions)
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                       f", caption dropout {args.caption_dropout} on {args.caption_dropout_on}"
                       if float(args.caption_dropout) else ""])
     def base_row() -> dict:
-        base_pipe = TextToImagePipeline.from_pretrained(base)
+        base_pipe = TextToImagePipeline.from_pretrained(base, device=device)
         return {**placement(base_pipe, args.seeds), **base_accuracy(base_pipe, args.drift_seeds, args.drift_guidance),
                 "subject survives the VAE": subject_survives_vae(base_pipe, subject_images())}
 
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                       "--class-data-dir", str(work / f"class_images-{args.class_prompts}"),
                       *(["--seed", str(train_seed)] if train_seed is not None else [])], "dreambooth")
         seconds = time.perf_counter() - started
-        pipe = load_variant(base, result["saved"], method)
+        pipe = load_variant(base, result["saved"], method, device)
         saved = result["saved"]
         size = saved.stat().st_size if saved.is_file() else folder_size(saved / "unet")
         row = {**placement(pipe, args.seeds), **base_accuracy(pipe, args.drift_seeds, args.drift_guidance),
