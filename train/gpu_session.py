@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of the rate probe (logged every fifth; the rate leaves out the first fifth)")
     p.add_argument("--preset", default="large", help="UNet preset of train.train_denoiser")
     p.add_argument("--batch-size", type=common.positive_int, default=256)
-    p.add_argument("--lr", type=common.positive_float, default=6e-4)
+    p.add_argument("--lr", type=common.positive_float, default=5e-4, help="peak; the recipe's own default")
     p.add_argument("--warmup-fraction", type=float, default=0.05, help="share of the main run's steps warming up")
     p.add_argument("--num-images", type=common.positive_int, default=100_000)
     p.add_argument("--caption-variants", type=common.positive_int, default=4)
