@@ -16,7 +16,7 @@ default-model section of the README); only the denoiser is trained:
 
 On a GPU, from the repository root (train/README.md, "On a lent GPU", has the whole device command)::
 
-    python -m train.gpu_session --output-dir $OUT --seconds 420
+    python -m train.gpu_session --output-dir $OUT --work-dir /tmp/gs --seconds 480
 
 The defaults train the ``large`` preset (8.75 M parameters) with a third of the captions colourless from the first
 step, the two levers the README names for the held-out gap. On a CPU the same command runs at any size (tests use
