@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     for train_seed, variant in [(seed, variant) for seed in args.train_seed for variant in args.variants]:
         method, _, prior = variant.partition(":")
         seeded = "" if train_seed is None else f", training seed {train_seed}"
+        name = f"{method}, prior weight {prior}{suffix}{seeded}"
         out = work / (f"{method}-prior{prior}" + ("" if train_seed is None else f"-seed{train_seed}"))
         started = time.perf_counter()
         result = run(["--model", str(base), "--instance-data", str(subject), "--instance-prompt", "a sks shape",
@@ -275,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         size = saved.stat().st_size if saved.is_file() else folder_size(saved / "unet")
         row = {**placement(pipe, args.seeds), **base_accuracy(pipe, args.drift_seeds, args.drift_guidance),
                "train seconds": seconds, "saved MB": size / 1e6}
-        rows[f"{method}, prior weight {prior}{suffix}{seeded}"] = row | paired_drift(row, rows["base model"])
-        print(variant, seeded, json.dumps(without_hits(rows[f"{method}, prior weight {prior}{suffix}{seeded}"])))
+        rows[name] = row | paired_drift(row, rows["base model"])
+        print(variant, seeded, json.dumps(without_hits(rows[name])))
     print(json.dumps({name: without_hits(row) for name, row in rows.items()}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -106,6 +106,13 @@ def save_sharded_unet(unet_dir: Path, target: Path, max_shard_mb: float) -> list
     return sorted(path.name for path in target.iterdir())
 
 
+def fresh(folder: Path) -> Path:
+    """``folder``, with whatever an earlier session left there removed."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    return folder
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Probe, train, assemble, evaluate; returns the report also written to ``<output-dir>/report.json``."""
     from pipelines.text_to_image import DEFAULT_MODEL
@@ -125,9 +132,7 @@ def run(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "latents.safetensors"
 
-    probe_dir = work / "probe"
-    if probe_dir.exists():
-        shutil.rmtree(probe_dir)
+    probe_dir = fresh(work / "probe")
     train_denoiser.run(denoiser_args(args, components, probe_dir, cache, args.probe_steps, 0,
                                      log_every=max(1, args.probe_steps // 5)))
     rate = steady_rate(probe_dir / "log.jsonl")
@@ -136,15 +141,11 @@ def run(argv: list[str] | None = None) -> dict:
     print(f"gpu_session: probe {args.probe_steps} steps at {rate:.2f} steps/s after {probe_seconds:.0f} s; "
           f"main run {steps} steps", flush=True)
 
-    if (work / "main").exists():
-        shutil.rmtree(work / "main")
     main_started = time.perf_counter()
-    trained = train_denoiser.run(denoiser_args(args, components, work / "main", cache, steps,
+    trained = train_denoiser.run(denoiser_args(args, components, fresh(work / "main"), cache, steps,
                                                int(args.warmup_fraction * steps)))
     train_seconds = time.perf_counter() - main_started
-    model = work / "model"
-    if model.exists():
-        shutil.rmtree(model)
+    model = fresh(work / "model")
     sizes = assemble(components / "vae", components / "text_encoder", trained["final_dir"] / "unet", model,
                      tokenizer_dir=components / "tokenizer")
     report = {"probe": {"steps": args.probe_steps, "steps_per_second": rate, "seconds": probe_seconds},

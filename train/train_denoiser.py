@@ -226,43 +226,36 @@ class CaptionedRenders(torch.utils.data.Dataset):
     """Render ``i`` of the shapes world and the token ids ``(V, 77)`` of its ``--caption-variants`` cached captions:
     variant 0 is the dataset's own caption, the others freshly worded, each colourless with probability
     ``--drop-color-prob``. Every draw depends only on ``(data seed, i, variant)``, so worker processes give the
-    items this process would; each remembers the ids of the captions it has tokenized (they repeat)."""
+    items this process would."""
 
     def __init__(self, args: argparse.Namespace, tokenizer):
         from train.shapes import ShapesDataset
 
         self.dataset = ShapesDataset(args.num_images, args.data_seed, args.image_size, args.split)
-        self.variants, self.drop_color_prob, self.data_seed = args.caption_variants, args.drop_color_prob, args.data_seed
-        self.tokenizer, self.known = tokenizer, {}
+        self.args, self.tokenizer = args, tokenizer
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def token_ids(self, text: str) -> list[int]:
-        from ldm.text import token_windows
-
-        if text not in self.known:
-            windows = token_windows(self.tokenizer, text)
-            if len(windows) != 1:
-                raise ValueError(f"a caption is longer than one 77-token window: {text!r}")
-            self.known[text] = windows[0]
-        return self.known[text]
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         import numpy as np
 
+        from ldm.text import token_windows
         from train.shapes import caption
 
-        item = self.dataset[index]
-        captions = []
-        for v in range(self.variants):
-            rng = np.random.default_rng([self.data_seed, common.STREAM_DATA, index, v])
-            if self.drop_color_prob > 0 and rng.random() < self.drop_color_prob:
-                captions.append(caption(item["scene"], rng, omit=("color",)))
+        args, item = self.args, self.dataset[index]
+        ids = []
+        for v in range(args.caption_variants):
+            rng = np.random.default_rng([args.data_seed, common.STREAM_DATA, index, v])
+            if args.drop_color_prob > 0 and rng.random() < args.drop_color_prob:
+                text = caption(item["scene"], rng, omit=("color",))
             else:
-                captions.append(item["caption"] if v == 0 else caption(item["scene"], rng))
-        ids = torch.tensor([self.token_ids(text) for text in captions], dtype=torch.int32)  # (V, 77)
-        return item["image"], ids  # (3, H, W) in [-1, 1]
+                text = item["caption"] if v == 0 else caption(item["scene"], rng)
+            windows = token_windows(self.tokenizer, text)
+            if len(windows) != 1:
+                raise ValueError(f"a caption is longer than one 77-token window: {text!r}")
+            ids.append(windows[0])
+        return item["image"], torch.tensor(ids, dtype=torch.int32)  # (3, H, W) in [-1, 1], (V, 77)
 
 
 @torch.no_grad()
@@ -348,7 +341,7 @@ class CachedTextStates:
     def __init__(self, text_encoder, caption_ids: torch.Tensor, autocast):
         from tqdm.auto import tqdm
 
-        unique, self.row_of = torch.unique(caption_ids, dim=0, return_inverse=True)  # (U, 77), (R,)
+        unique, row_of = torch.unique(caption_ids, dim=0, return_inverse=True)  # (U, 77), (R,)
         device = next(text_encoder.parameters()).device
         batch = 256 if device.type == "cpu" else 4096
         chunks = []
@@ -358,7 +351,7 @@ class CachedTextStates:
                 with autocast():
                     chunks.append(text_encoder(chunk.to(device))[0].float())
         self.table = torch.cat(chunks)  # (U, 77, D)
-        self.row_of = self.row_of.to(device)
+        self.row_of = row_of.to(device)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         return self.table[self.row_of[rows.to(self.row_of.device)]]  # (B, 77, D)

@@ -322,7 +322,7 @@ def run(argv: list[str] | None = None) -> dict:
     cache_file = Path(args.latent_cache or out / "latents.safetensors")
     cache = load_or_build_cache(args, vae, tokenizer, accelerator, cache_file)
     batches = LatentBatches(args, cache, vae.config, token_windows(tokenizer, "")[0], accelerator.process_index,
-                            accelerator.device)
+                            device)
     tower.to(device)
     vae.to(device)
 
