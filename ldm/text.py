@@ -104,11 +104,17 @@ def tokenize_batch(tokenizer, prompts: list[str], min_windows: int = 1) -> torch
 
 
 @torch.no_grad()
-def encode_tokens(text_encoder, token_ids: torch.Tensor, hidden_layer: int | None = None) -> torch.Tensor:
+def encode_tokens(text_encoder, token_ids: torch.Tensor, hidden_layer: int | None = None,
+                  final_norm: bool = False) -> torch.Tensor:
     """Encode ``(B, W, L)`` token windows with a CLIP text model and concatenate the windows' hidden states:
     ``(B, W * L, D)``. ``hidden_layer=None`` takes the final (layer-normed) states, as SD 1.x/2.x; ``-2`` the
-    penultimate layer's, as SDXL."""
-    return _encode(text_encoder, token_ids, hidden_layer)[0]
+    penultimate layer's, as SDXL; ``final_norm`` passes an earlier layer's states through the final layer norm,
+    as SD 1.x/2.x do with clip skip."""
+    hidden = _encode(text_encoder, token_ids, hidden_layer)[0]
+    if not final_norm or hidden_layer is None:
+        return hidden
+    text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 has no text_model level
+    return text_model.final_layer_norm(hidden)
 
 
 @torch.no_grad()

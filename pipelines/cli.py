@@ -68,14 +68,14 @@ def output_paths(output: Path, count: int) -> list[Path]:
 SETTING_ARGUMENTS = {"negative_prompt": "negative_prompt", "steps": "num_inference_steps",
                      "cfg_scale": "guidance_scale", "sampler": "sampler", "height": "height", "width": "width",
                      "seed": "seed", "eta": "eta", "guidance_rescale": "guidance_rescale",
-                     "timestep_spacing": "timestep_spacing"}
+                     "timestep_spacing": "timestep_spacing", "clip_skip": "clip_skip"}
 
 
 def sampling_settings(args) -> dict:
     """The sampling options the user typed (PNG-metadata names); unset ones are left out."""
     typed = {"negative_prompt": args.negative, "steps": args.steps, "cfg_scale": args.cfg,
              "sampler": args.sampler, "seed": args.seed, "timestep_spacing": args.spacing, "eta": args.eta,
-             "guidance_rescale": args.rescale}
+             "guidance_rescale": args.rescale, "clip_skip": args.clip_skip}
     return {k: v for k, v in typed.items() if v is not None}
 
 
@@ -200,7 +200,7 @@ def cmd_invert(args) -> int:
     recon_paths = output_paths(Path(args.reconstruction), 1) if args.reconstruction else []
     pipe = load_pipeline(args)
     inversion = pipe.invert(args.image, args.prompt, args.steps, args.cfg, null_text=args.null_text,
-                            fixed_point_iterations=args.fixed_point)
+                            fixed_point_iterations=args.fixed_point, clip_skip=args.clip_skip)
     reconstruction = pipe.reconstruct(inversion) if recon_paths else None  # all work done before any write
     save_inversion(inversion, output)
     print(output)
@@ -241,7 +241,8 @@ def cmd_edit(args) -> int:
             inversion = load_inversion(args.inversion)
         else:
             inversion = pipe.invert(args.image, args.source, settings.get("num_inference_steps", 50),
-                                    settings.get("guidance_scale", 7.5), null_text=args.null_text)
+                                    settings.get("guidance_scale", 7.5), null_text=args.null_text,
+                                    clip_skip=settings.get("clip_skip"))
         result = pipe.edit(inversion, args.target, **options)
     else:
         result = pipe.prompt_to_prompt([args.source, args.target], **settings, **options)
@@ -320,6 +321,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     parser.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
     parser.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k (default: random)")
+    add_clip_skip_option(parser)
+
+
+def add_clip_skip_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clip-skip", type=int, help="CLIP layers to skip from the end, as diffusers' clip_skip "
+                                                      "(1 = A1111's 'Clip skip: 2'; default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--cfg", type=float, default=1.0)
     invert.add_argument("--null-text", action="store_true", help="null-text inversion (for --cfg > 1)")
     invert.add_argument("--fixed-point", type=int, default=0, help="fixed-point refinements per step")
+    add_clip_skip_option(invert)
     add_model_options(invert)
     invert.set_defaults(run=cmd_invert)
 

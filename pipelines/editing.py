@@ -36,6 +36,7 @@ class Inversion:
     model: str
     image_latents: torch.Tensor
     null_embeddings: list[torch.Tensor] | None = None
+    clip_skip: int | None = None
 
 
 class EditingMixin:
@@ -151,17 +152,20 @@ class EditingMixin:
     @torch.no_grad()
     def invert(self, image, prompt: str, num_inference_steps: int = 50, guidance_scale: float = 1.0,
                null_text: bool = False, negative_prompt: str | None = None, timestep_spacing: str | None = None,
-               fixed_point_iterations: int = 0, null_text_steps: int = 10, progress: bool = True) -> Inversion:
+               fixed_point_iterations: int = 0, null_text_steps: int = 10, progress: bool = True,
+               clip_skip: int | None = None) -> Inversion:
         """DDIM inversion (Song et al. 2021; Mokady et al. 2022, sec. 3): walk the DDIM sigma list upwards from the
         image's latents. Sampling back with :meth:`reconstruct` reproduces the image (exactly, up to the
         network, with ``fixed_point_iterations`` > 0; see ``ldm.inversion``). Plain inversion at a guidance scale
         above 1 drifts; ``null_text=True`` inverts at guidance 1 and then optimises one unconditional embedding
-        per step (``null_text_steps`` Adam steps at most) so that guided sampling retraces that trajectory."""
+        per step (``null_text_steps`` Adam steps at most) so that guided sampling retraces that trajectory.
+        ``clip_skip`` (see ``clip_layer``) is kept in the inversion, so sampling back conditions the same way."""
         pixels = image_tensor(image, self.vae_scale_factor)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, "ddim",
-                               pixels.shape[2], pixels.shape[3], seed=0, timestep_spacing=timestep_spacing)
+                               pixels.shape[2], pixels.shape[3], seed=0, timestep_spacing=timestep_spacing,
+                               clip_skip=clip_skip)
         if null_text and request.guidance_scale <= 1:
             raise ValueError("null_text inversion is for guidance_scale > 1 (at 1 plain inversion is already exact)")
         fixed_point_iterations = check_non_negative_int("fixed_point_iterations", fixed_point_iterations)
@@ -169,7 +173,8 @@ class EditingMixin:
         x0 = self.encode(pixels)
         sigmas = self.sigmas(request.steps, "ddim", request.spacing)
         denoiser = self.denoiser("ddim", request.spacing)
-        cond, uncond = self.encode_prompt(request.prompts, request.negatives, tuple(pixels.shape[2:]))
+        cond, uncond = self.encode_prompt(request.prompts, request.negatives, tuple(pixels.shape[2:]),
+                                          request.clip_skip)
         pivot_scale = 1.0 if null_text else request.guidance_scale
         model = CFGDenoiser(denoiser, cond, uncond, pivot_scale)
         sigmas = sigmas.to(self.device)
@@ -185,7 +190,8 @@ class EditingMixin:
                     denoiser, trajectory, sigmas, cond, uncond, request.guidance_scale, null_text_steps,
                     callback=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.2e}")))
         return Inversion(trajectory, sigmas, request.prompts[0], request.negatives[0], request.guidance_scale,
-                         request.steps, request.spacing, tuple(x0.shape), self.name, x0, embeddings)
+                         request.steps, request.spacing, tuple(x0.shape), self.name, x0, embeddings,
+                         request.clip_skip)
 
     def check_inversion(self, inversion: Inversion) -> None:
         """An inversion only makes sense with the model and latent size it was made with."""
@@ -204,7 +210,8 @@ class EditingMixin:
                                inversion.guidance_scale if guidance_scale is None else guidance_scale, "ddim",
                                inversion.latent_shape[2] * self.vae_scale_factor,
                                inversion.latent_shape[3] * self.vae_scale_factor, seed=0,
-                               timestep_spacing=inversion.timestep_spacing, output_type=output_type)
+                               timestep_spacing=inversion.timestep_spacing, output_type=output_type,
+                               clip_skip=inversion.clip_skip)
         denoiser = self.denoiser("ddim", request.spacing)
         x = self.denoise(request, denoiser, inversion.trajectory[-1], inversion.sigmas, callback, progress,
                          inversion.null_embeddings if guidance_scale in (None, inversion.guidance_scale) else None)
@@ -227,7 +234,7 @@ def save_inversion(inversion: Inversion, path) -> None:
     settings = {"prompt": inversion.prompt, "negative_prompt": inversion.negative_prompt,
                 "guidance_scale": inversion.guidance_scale, "num_inference_steps": inversion.num_inference_steps,
                 "timestep_spacing": inversion.timestep_spacing, "latent_shape": list(inversion.latent_shape),
-                "model": inversion.model}
+                "model": inversion.model, "clip_skip": inversion.clip_skip}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".part")
@@ -260,6 +267,6 @@ def load_inversion(path) -> Inversion:
         return Inversion(list(tensors["trajectory"]), tensors["sigmas"], settings["prompt"],
                          settings["negative_prompt"], settings["guidance_scale"], settings["num_inference_steps"],
                          settings["timestep_spacing"], tuple(settings["latent_shape"]), settings["model"],
-                         tensors["image_latents"], None if null is None else list(null))
+                         tensors["image_latents"], None if null is None else list(null), settings.get("clip_skip"))
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"inversion {path} is incomplete or damaged (missing or bad {err})") from None

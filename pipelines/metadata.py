@@ -33,7 +33,10 @@ FIELDS = (
     ("control_scale", "Control scale", float),
     ("refiner", "Refiner", str),  # A1111's labels for its SDXL refiner stage
     ("refiner_switch", "Refiner switch at", float),
+    ("clip_skip", "Clip skip", int),
 )
+A1111_OFFSETS = {"clip_skip": 1}
+"""A1111 counts differently: its "Clip skip: 2" (the penultimate CLIP layer) is diffusers' and our ``clip_skip=1``."""
 
 
 def format_parameters(params: dict) -> str:
@@ -42,7 +45,8 @@ def format_parameters(params: dict) -> str:
     lines = [params["prompt"]]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
-    pairs = [f"{label}: {params[key]}" for key, label, _ in FIELDS if params.get(key) is not None]
+    pairs = [f"{label}: {params[key] + A1111_OFFSETS[key] if key in A1111_OFFSETS else params[key]}"
+             for key, label, _ in FIELDS if params.get(key) is not None]
     lines.append(", ".join(pairs))
     return "\n".join(lines)
 
@@ -63,7 +67,7 @@ def parse_parameters(text: str) -> dict:
         label, _, value = pair.partition(": ")
         if label in by_label:
             key, parse = by_label[label]
-            params[key] = parse(value)
+            params[key] = parse(value) - A1111_OFFSETS[key] if key in A1111_OFFSETS else parse(value)
     if "size" in params:
         width, _, height = params.pop("size").partition("x")
         params["width"], params["height"] = int(width), int(height)

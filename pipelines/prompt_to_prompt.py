@@ -84,7 +84,8 @@ class PromptToPromptMixin:
                                inversion.guidance_scale if guidance_scale is None else guidance_scale, "ddim",
                                inversion.latent_shape[2] * self.vae_scale_factor,
                                inversion.latent_shape[3] * self.vae_scale_factor, seed=0,
-                               timestep_spacing=inversion.timestep_spacing, output_type=output_type)
+                               timestep_spacing=inversion.timestep_spacing, output_type=output_type,
+                               clip_skip=inversion.clip_skip)
         controller = self.p2p_controller(request, inversion.prompt, target_prompt, edit=edit,
                                          cross_replace_steps=cross_replace_steps,
                                          self_replace_steps=self_replace_steps, equalizer=equalizer,

@@ -22,7 +22,7 @@ from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import T5_TOKENS, encode_tokens, encode_tokens_and_pooled, sd3_context, tokenize_batch
-from pipelines.checks import check_finite, check_positive_int, check_prompts
+from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_prompts
 from pipelines.compiled import COMPILE_BACKENDS, CompiledNetwork
 from pipelines.controlnet import ControlNetMixin, control_residuals
 from pipelines.editing import EditingMixin
@@ -158,8 +158,25 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         return compiled
 
     # -- conditioning -------------------------------------------------------------------------------------------
-    def encode_prompt(self, prompts: list[str], negative: list[str], size: tuple[int, int] | None = None):
-        """Embeddings ``(B, W * 77, D)`` of prompts and negative prompts, padded to the same window count W. For
+    def clip_layer(self, clip_skip: int | None) -> int | None:
+        """The CLIP hidden-state index the conditioning reads with ``clip_skip`` (diffusers' meaning: layers skipped
+        from the end; A1111's "Clip skip" is one more): SD 1.x/2.x read the final layer (``None``), or
+        ``-(clip_skip + 1)`` passed through the final layer norm; SDXL and SD3 read the penultimate layer, ``-2``,
+        or ``-(clip_skip + 2)``. Raises ValueError where the shallowest tower has no such layer."""
+        clip_skip = 0 if clip_skip is None else check_non_negative_int("clip_skip", clip_skip)
+        default = -2 if (self.is_sdxl or self.is_mmdit) else -1
+        layers = min(t.config.num_hidden_layers for t in (self.text_encoder, self.text_encoder_2) if t is not None)
+        if clip_skip > layers + 1 + default:
+            raise ValueError(f"clip_skip must be between 0 and {layers + 1 + default} for this model's "
+                             f"{layers}-layer text encoder, got {clip_skip}")
+        if default == -1 and clip_skip == 0:
+            return None
+        return default - clip_skip
+
+    def encode_prompt(self, prompts: list[str], negative: list[str], size: tuple[int, int] | None = None,
+                      clip_skip: int | None = None):
+        """Embeddings ``(B, W * 77, D)`` of prompts and negative prompts, padded to the same window count W, from
+        the CLIP layer :meth:`clip_layer` picks for ``clip_skip``. For
         SDXL, dicts: ``hidden`` (both towers' penultimate states side by side, ``(B, W * 77, 768 + 1280)``; the
         refiner has the second tower only), ``text_embeds`` (the second tower's pooled projection, ``(B, 1280)``)
         and ``time_ids`` ``(B, 6)`` = (original size, crop top-left, target size), here ``(H, W, 0, 0, H, W)`` for
@@ -167,14 +184,15 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         prompts, 2.5 for negative prompts: diffusers' defaults). An empty negative prompt is all zeros when the
         model says so (``force_zeros_for_empty_prompt``), as diffusers."""
         ids = tokenize_batch(self.tokenizer, prompts + negative)  # (2B, W, L)
+        layer = self.clip_layer(clip_skip)
         if self.is_mmdit:
-            return self.encode_prompt_mmdit(prompts, negative, ids)
+            return self.encode_prompt_mmdit(prompts, negative, ids, layer)
         if not self.is_sdxl:
-            hidden = encode_tokens(self.text_encoder, ids).float()
+            hidden = encode_tokens(self.text_encoder, ids, layer, final_norm=True).float()
             return hidden[:len(prompts)], hidden[len(prompts):]
         ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])  # (2B, W, L)
-        hidden_2, pooled = encode_tokens_and_pooled(self.text_encoder_2, ids_2, -2)
-        towers = ([encode_tokens(self.text_encoder, ids, -2)] if self.text_encoder is not None else []) + [hidden_2]
+        hidden_2, pooled = encode_tokens_and_pooled(self.text_encoder_2, ids_2, layer)
+        towers = ([encode_tokens(self.text_encoder, ids, layer)] if self.text_encoder is not None else []) + [hidden_2]
         hidden = torch.cat(towers, dim=-1).float()
         pooled = pooled.float()  # (2B, P)
         if self.force_zeros_for_empty_prompt:
@@ -189,12 +207,13 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         both = {"hidden": hidden, "text_embeds": pooled, "time_ids": time_ids}
         return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})
 
-    def encode_prompt_mmdit(self, prompts: list[str], negative: list[str], ids: torch.Tensor):
-        """SD3's conditioning: ``hidden``, both CLIP towers' penultimate states and T5's (``ldm.text.sd3_context``);
-        ``pooled``, both towers' pooled projections side by side."""
+    def encode_prompt_mmdit(self, prompts: list[str], negative: list[str], ids: torch.Tensor, layer: int = -2):
+        """SD3's conditioning: ``hidden``, both CLIP towers' states at ``layer`` (the penultimate unless clip skip
+        says otherwise) and T5's (``ldm.text.sd3_context``); ``pooled``, both towers' pooled projections side by
+        side."""
         ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])
-        hidden_1, pooled_1 = encode_tokens_and_pooled(self.text_encoder, ids, -2)
-        hidden_2, pooled_2 = encode_tokens_and_pooled(self.text_encoder_2, ids_2, -2)
+        hidden_1, pooled_1 = encode_tokens_and_pooled(self.text_encoder, ids, layer)
+        hidden_2, pooled_2 = encode_tokens_and_pooled(self.text_encoder_2, ids_2, layer)
         t5 = None
         if self.text_encoder_3 is not None:
             tokens = self.tokenizer_3(prompts + negative, padding="max_length", max_length=T5_TOKENS, truncation=True,
@@ -298,8 +317,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                 sampler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
                 num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
                 guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
-                output_type: str = "pil", control_image=None, controlnet_conditioning_scale: float = 1.0
-                ) -> "Request":
+                output_type: str = "pil", control_image=None, controlnet_conditioning_scale: float = 1.0,
+                clip_skip: int | None = None) -> "Request":
         """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
         negative prompts and seeds to the batch (prompt-major, as diffusers orders it). Compiled networks look
         for replaced weights here, once per request."""
@@ -322,6 +341,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             raise ValueError(f"eta is the ddim sampler's stochasticity; sampler {sampler!r} has none (use eta=0, or a "
                              "stochastic sampler: ddpm, euler_a, dpmpp_2m_sde)")
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        self.clip_layer(clip_skip)
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         self.sigmas(num_inference_steps, sampler, spacing)  # raises on a step count the schedule cannot space
@@ -339,7 +359,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             compiled.refresh()
         return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
-                       control, float(control_scale))
+                       control, float(control_scale), clip_skip or None)
 
     def latent_shape(self, request: "Request") -> tuple[int, int, int, int]:
         factor = self.vae_scale_factor
@@ -369,7 +389,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         (null-text inversion's embeddings, ``(1, L, D)`` each) replaces the unconditional embedding step by step.
         ``first_step`` is the index of ``sigmas[0]`` in the whole sampling run when ``sigmas`` is a piece of it
         (the callback and the attention hook see whole-run step indices)."""
-        cond, uncond = self.encode_prompt(request.prompts, request.negatives, (request.height, request.width))
+        cond, uncond = self.encode_prompt(request.prompts, request.negatives, (request.height, request.width),
+                                          request.clip_skip)
         model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale)
 
         def set_uncond(step):
@@ -406,7 +427,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         parameters = [dict(prompt=p, negative_prompt=n, steps=request.steps, sampler=request.sampler,
                            cfg_scale=request.guidance_scale, seed=s, width=request.width, height=request.height,
                            model=self.name, timestep_spacing=request.spacing, eta=request.eta,
-                           guidance_rescale=request.guidance_rescale,
+                           guidance_rescale=request.guidance_rescale, clip_skip=request.clip_skip,
                            **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
                               if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
@@ -426,14 +447,16 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                  guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
                  output_type: str = "pil", callback: Callable | None = None, progress: bool = True,
                  control_image=None, controlnet_conditioning_scale: float = 1.0,
-                 refiner: "TextToImagePipeline | None" = None, refiner_switch: float = 0.8) -> GenerationOutput:
+                 refiner: "TextToImagePipeline | None" = None, refiner_switch: float = 0.8,
+                 clip_skip: int | None = None) -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
-        or one per prompt) needs a loaded ControlNet. ``refiner``: a second pipeline (SDXL's refiner) that takes
-        over at ``refiner_switch`` of the schedule (see :meth:`refiner_split`). See README for every argument."""
+        or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`. ``refiner``: a second
+        pipeline (SDXL's refiner) that takes over at ``refiner_switch`` of the schedule (see :meth:`refiner_split`).
+        See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
-                               output_type, control_image, controlnet_conditioning_scale)
+                               output_type, control_image, controlnet_conditioning_scale, clip_skip)
         noise = self.initial_noise(request, latents)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
         denoiser = self.denoiser(request.sampler, request.spacing, request=request)
@@ -491,6 +514,7 @@ class Request:
     output_type: str
     control: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
     control_scale: float = 1.0
+    clip_skip: int | None = None  # None = the family's default layer (0 is the same)
 
     @property
     def batch(self) -> int:

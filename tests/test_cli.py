@@ -10,8 +10,10 @@ from pipelines.metadata import format_parameters, parse_parameters
 def test_parameters_text_round_trips():
     params = dict(prompt="a red circle,\nat the top left", negative_prompt="blurry, dark", steps=20,
                   sampler="euler_a", cfg_scale=5.5, seed=42, width=128, height=96, model="weights/x",
-                  timestep_spacing="karras", eta=0.0, guidance_rescale=0.7)
-    assert parse_parameters(format_parameters(params)) == params
+                  timestep_spacing="karras", eta=0.0, guidance_rescale=0.7, clip_skip=1)
+    text = format_parameters(params)
+    assert "Clip skip: 2" in text  # A1111 counts the last layer as 1
+    assert parse_parameters(text) == params
 
 
 def test_parses_a1111_text():
@@ -26,9 +28,10 @@ def test_generate_writes_parameters_and_from_regenerates_the_same_image(tiny_mod
     folder = tiny_model_factory()
     first = tmp_path / "a.png"
     assert main(["generate", "a blue square", "-o", str(first), "--model", str(folder), "--seed", "7",
-                 "--steps", "4", "--sampler", "euler_a", "--cfg", "5", "--negative", "red"]) == 0
+                 "--steps", "4", "--sampler", "euler_a", "--cfg", "5", "--negative", "red", "--clip-skip", "1"]) == 0
     params = parse_parameters(Image.open(first).info["parameters"])
     assert params["prompt"] == "a blue square" and params["seed"] == 7 and params["sampler"] == "euler_a"
+    assert params["clip_skip"] == 1 and "Clip skip: 2" in Image.open(first).info["parameters"]
     assert params["negative_prompt"] == "red" and params["cfg_scale"] == 5.0
     again = tmp_path / "b.png"
     assert main(["generate", "--from", str(first), "-o", str(again)]) == 0
@@ -53,6 +56,8 @@ def test_several_images_get_numbered_files_and_consecutive_seeds(tiny_model_fact
     (["--size", "15"], "height must be a multiple of 2"),
     (["--size", "big"], "--size must be N or WxH"),
     (["--dtype", "int8"], "unknown --dtype"),
+    (["--clip-skip", "-1"], "clip_skip must be an integer >= 0"),
+    (["--clip-skip", "3"], "clip_skip must be between 0 and 2"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_model_factory, tmp_path, capsys, args, message):
     out = tmp_path / "never.png"

@@ -236,11 +236,12 @@ def test_inversion_files_round_trip_and_damaged_ones_are_refused(pipe, tmp_path)
 
     from pipelines.editing import load_inversion, save_inversion
 
-    inversion = pipe.invert(picture(), "x", num_inference_steps=4, progress=False)
+    inversion = pipe.invert(picture(), "x", num_inference_steps=4, progress=False, clip_skip=1)
     path = tmp_path / "new" / "folder" / "inv.safetensors"  # parent folders are created
     save_inversion(inversion, path)
     back = load_inversion(path)
     assert back.prompt == "x" and torch.equal(torch.stack(back.trajectory), torch.stack(inversion.trajectory))
+    assert back.clip_skip == 1 and pipe.reconstruct(back).parameters[0]["clip_skip"] == 1
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata()
     tensors = load_file(str(path))

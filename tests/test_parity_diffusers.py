@@ -1,4 +1,6 @@
 """Our pipeline equals diffusers' StableDiffusionPipeline on the same tiny weights and initial noise."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,24 @@ def test_guidance_scale_one_is_the_conditional_model(tiny_model_factory):
     theirs = diffusers_pipeline(folder, DDIMScheduler, {})(
         PROMPT, latents=kwargs["latents"], num_inference_steps=10, guidance_scale=1.0, output_type="latent").images
     torch.testing.assert_close(a, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_matches_diffusers(tiny_model_factory, clip_skip):
+    """``clip_skip`` = diffusers' (an earlier CLIP layer through the final layer norm); it changes the image. As
+    A1111 and ComfyUI, and unlike diffusers, it applies to the negative prompt too: diffusers' encoding of the
+    negative prompt with the same clip skip is passed to it as ``negative_prompt_embeds``."""
+    folder = tiny_model_factory()
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    settings = dict(latents=noise(), num_inference_steps=6, guidance_scale=6.0, output_type="latent")
+    ours = pipe(PROMPT, negative_prompt="blue", sampler="euler", clip_skip=clip_skip, progress=False,
+                **settings).images
+    default = pipe(PROMPT, negative_prompt="blue", sampler="euler", progress=False, **settings).images
+    theirs_pipe = diffusers_pipeline(folder, EulerDiscreteScheduler, {})
+    encoder = theirs_pipe.text_encoder
+    if not hasattr(encoder, "text_model"):  # transformers 5 dropped the level diffusers' clip_skip reads
+        object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
+    negative = theirs_pipe.encode_prompt("blue", "cpu", 1, False, clip_skip=clip_skip)[0]
+    theirs = theirs_pipe(PROMPT, negative_prompt_embeds=negative, clip_skip=clip_skip, **settings).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+    assert (ours - default).abs().max() > 1e-3

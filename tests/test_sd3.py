@@ -30,6 +30,23 @@ def test_matches_diffusers_sd3_pipeline(folder, negative):
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
 
 
+def test_clip_skip_matches_diffusers_sd3_pipeline(folder):
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    settings = dict(latents=latents, num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    ours = pipe(PROMPT, sampler="flow_euler", clip_skip=1, progress=False, **settings).images
+    default = pipe(PROMPT, sampler="flow_euler", progress=False, **settings).images
+    theirs_pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None,
+                                                           tokenizer_3=None, image_encoder=None, feature_extractor=None)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    negative, _, negative_pooled, _ = theirs_pipe.encode_prompt("", None, None, device="cpu",
+                                                                do_classifier_free_guidance=False, clip_skip=1)
+    theirs = theirs_pipe(PROMPT, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled,
+                         clip_skip=1, **settings).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+    assert (ours - default).abs().max() > 1e-3
+
+
 def test_heun_on_a_flow_model_matches_diffusers_flow_match_heun(folder):
     """On flow models ``heun`` is Heun in flow time, as diffusers' FlowMatchHeunDiscreteScheduler."""
     from diffusers import FlowMatchHeunDiscreteScheduler

@@ -34,6 +34,26 @@ def test_matches_diffusers_sdxl_pipeline(folder, sampler, scheduler_cls, negativ
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
 
 
+def test_clip_skip_matches_diffusers_sdxl_pipeline(folder):
+    """SDXL reads the penultimate layer by default; ``clip_skip=1`` one earlier, in both towers, as diffusers
+    does for the prompt (and A1111 and ComfyUI for the negative prompt too)."""
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    settings = dict(latents=latents(1), num_inference_steps=4, guidance_scale=6.0, output_type="latent")
+    ours = pipe(PROMPT, negative_prompt="dark", sampler="euler", clip_skip=1, progress=False, **settings).images
+    default = pipe(PROMPT, negative_prompt="dark", sampler="euler", progress=False, **settings).images
+    theirs_pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    theirs_pipe.scheduler = EulerDiscreteScheduler.from_config(theirs_pipe.scheduler.config)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    negative, _, negative_pooled, _ = theirs_pipe.encode_prompt("dark", device="cpu", do_classifier_free_guidance=False,
+                                                                clip_skip=1)
+    theirs = theirs_pipe(PROMPT, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled,
+                         clip_skip=1, **settings).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+    assert (ours - default).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="clip_skip must be between 0 and 2 for this model's 3-layer text encoder"):
+        pipe(PROMPT, clip_skip=3, progress=False, **settings)
+
+
 def test_editing_runs_on_sdxl(folder):
     import numpy as np
 
