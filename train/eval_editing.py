@@ -230,14 +230,16 @@ def p2p_real_table(pipe, count: int = 10, steps: int = 50, guidance: float = 7.5
     return table
 
 
-def inpaint_mask(object_mask: np.ndarray, kind: str) -> np.ndarray:
-    """What a user would paint over an object to replace it: ``"object"`` = its silhouette dilated 4 px (a new shape
-    must then fit inside the old one's outline), ``"box"`` = its bounding box grown 8 px on each side."""
+def inpaint_mask(object_mask: np.ndarray, kind: str, margin: int | None = None) -> np.ndarray:
+    """What a user would paint over an object to replace it: ``"object"`` = its silhouette dilated ``margin``
+    (default 4) px (a new shape must then fit inside the old one's outline), ``"box"`` = its bounding box grown
+    ``margin`` (default 8) px on each side."""
     if kind == "object":
-        return ndimage.binary_dilation(object_mask, iterations=4)
+        return ndimage.binary_dilation(object_mask, iterations=4 if margin is None else margin)
+    margin = 8 if margin is None else margin
     rows, cols = np.nonzero(object_mask)
     box = np.zeros_like(object_mask)
-    box[max(rows.min() - 8, 0):rows.max() + 9, max(cols.min() - 8, 0):cols.max() + 9] = True
+    box[max(rows.min() - margin, 0):rows.max() + margin + 1, max(cols.min() - margin, 0):cols.max() + margin + 1] = True
     return box
 
 
