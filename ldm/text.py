@@ -16,6 +16,7 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -101,6 +102,106 @@ def tokenize_batch(tokenizer, prompts: list[str], min_windows: int = 1) -> torch
     count = max(min_windows, *(len(w) for w in windows))
     empty = token_windows(tokenizer, "")[0]
     return torch.tensor([w + [empty] * (count - len(w)) for w in windows])  # (B, W, L)
+
+
+EMPHASIS_SYNTAXES = ("none", "a1111")
+"""How a prompt's brackets are read: ``none``, literally (diffusers); ``a1111``, as emphasis (the A1111 web UI)."""
+BREAK = -1.0  # the weight that marks an A1111 ``BREAK`` (start a new window)
+_EMPHASIS_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """The A1111 web UI's emphasis syntax: ``(words)`` multiplies their weight by 1.1, ``[words]`` divides it by
+    1.1, ``(words:1.5)`` multiplies it by 1.5; brackets nest (their factors multiply), an unclosed bracket applies
+    to the rest of the prompt, ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are literal characters and the word
+    ``BREAK`` ends a 75-token window (a piece ``("BREAK", BREAK)``). Returns ``(text, weight)`` pieces with
+    neighbours of equal weight merged."""
+    pieces: list[list] = []
+    open_round: list[int] = []
+    open_square: list[int] = []
+
+    def multiply_from(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            if piece[1] != BREAK:  # (A1111 multiplies a BREAK's marker too, and then no longer sees the BREAK)
+                piece[1] *= factor
+
+    for match in _EMPHASIS_TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            pieces.append([token[1:], 1.0])
+        elif token == "(":
+            open_round.append(len(pieces))
+        elif token == "[":
+            open_square.append(len(pieces))
+        elif weight is not None and open_round:
+            multiply_from(open_round.pop(), float(weight))
+        elif token == ")" and open_round:
+            multiply_from(open_round.pop(), 1.1)
+        elif token == "]" and open_square:
+            multiply_from(open_square.pop(), 1 / 1.1)
+        else:
+            for k, part in enumerate(_BREAK_WORD.split(token)):
+                if k:
+                    pieces.append(["BREAK", BREAK])
+                pieces.append([part, 1.0])
+    for start in open_round:
+        multiply_from(start, 1.1)
+    for start in open_square:
+        multiply_from(start, 1 / 1.1)
+    merged: list[list] = []
+    for piece in pieces or [["", 1.0]]:
+        if merged and merged[-1][1] == piece[1] and piece[1] != BREAK:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [(text, weight) for text, weight in merged]
+
+
+def weighted_token_windows(tokenizer, prompt: str) -> tuple[list[list[int]], list[list[float]]]:
+    """:func:`token_windows` of a prompt in A1111 emphasis syntax (:func:`parse_emphasis`), and each token's weight
+    (1 for BOS, EOS and padding). Each piece is tokenized on its own, as A1111 does; ``BREAK`` closes a window."""
+    body = tokenizer.model_max_length - 2
+    windows: list[list[tuple[int, float]]] = [[]]
+    for text, weight in parse_emphasis(prompt):
+        if weight == BREAK:
+            windows.append([])
+            continue
+        for token in tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]:
+            if len(windows[-1]) == body:
+                windows.append([])
+            windows[-1].append((token, weight))
+    pad = tokenizer.pad_token_id
+    ids = [[tokenizer.bos_token_id] + [t for t, _ in w] + [tokenizer.eos_token_id] + [pad] * (body - len(w))
+           for w in windows]
+    weights = [[1.0] + [x for _, x in w] + [1.0] * (body + 1 - len(w)) for w in windows]
+    return ids, weights
+
+
+def tokenize_weighted_batch(tokenizer, prompts: list[str], min_windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tokenize_batch` for prompts in A1111 emphasis syntax: token ids and weights, both ``(B, W, L)``."""
+    pairs = [weighted_token_windows(tokenizer, p) for p in prompts]
+    count = max(min_windows, *(len(ids) for ids, _ in pairs))
+    empty = token_windows(tokenizer, "")[0]
+    ids = [w + [empty] * (count - len(w)) for w, _ in pairs]
+    weights = [x + [[1.0] * len(empty)] * (count - len(x)) for _, x in pairs]
+    return torch.tensor(ids), torch.tensor(weights)
+
+
+def emphasize(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The A1111 web UI's emphasis ("Original"): each token's states ``(B, W * L, D)`` times its weight ``(B, W, L)``,
+    then each window rescaled so that the mean of all its states is what it was before weighting."""
+    batch, windows, length = weights.shape
+    states = hidden.float().reshape(batch, windows, length, -1)
+    weighted = states * weights.to(states)[..., None]
+    scale = states.mean(dim=(2, 3), keepdim=True) / weighted.mean(dim=(2, 3), keepdim=True)
+    return (weighted * scale).reshape(hidden.shape)  # float32
+
+
+def plain_text(prompt: str) -> str:
+    """A prompt in A1111 emphasis syntax with its brackets, weights and ``BREAK`` words taken out (for encoders
+    that do not weigh tokens, such as SD3's T5)."""
+    return " ".join("".join(" " if weight == BREAK else text for text, weight in parse_emphasis(prompt)).split())
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ FIELDS = (
     ("refiner", "Refiner", str),  # A1111's labels for its SDXL refiner stage
     ("refiner_switch", "Refiner switch at", float),
     ("clip_skip", "Clip skip", int),
+    ("emphasis", "Emphasis", str),
 )
 A1111_OFFSETS = {"clip_skip": 1}
 """A1111 counts differently: its "Clip skip: 2" (the penultimate CLIP layer) is diffusers' and our ``clip_skip=1``."""

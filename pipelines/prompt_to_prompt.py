@@ -26,6 +26,13 @@ def same_noise_generators(generators) -> list[torch.Generator]:
     return [torch.Generator(first.device).set_state(state) for _ in range(2)]
 
 
+def check_plain_emphasis(request) -> None:
+    """Attention control finds words by their tokens in the prompt as written, so brackets must be plain text."""
+    if request.emphasis != "none":
+        raise ValueError("prompt-to-prompt and attention maps read prompts literally (emphasis='none'); weigh words "
+                         "with equalizer={word: weight} (edit='reweight') instead")
+
+
 class PromptToPromptMixin:
     """prompt_to_prompt, edit (through an inversion) and attention_maps for the text-to-image pipeline."""
 
@@ -39,6 +46,7 @@ class PromptToPromptMixin:
             self.attention.controller = None
 
     def p2p_controller(self, request, source, target, **options) -> PromptToPrompt:
+        check_plain_emphasis(request)
         latent_size = (request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
         return PromptToPrompt(self.tokenizer, source, target, request.steps, guided=request.guidance_scale > 1,
                               latent_size=latent_size, **options)
@@ -109,6 +117,7 @@ class PromptToPromptMixin:
             raise ValueError(f"attention_maps shows prompts of at most 75 tokens (one window); this one has "
                              f"{words[-1][1][-1]}")
         request = self.prepare(prompt, seed=seed, **{**settings, "output_type": "pt"})
+        check_plain_emphasis(request)
         latent_size = (request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
         store = AttentionStore(guided=request.guidance_scale > 1, latent_size=latent_size)
         noise = self.initial_noise(request)

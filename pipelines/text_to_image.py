@@ -21,7 +21,8 @@ from ldm.guidance import CFGDenoiser, check_guidance_scale
 from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
-from ldm.text import T5_TOKENS, encode_tokens, encode_tokens_and_pooled, sd3_context, tokenize_batch
+from ldm.text import (EMPHASIS_SYNTAXES, T5_TOKENS, emphasize, encode_tokens, encode_tokens_and_pooled, plain_text,
+                      sd3_context, tokenize_batch, tokenize_weighted_batch)
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_prompts
 from pipelines.compiled import COMPILE_BACKENDS, CompiledNetwork
 from pipelines.controlnet import ControlNetMixin, control_residuals
@@ -173,27 +174,39 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             return None
         return default - clip_skip
 
+    @staticmethod
+    def tokenize(tokenizer, texts: list[str], emphasis: str, min_windows: int = 1):
+        """Token ids ``(B, W, L)`` of ``texts`` and, when ``emphasis`` reads brackets as weights, each token's weight
+        ``(B, W, L)`` (else None); see ``ldm.text``."""
+        if emphasis == "none":
+            return tokenize_batch(tokenizer, texts, min_windows), None
+        return tokenize_weighted_batch(tokenizer, texts, min_windows)
+
     def encode_prompt(self, prompts: list[str], negative: list[str], size: tuple[int, int] | None = None,
-                      clip_skip: int | None = None):
+                      clip_skip: int | None = None, emphasis: str = "none"):
         """Embeddings ``(B, W * 77, D)`` of prompts and negative prompts, padded to the same window count W, from
-        the CLIP layer :meth:`clip_layer` picks for ``clip_skip``. For
+        the CLIP layer :meth:`clip_layer` picks for ``clip_skip``; with ``emphasis="a1111"`` each CLIP tower's
+        states are weighted as the A1111 web UI weighs them (``ldm.text.emphasize``; pooled embeddings are not). For
         SDXL, dicts: ``hidden`` (both towers' penultimate states side by side, ``(B, W * 77, 768 + 1280)``; the
         refiner has the second tower only), ``text_embeds`` (the second tower's pooled projection, ``(B, 1280)``)
         and ``time_ids`` ``(B, 6)`` = (original size, crop top-left, target size), here ``(H, W, 0, 0, H, W)`` for
         ``size = (H, W)``; the refiner's ``(B, 5)`` end with an aesthetic score instead of the target size (6 for
         prompts, 2.5 for negative prompts: diffusers' defaults). An empty negative prompt is all zeros when the
         model says so (``force_zeros_for_empty_prompt``), as diffusers."""
-        ids = tokenize_batch(self.tokenizer, prompts + negative)  # (2B, W, L)
         layer = self.clip_layer(clip_skip)
         if self.is_mmdit:
-            return self.encode_prompt_mmdit(prompts, negative, ids, layer)
+            return self.encode_prompt_mmdit(prompts, negative, emphasis, layer)
+        texts = prompts + negative
+        ids, weights = self.tokenize(self.tokenizer, texts, emphasis)  # (2B, W, L) each
         if not self.is_sdxl:
             hidden = encode_tokens(self.text_encoder, ids, layer, final_norm=True).float()
+            hidden = hidden if weights is None else emphasize(hidden, weights)
             return hidden[:len(prompts)], hidden[len(prompts):]
-        ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])  # (2B, W, L)
+        ids_2, weights_2 = self.tokenize(self.tokenizer_2, texts, emphasis, min_windows=ids.shape[1])
         hidden_2, pooled = encode_tokens_and_pooled(self.text_encoder_2, ids_2, layer)
-        towers = ([encode_tokens(self.text_encoder, ids, layer)] if self.text_encoder is not None else []) + [hidden_2]
-        hidden = torch.cat(towers, dim=-1).float()
+        towers = ([(encode_tokens(self.text_encoder, ids, layer), weights)] if self.text_encoder is not None else [])
+        towers.append((hidden_2, weights_2))
+        hidden = torch.cat([h if w is None else emphasize(h, w) for h, w in towers], dim=-1).float()
         pooled = pooled.float()  # (2B, P)
         if self.force_zeros_for_empty_prompt:
             empty = torch.tensor([False] * len(prompts) + [not n for n in negative], device=hidden.device)
@@ -207,16 +220,21 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         both = {"hidden": hidden, "text_embeds": pooled, "time_ids": time_ids}
         return ({k: v[:len(prompts)] for k, v in both.items()}, {k: v[len(prompts):] for k, v in both.items()})
 
-    def encode_prompt_mmdit(self, prompts: list[str], negative: list[str], ids: torch.Tensor, layer: int = -2):
+    def encode_prompt_mmdit(self, prompts: list[str], negative: list[str], emphasis: str = "none", layer: int = -2):
         """SD3's conditioning: ``hidden``, both CLIP towers' states at ``layer`` (the penultimate unless clip skip
-        says otherwise) and T5's (``ldm.text.sd3_context``); ``pooled``, both towers' pooled projections side by
-        side."""
-        ids_2 = tokenize_batch(self.tokenizer_2, prompts + negative, min_windows=ids.shape[1])
+        says otherwise; weighted as ``emphasis`` says) and T5's, which reads the prompts without emphasis brackets
+        (``ldm.text.sd3_context``); ``pooled``, both towers' pooled projections side by side."""
+        texts = prompts + negative
+        ids, weights = self.tokenize(self.tokenizer, texts, emphasis)  # (2B, W, L) each
+        ids_2, weights_2 = self.tokenize(self.tokenizer_2, texts, emphasis, min_windows=ids.shape[1])
         hidden_1, pooled_1 = encode_tokens_and_pooled(self.text_encoder, ids, layer)
         hidden_2, pooled_2 = encode_tokens_and_pooled(self.text_encoder_2, ids_2, layer)
+        if weights is not None:
+            hidden_1, hidden_2 = emphasize(hidden_1, weights), emphasize(hidden_2, weights_2)
         t5 = None
         if self.text_encoder_3 is not None:
-            tokens = self.tokenizer_3(prompts + negative, padding="max_length", max_length=T5_TOKENS, truncation=True,
+            texts = texts if weights is None else [plain_text(t) for t in texts]
+            tokens = self.tokenizer_3(texts, padding="max_length", max_length=T5_TOKENS, truncation=True,
                                       add_special_tokens=True, return_tensors="pt").input_ids
             with torch.no_grad():
                 t5 = self.text_encoder_3(tokens.to(self.text_encoder_3.device))[0].float()
@@ -318,7 +336,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                 num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
                 guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
                 output_type: str = "pil", control_image=None, controlnet_conditioning_scale: float = 1.0,
-                clip_skip: int | None = None) -> "Request":
+                clip_skip: int | None = None, emphasis: str = "none") -> "Request":
         """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
         negative prompts and seeds to the batch (prompt-major, as diffusers orders it). Compiled networks look
         for replaced weights here, once per request."""
@@ -342,6 +360,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                              "stochastic sampler: ddpm, euler_a, dpmpp_2m_sde)")
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
         self.clip_layer(clip_skip)
+        if emphasis not in EMPHASIS_SYNTAXES:
+            raise ValueError(f"unknown emphasis {emphasis!r}; known: {', '.join(EMPHASIS_SYNTAXES)}")
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         self.sigmas(num_inference_steps, sampler, spacing)  # raises on a step count the schedule cannot space
@@ -359,7 +379,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             compiled.refresh()
         return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
-                       control, float(control_scale), clip_skip or None)
+                       control, float(control_scale), clip_skip or None, emphasis)
 
     def latent_shape(self, request: "Request") -> tuple[int, int, int, int]:
         factor = self.vae_scale_factor
@@ -390,7 +410,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         ``first_step`` is the index of ``sigmas[0]`` in the whole sampling run when ``sigmas`` is a piece of it
         (the callback and the attention hook see whole-run step indices)."""
         cond, uncond = self.encode_prompt(request.prompts, request.negatives, (request.height, request.width),
-                                          request.clip_skip)
+                                          request.clip_skip, request.emphasis)
         model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale)
 
         def set_uncond(step):
@@ -428,6 +448,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                            cfg_scale=request.guidance_scale, seed=s, width=request.width, height=request.height,
                            model=self.name, timestep_spacing=request.spacing, eta=request.eta,
                            guidance_rescale=request.guidance_rescale, clip_skip=request.clip_skip,
+                           emphasis=None if request.emphasis == "none" else request.emphasis,
                            **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
                               if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
@@ -448,15 +469,16 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                  output_type: str = "pil", callback: Callable | None = None, progress: bool = True,
                  control_image=None, controlnet_conditioning_scale: float = 1.0,
                  refiner: "TextToImagePipeline | None" = None, refiner_switch: float = 0.8,
-                 clip_skip: int | None = None) -> GenerationOutput:
+                 clip_skip: int | None = None, emphasis: str = "none") -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
-        or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`. ``refiner``: a second
+        or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`; ``emphasis="a1111"``
+        reads ``(word:1.2)``-style weights in the prompts (see :meth:`encode_prompt`). ``refiner``: a second
         pipeline (SDXL's refiner) that takes over at ``refiner_switch`` of the schedule (see :meth:`refiner_split`).
         See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
-                               output_type, control_image, controlnet_conditioning_scale, clip_skip)
+                               output_type, control_image, controlnet_conditioning_scale, clip_skip, emphasis)
         noise = self.initial_noise(request, latents)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
         denoiser = self.denoiser(request.sampler, request.spacing, request=request)
@@ -515,6 +537,7 @@ class Request:
     control: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
     control_scale: float = 1.0
     clip_skip: int | None = None  # None = the family's default layer (0 is the same)
+    emphasis: str = "none"  # how brackets in prompts are read: ldm.text.EMPHASIS_SYNTAXES
 
     @property
     def batch(self) -> int:

@@ -1,0 +1,92 @@
+"""A1111 emphasis syntax, ``(word:1.2)``: parsed as the web UI documents it, weighted token windows, the mean-keeping
+reweighting, and the pipeline's ``emphasis="a1111"`` (which changes nothing for prompts without brackets)."""
+import pytest
+import torch
+
+from ldm.text import (BREAK, emphasize, load_tokenizer, parse_emphasis, plain_text, token_windows,
+                      tokenize_weighted_batch, weighted_token_windows)
+from pipelines.metadata import format_parameters, parse_parameters
+from pipelines.random_models import save_random_sdxl
+from pipelines.text_to_image import TextToImagePipeline
+
+
+@pytest.mark.parametrize("text, pieces", [  # the A1111 web UI's own documented examples (prompt_parser.py)
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.1 * 1.1 * 1.3), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]),
+    ("a red BREAK blue", [("a red", 1.0), ("BREAK", BREAK), ("blue", 1.0)]),
+    ("(a BREAK b:2)", [("a", 2.0), ("BREAK", BREAK), ("b", 2.0)]),
+    ("", [("", 1.0)]),
+])
+def test_parses_the_web_uis_examples(text, pieces):
+    got = parse_emphasis(text)
+    assert [t for t, _ in got] == [t for t, _ in pieces]
+    assert [w for _, w in got] == pytest.approx([w for _, w in pieces])
+
+
+def test_plain_text_drops_the_syntax():
+    assert plain_text("a (((house:1.3)) [on] a (hill:0.5), sun BREAK (((sky))).") == "a house on a hill, sun sky."
+
+
+def test_weighted_windows_carry_each_tokens_weight():
+    tokenizer = load_tokenizer()
+    ids, weights = weighted_token_windows(tokenizer, "a (red:1.5) [circle]")
+    assert ids == token_windows(tokenizer, "a red circle")
+    red, circle = (tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("red", "circle"))
+    row = ids[0]
+    expected = [1.5 if t == red else 1 / 1.1 if t == circle else 1.0 for t in row]
+    assert weights[0] == pytest.approx(expected) and len(weights[0]) == 77
+    two, _ = weighted_token_windows(tokenizer, "a red BREAK blue")
+    assert len(two) == 2 and two[0] == token_windows(tokenizer, "a red")[0] and two[1] == token_windows(tokenizer, "blue")[0]
+    long = "a red circle, " * 30  # 120 tokens: two windows, as without emphasis
+    assert weighted_token_windows(tokenizer, long)[0] == token_windows(tokenizer, long)
+    batch_ids, batch_weights = tokenize_weighted_batch(tokenizer, ["a (red)", long])
+    assert batch_ids.shape == batch_weights.shape == (2, 2, 77) and (batch_weights[0, 1] == 1).all()
+
+
+def test_emphasis_keeps_each_windows_mean_and_scales_tokens_relatively():
+    hidden = torch.rand(2, 2 * 5, 3, generator=torch.Generator().manual_seed(0)) + 0.5  # (B, W * L, D)
+    weights = torch.ones(2, 2, 5)
+    weights[0, 0, 2] = 2.0
+    out = emphasize(hidden, weights)
+    windows = hidden.reshape(2, 2, 5, 3)
+    result = out.reshape(2, 2, 5, 3)
+    torch.testing.assert_close(result.mean(dim=(2, 3)), windows.mean(dim=(2, 3)))
+    scale = result[0, 0, 0] / windows[0, 0, 0]
+    torch.testing.assert_close(result[0, 0, 2] / windows[0, 0, 2], 2 * scale)
+    assert torch.equal(result[1], windows[1]) and torch.equal(result[0, 1], windows[0, 1])  # unweighted windows
+
+
+def test_pipeline_weighs_the_prompt_and_leaves_plain_prompts_alone(tiny_model_factory):
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    plain_cond, plain_uncond = pipe.encode_prompt(["a red circle"], ["blue"])
+    same_cond, same_uncond = pipe.encode_prompt(["a red circle"], ["blue"], emphasis="a1111")
+    assert torch.equal(same_cond, plain_cond) and torch.equal(same_uncond, plain_uncond)
+    cond, uncond = pipe.encode_prompt(["a (red:1.5) circle"], ["blue"], emphasis="a1111")
+    _, weights = tokenize_weighted_batch(pipe.tokenizer, ["a (red:1.5) circle"])
+    torch.testing.assert_close(cond, emphasize(plain_cond, weights))
+    assert torch.equal(uncond, plain_uncond) and (cond - plain_cond).abs().max() > 1e-3
+    literal, _ = pipe.encode_prompt(["a (red:1.5) circle"], ["blue"])  # emphasis "none": brackets are text
+    assert literal.shape == plain_cond.shape and (literal - plain_cond).abs().max() > 1e-3
+    out = pipe("a (red:1.5) circle", emphasis="a1111", num_inference_steps=2, seed=0, progress=False)
+    assert parse_parameters(format_parameters(out.parameters[0]))["emphasis"] == "a1111"
+    with pytest.raises(ValueError, match="unknown emphasis 'compel'; known: none, a1111"):
+        pipe("x", emphasis="compel", progress=False)
+    with pytest.raises(ValueError, match="read prompts literally"):
+        pipe.prompt_to_prompt(["a red circle", "a blue circle"], emphasis="a1111", progress=False)
+
+
+def test_sdxl_weighs_both_towers_but_not_the_pooled_embedding(tmp_path):
+    pipe = TextToImagePipeline.from_pretrained(save_random_sdxl(tmp_path / "sdxl"))
+    plain, _ = pipe.encode_prompt(["a red circle"], ["dark"])
+    cond, _ = pipe.encode_prompt(["a (red:1.5) circle"], ["dark"], emphasis="a1111")
+    _, weights = tokenize_weighted_batch(pipe.tokenizer, ["a (red:1.5) circle"])
+    width = pipe.text_encoder.config.hidden_size
+    for tower in (slice(0, width), slice(width, None)):
+        torch.testing.assert_close(cond["hidden"][..., tower], emphasize(plain["hidden"][..., tower], weights))
+    assert torch.equal(cond["text_embeds"], plain["text_embeds"])
