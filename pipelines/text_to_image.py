@@ -265,12 +265,14 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
     def denoiser(self, sampler: str = "euler", spacing: str = "leading",
                  extra_channels: torch.Tensor | None = None, request: "Request | None" = None) -> Denoiser:
         """The network as ``D(x, sigma, cond) -> x0``; ``extra_channels`` ``(B, k, h, w)`` are concatenated to
-        the network input (a 9-channel inpainting UNet's mask and masked-image latents); a ``request`` with a
-        control image adds the loaded ControlNet's residuals."""
+        the network input (a 9-channel inpainting UNet's mask and masked-image latents; without them such a UNet
+        gets :meth:`everything_masked`); a ``request`` with a control image adds the loaded ControlNet's
+        residuals."""
         quantize = spacing == "karras" and get_sampler(sampler).quantize_karras_timesteps \
             and self.scheduler_config.get("beta_schedule") != "squaredcos_cap_v2"
 
         control = request.control if request is not None else None
+        whole: dict[tuple[int, int], torch.Tensor] = {}  # latent size -> everything_masked
 
         def unet(x_in, timestep, cond):
             if self.is_mmdit:
@@ -284,8 +286,14 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             x_in, cond = x_in.to(self.dtype), cond.to(self.dtype)
             residuals = {} if control is None else control_residuals(self.controlnet, x_in, timestep, cond, control,
                                                                       request.control_scale, added)
-            if extra_channels is not None:  # repeated for the CFG halves
-                x_in = torch.cat([x_in, extra_channels.repeat(x_in.shape[0] // extra_channels.shape[0], 1, 1, 1)], 1)
+            extra = extra_channels
+            if extra is None and self.is_inpainting_unet:
+                size = tuple(x_in.shape[2:])
+                if size not in whole:
+                    whole[size] = self.everything_masked(size)
+                extra = whole[size]
+            if extra is not None:  # repeated for the CFG halves
+                x_in = torch.cat([x_in, extra.repeat(x_in.shape[0] // extra.shape[0], 1, 1, 1)], 1)
             if added is not None:
                 residuals["added_cond_kwargs"] = added
             network = self.network("unet", self.unet)
@@ -293,6 +301,16 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
 
         prediction = "flow" if self.is_flow else self.prediction_type
         return Denoiser(unet, self.schedule(sampler), prediction, quantize_timesteps=quantize)
+
+    def everything_masked(self, latent_size: tuple[int, int]) -> torch.Tensor:
+        """A 9-channel inpainting UNet's extra inputs when no pixel is kept (text-to-image, img2img, inversion,
+        edits): a mask of ones and the latents of the fully masked, mid-grey image, ``(1, 5, h, w)``. The A1111
+        web UI conditions inpainting models so outside inpainting, and SD-inpainting trained on it (every pixel
+        masked 25 % of the time; ``ldm train inpainting`` 20 %)."""
+        height, width = latent_size
+        grey = torch.zeros(1, 3, height * self.vae_scale_factor, width * self.vae_scale_factor)
+        mask = torch.ones(1, 1, height, width, device=self.device)
+        return torch.cat([mask, self.encode(grey)], dim=1)
 
     def seeds_and_generators(self, batch: int, seed, generator):
         """Per-image seeds ``seed + k`` and one CPU generator each; or the caller's generator(s)."""

@@ -104,3 +104,59 @@ def test_refuses_a_base_that_is_already_an_inpainting_model(trained, tmp_path):
     with pytest.raises(ValueError, match="already an inpainting model"):
         run(["--model", str(whole), "--output-dir", str(tmp_path / "again"), "--steps", "1"])
     assert not (tmp_path / "again").exists()
+
+
+def test_nine_channel_inpainting_matches_diffusers_inpaint_pipeline(tiny_model_factory, tmp_path):
+    """Same 9-channel weights (the extra inputs read, not zero), noise, mask and masked-image latents: our final
+    latents equal diffusers' ``StableDiffusionInpaintPipeline``'s. diffusers samples the masked image's posterior
+    where we take its mean, so its latents are passed in; and given ``latents=`` it starts from pure noise where
+    we add the image's latents, which a zero-terminal-SNR DDIM start (alpha_bar = 0) makes the same."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    from ldm.loading import load_components
+    from train.train_inpainting import save_model_folder
+
+    base = tiny_model_factory(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                              timestep_spacing="trailing", steps_offset=0)
+    unet = inpainting_unet(load_components(base).unet, 5)
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:] = 0.1 * torch.randn(unet.conv_in.weight[:, 4:].shape,
+                                                       generator=torch.Generator().manual_seed(0))
+    save_model_folder(base, unet, tmp_path / "inpainting")
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "inpainting")
+    scene = Scene("white", (make_object("red", "circle", "center", "large", 16),), image_size=16)
+    image, mask = render(scene), np.zeros((16, 16), dtype=np.uint8)
+    mask[2:10, 4:14] = 255
+    settings = dict(num_inference_steps=5, guidance_scale=4.0, output_type="latent")
+    ours = pipe.inpaint(image, Image.fromarray(mask), "a blue square", sampler="ddim", seed=1, progress=False,
+                        **settings).images
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))  # what seed 1 draws
+    theirs_pipe = StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "inpainting", local_files_only=True,
+                                                                 safety_checker=None, feature_extractor=None)
+    theirs_pipe.scheduler = DDIMScheduler.from_config(theirs_pipe.scheduler.config)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    pixels = image_tensor(image, pipe.vae_scale_factor)
+    masked_latents = pipe.encode(pixels * (mask_tensor(Image.fromarray(mask), (16, 16)) < 0.5))
+    theirs = theirs_pipe("a blue square", image=image, mask_image=Image.fromarray(mask), latents=noise,
+                         masked_image_latents=masked_latents, height=16, width=16, strength=1.0, **settings).images
+    assert theirs.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+
+
+def test_text_to_image_on_an_inpainting_unet_masks_everything(tiny_model_factory):
+    """Outside inpainting a 9-channel UNet sees every pixel masked; the widened, untrained UNet then generates
+    what its base generates."""
+    from dataclasses import replace
+
+    from ldm.loading import load_components
+
+    components = load_components(tiny_model_factory())
+    base = TextToImagePipeline(components)
+    wide = TextToImagePipeline(replace(components, unet=inpainting_unet(components.unet, 5)))
+    assert wide.is_inpainting_unet
+    settings = dict(num_inference_steps=4, seed=3, output_type="latent", progress=False)
+    torch.testing.assert_close(wide("a red circle", **settings).images, base("a red circle", **settings).images,
+                               atol=1e-5, rtol=0)
+    extra = wide.everything_masked((8, 8))
+    assert extra.shape == (1, 5, 8, 8) and (extra[:, 0] == 1).all()
+    torch.testing.assert_close(extra[:, 1:], wide.encode(torch.zeros(1, 3, 16, 16)))
