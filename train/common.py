@@ -644,6 +644,23 @@ def folder_size(folder: str | Path) -> int:
     return sum(os.lstat(path).st_size for path in paths if not os.path.islink(path))
 
 
+def cached_tensors(path: Path, meta: dict, build) -> dict:
+    """The tensors saved in ``path`` if they were made with the same ``meta`` (a JSON-able dict of settings), else
+    ``build()``'s, saved there whole (written aside, then renamed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    stamp = json.dumps(meta, sort_keys=True)
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("meta") == stamp:
+                return load_file(str(path))
+    data = build()
+    save_file(data, str(path.with_suffix(".tmp")), metadata={"meta": stamp})
+    path.with_suffix(".tmp").replace(path)
+    return data
+
+
 def write_json(path: str | Path, data: Any) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")

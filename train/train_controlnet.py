@@ -14,7 +14,6 @@ objects the evaluator finds in the image with the scene's object mask (intersect
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -82,24 +81,17 @@ def render_triples(kind: str, count: int, seed: int, size: int, split: str = "tr
 def load_or_build_data(args, pipe, size: int, path: Path) -> dict:
     """Latent mean/std, controls and token ids of the training triples, cached in ``path`` (rebuilt when the
     base model or data settings differ)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     from ldm.text import tokenize_batch
 
-    meta = json.dumps({"model": str(pipe.path.resolve()), "control": args.control, "num_images": args.num_images,
-                       "data_seed": args.data_seed, "size": size, "version": 1}, sort_keys=True)
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("meta") == meta:
-                return load_file(str(path))
-    images, controls, captions, _ = render_triples(args.control, args.num_images, args.data_seed, size)
-    mean, std = encode_images(pipe, images)
-    data = {"mean": mean, "std": std, "control": controls.contiguous(),
-            "ids": tokenize_batch(pipe.tokenizer, captions)[:, 0].to(torch.int32).contiguous()}
-    save_file(data, str(path.with_suffix(".tmp")), metadata={"meta": meta})
-    path.with_suffix(".tmp").replace(path)
-    return data
+    def build() -> dict:
+        images, controls, captions, _ = render_triples(args.control, args.num_images, args.data_seed, size)
+        mean, std = encode_images(pipe, images)
+        return {"mean": mean, "std": std, "control": controls.contiguous(),
+                "ids": tokenize_batch(pipe.tokenizer, captions)[:, 0].to(torch.int32).contiguous()}
+
+    meta = {"model": str(pipe.path.resolve()), "control": args.control, "num_images": args.num_images,
+            "data_seed": args.data_seed, "size": size, "version": 1}
+    return common.cached_tensors(path, meta, build)
 
 
 @torch.no_grad()

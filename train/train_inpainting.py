@@ -18,7 +18,6 @@ an EMA; captions are dropped with probability ``--uncond-prob`` for classifier-f
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from dataclasses import replace
@@ -121,33 +120,26 @@ def masked_inputs(pipe, images: torch.Tensor, masks: torch.Tensor) -> tuple[torc
 def load_or_build_data(args, pipe, size: int, path: Path) -> dict:
     """Latent posteriors, extra inputs and token ids of the training renders, cached in ``path`` (rebuilt when the
     base model or data settings differ)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     from ldm.text import tokenize_batch
 
-    meta = json.dumps({"model": str(pipe.path.resolve()), "num_images": args.num_images,
-                       "masks_per_image": args.masks_per_image, "data_seed": args.data_seed, "size": size,
-                       "version": 1}, sort_keys=True)
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("meta") == meta:
-                return load_file(str(path))
-    images, masks, captions = render_masked(args.num_images, args.data_seed, size, args.masks_per_image)
-    parts = {"mean": [], "std": [], "mask": [], "masked": []}
-    with torch.no_grad():
+    @torch.no_grad()
+    def build() -> dict:
+        images, masks, captions = render_masked(args.num_images, args.data_seed, size, args.masks_per_image)
+        parts = {"mean": [], "std": [], "mask": [], "masked": []}
         for start in tqdm(range(0, len(images), 64), desc="encoding renders", dynamic_ncols=True):
             chunk = slice(start, start + 64)
             mean, std = encode_images(pipe, images[chunk])
             mask, masked = masked_inputs(pipe, images[chunk], masks[chunk])
             for key, value in zip(parts, (mean, std, mask, masked)):
                 parts[key].append(value)
-    data = {key: torch.cat(value).contiguous() for key, value in parts.items()}
-    data["ids"] = tokenize_batch(pipe.tokenizer, captions)[:, 0].to(torch.int32).contiguous()
-    save_file(data, str(path.with_suffix(".tmp")), metadata={"meta": meta})
-    path.with_suffix(".tmp").replace(path)
-    return data
+        data = {key: torch.cat(value).contiguous() for key, value in parts.items()}
+        return data | {"ids": tokenize_batch(pipe.tokenizer, captions)[:, 0].to(torch.int32).contiguous()}
+
+    meta = {"model": str(pipe.path.resolve()), "num_images": args.num_images, "masks_per_image": args.masks_per_image,
+            "data_seed": args.data_seed, "size": size, "version": 1}
+    return common.cached_tensors(path, meta, build)
 
 
 def validation_grid(components, unet, count: int, seed: int, steps: int, guidance: float) -> torch.Tensor:
