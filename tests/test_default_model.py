@@ -82,3 +82,36 @@ def test_inverting_and_inpainting_a_real_photograph(pipe):
     before, after = np.asarray(image, dtype=int), np.asarray(painted, dtype=int)
     np.testing.assert_array_equal(after[mask == 0], before[mask == 0])
     assert np.abs(after - before)[mask == 255].mean() > 10
+
+
+INPAINTING = DEFAULT_MODEL.parent / "shapes-unet-inpainting"
+
+
+def test_the_inpainting_variant_adds_only_its_unet():
+    """weights/shapes-unet-inpainting links the default's VAE, text tower, tokenizer and scheduler; its own part,
+    the 9-channel UNet, keeps the pair within the 40 MB budget."""
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (INPAINTING / part).is_symlink() and (INPAINTING / part).resolve() == (DEFAULT_MODEL / part).resolve()
+    own = [p for p in (INPAINTING / "unet").rglob("*") if p.is_file()]
+    shipped = [p for p in DEFAULT_MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in own + shipped) <= 40e6
+
+
+def test_the_inpainting_variant_repaints_only_inside_the_mask():
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from train.eval_editing import inpaint_mask, single_object_scenes, swapped
+    from train.shapes import render, render_masks
+
+    pipe = TextToImagePipeline.from_pretrained(INPAINTING)
+    assert pipe.is_inpainting_unet
+    assert StableDiffusionInpaintPipeline.from_pretrained(INPAINTING, local_files_only=True).unet.config.in_channels == 9
+    for k, (scene, caption) in enumerate(single_object_scenes(4, 5, 128)):
+        target = swapped(caption, "color")[0]
+        mask = inpaint_mask(render_masks(scene)[0], "box")
+        image = np.asarray(render(scene))
+        out = np.asarray(pipe.inpaint(Image.fromarray(image), Image.fromarray(mask.astype(np.uint8) * 255), target,
+                                      seed=k, num_inference_steps=20, guidance_scale=3.0, progress=False).images[0])
+        assert np.array_equal(out[~mask], image[~mask])
+        assert score(parse_prompt(target), Image.fromarray(out))["color"], target
