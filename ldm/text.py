@@ -91,8 +91,13 @@ def token_windows(tokenizer, prompt: str, window: int | None = None) -> list[lis
     ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     body = length - 2
     chunks = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
-    pad = tokenizer.pad_token_id
-    return [[tokenizer.bos_token_id] + c + [tokenizer.eos_token_id] + [pad] * (body - len(c)) for c in chunks]
+    return [_window(tokenizer, c, length) for c in chunks]
+
+
+def _window(tokenizer, tokens: list[int], length: int) -> list[int]:
+    """``[BOS] + tokens + [EOS] + pad`` to ``length``."""
+    padding = [tokenizer.pad_token_id] * (length - 2 - len(tokens))
+    return [tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] + padding
 
 
 def tokenize_batch(tokenizer, prompts: list[str], min_windows: int = 1) -> torch.Tensor:
@@ -171,9 +176,7 @@ def weighted_token_windows(tokenizer, prompt: str) -> tuple[list[list[int]], lis
             if len(windows[-1]) == body:
                 windows.append([])
             windows[-1].append((token, weight))
-    pad = tokenizer.pad_token_id
-    ids = [[tokenizer.bos_token_id] + [t for t, _ in w] + [tokenizer.eos_token_id] + [pad] * (body - len(w))
-           for w in windows]
+    ids = [_window(tokenizer, [t for t, _ in w], body + 2) for w in windows]
     weights = [[1.0] + [x for _, x in w] + [1.0] * (body + 1 - len(w)) for w in windows]
     return ids, weights
 
@@ -188,9 +191,12 @@ def tokenize_weighted_batch(tokenizer, prompts: list[str], min_windows: int = 1)
     return torch.tensor(ids), torch.tensor(weights)
 
 
-def emphasize(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def emphasize(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """The A1111 web UI's emphasis ("Original"): each token's states ``(B, W * L, D)`` times its weight ``(B, W, L)``,
-    then each window rescaled so that the mean of all its states is what it was before weighting."""
+    then each window rescaled so that the mean of all its states is what it was before weighting. ``weights=None``
+    (prompts read literally) returns ``hidden`` as it is."""
+    if weights is None:
+        return hidden
     batch, windows, length = weights.shape
     states = hidden.float().reshape(batch, windows, length, -1)
     weighted = states * weights.to(states)[..., None]

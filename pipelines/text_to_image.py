@@ -199,14 +199,12 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         texts = prompts + negative
         ids, weights = self.tokenize(self.tokenizer, texts, emphasis)  # (2B, W, L) each
         if not self.is_sdxl:
-            hidden = encode_tokens(self.text_encoder, ids, layer, final_norm=True).float()
-            hidden = hidden if weights is None else emphasize(hidden, weights)
+            hidden = emphasize(encode_tokens(self.text_encoder, ids, layer, final_norm=True), weights).float()
             return hidden[:len(prompts)], hidden[len(prompts):]
         ids_2, weights_2 = self.tokenize(self.tokenizer_2, texts, emphasis, min_windows=ids.shape[1])
         hidden_2, pooled = encode_tokens_and_pooled(self.text_encoder_2, ids_2, layer)
-        towers = ([(encode_tokens(self.text_encoder, ids, layer), weights)] if self.text_encoder is not None else [])
-        towers.append((hidden_2, weights_2))
-        hidden = torch.cat([h if w is None else emphasize(h, w) for h, w in towers], dim=-1).float()
+        towers = [] if self.text_encoder is None else [emphasize(encode_tokens(self.text_encoder, ids, layer), weights)]
+        hidden = torch.cat(towers + [emphasize(hidden_2, weights_2)], dim=-1).float()
         pooled = pooled.float()  # (2B, P)
         if self.force_zeros_for_empty_prompt:
             empty = torch.tensor([False] * len(prompts) + [not n for n in negative], device=hidden.device)
@@ -229,8 +227,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         ids_2, weights_2 = self.tokenize(self.tokenizer_2, texts, emphasis, min_windows=ids.shape[1])
         hidden_1, pooled_1 = encode_tokens_and_pooled(self.text_encoder, ids, layer)
         hidden_2, pooled_2 = encode_tokens_and_pooled(self.text_encoder_2, ids_2, layer)
-        if weights is not None:
-            hidden_1, hidden_2 = emphasize(hidden_1, weights), emphasize(hidden_2, weights_2)
+        hidden_1, hidden_2 = emphasize(hidden_1, weights), emphasize(hidden_2, weights_2)
         t5 = None
         if self.text_encoder_3 is not None:
             texts = texts if weights is None else [plain_text(t) for t in texts]

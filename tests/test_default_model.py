@@ -106,7 +106,8 @@ def test_the_inpainting_variant_repaints_only_inside_the_mask():
 
     pipe = TextToImagePipeline.from_pretrained(INPAINTING)
     assert pipe.is_inpainting_unet
-    assert StableDiffusionInpaintPipeline.from_pretrained(INPAINTING, local_files_only=True).unet.config.in_channels == 9
+    theirs = StableDiffusionInpaintPipeline.from_pretrained(INPAINTING, local_files_only=True)
+    assert theirs.unet.config.in_channels == 9
     for k, (scene, caption) in enumerate(single_object_scenes(4, 5, 128)):
         target = swapped(caption, "color")[0]
         mask = inpaint_mask(render_masks(scene)[0], "box")

@@ -42,7 +42,7 @@ def test_weighted_windows_carry_each_tokens_weight():
     expected = [1.5 if t == red else 1 / 1.1 if t == circle else 1.0 for t in row]
     assert weights[0] == pytest.approx(expected) and len(weights[0]) == 77
     two, _ = weighted_token_windows(tokenizer, "a red BREAK blue")
-    assert len(two) == 2 and two[0] == token_windows(tokenizer, "a red")[0] and two[1] == token_windows(tokenizer, "blue")[0]
+    assert two == token_windows(tokenizer, "a red") + token_windows(tokenizer, "blue")
     long = "a red circle, " * 30  # 120 tokens: two windows, as without emphasis
     assert weighted_token_windows(tokenizer, long)[0] == token_windows(tokenizer, long)
     batch_ids, batch_weights = tokenize_weighted_batch(tokenizer, ["a (red)", long])

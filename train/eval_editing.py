@@ -239,7 +239,8 @@ def inpaint_mask(object_mask: np.ndarray, kind: str, margin: int | None = None) 
     margin = 8 if margin is None else margin
     rows, cols = np.nonzero(object_mask)
     box = np.zeros_like(object_mask)
-    box[max(rows.min() - margin, 0):rows.max() + margin + 1, max(cols.min() - margin, 0):cols.max() + margin + 1] = True
+    top, left = max(rows.min() - margin, 0), max(cols.min() - margin, 0)
+    box[top:rows.max() + margin + 1, left:cols.max() + margin + 1] = True
     return box
 
 

@@ -159,8 +159,9 @@ def validation_grid(components, unet, count: int, seed: int, steps: int, guidanc
         target = swapped(swapped(caption, "color")[0], "shape")[0]
         mask = inpaint_mask(render_masks(scene)[0], "box")
         image = render(scene)
-        out = trial.inpaint(image, Image.fromarray(mask.astype(np.uint8) * 255), target, seed=k, num_inference_steps=steps,
-                            guidance_scale=guidance, output_type="pt", progress=False).images[0]  # (3, S, S)
+        out = trial.inpaint(image, Image.fromarray(mask.astype(np.uint8) * 255), target, seed=k,
+                            num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                            progress=False).images[0]  # (3, S, S)
         rows[0].append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
         rows[1].append(torch.from_numpy(mask).float().expand(3, -1, -1))
         rows[2].append(out.cpu())
