@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from pipelines.images import image_tensor, mask_tensor
 from pipelines.text_to_image import TextToImagePipeline
 from train.shapes import Scene, make_object, render, render_masks
-from train.train_inpainting import MASK_KINDS, draw_mask, inpainting_unet, masked_inputs, run
+from train.train_inpainting import MASK_KINDS, draw_mask, inpainting_unet, masked_inputs, run, trainable_unet
 
 
 def test_widened_unet_predicts_as_the_base_until_trained(tiny_model_factory):
@@ -100,11 +100,19 @@ def test_trained_folder_is_an_inpainting_model_that_keeps_the_unmasked_pixels(tr
     assert np.array_equal(out[mask == 0], image[mask == 0]) and not np.array_equal(out, image)
 
 
-def test_refuses_a_base_that_is_already_an_inpainting_model(trained, tmp_path):
+def test_an_inpainting_base_is_fine_tuned_as_it_is(trained, tmp_path):
+    """A 9-channel base is not widened again: training starts from its own weights, mask inputs included."""
+    from ldm.loading import load_components
+
     _, whole, _ = trained
-    with pytest.raises(ValueError, match="already an inpainting model"):
-        run(["--model", str(whole), "--output-dir", str(tmp_path / "again"), "--steps", "1"])
-    assert not (tmp_path / "again").exists()
+    base = load_components(whole).unet
+    start = trainable_unet(TextToImagePipeline.from_pretrained(whole))
+    assert start.config.in_channels == 9 and start.conv_in.weight.dtype == torch.float32
+    assert all(torch.equal(a.float(), b) for a, b in zip(base.state_dict().values(), start.state_dict().values()))
+    result = run(["--model", str(whole), "--output-dir", str(tmp_path / "again"), "--steps", "1",
+                  "--num-images", "4", "--batch-size", "2", "--sample-every", "0", "--validation-count", "1",
+                  "--validation-steps", "1", "--mixed-precision", "no"])
+    assert TextToImagePipeline.from_pretrained(result["final_dir"]).unet.config.in_channels == 9
 
 
 def test_nine_channel_inpainting_matches_diffusers_inpaint_pipeline(tiny_model_factory, tmp_path):

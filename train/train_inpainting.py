@@ -18,6 +18,7 @@ an EMA; captions are dropped with probability ``--uncond-prob`` for classifier-f
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 from dataclasses import replace
@@ -67,6 +68,15 @@ def inpainting_unet(unet, extra_channels: int):
                                                                   *weight.shape[2:])], dim=1)
     wide.load_state_dict(state)
     return torch.nn.Module.to(wide, torch.float32)
+
+
+def trainable_unet(pipe):
+    """The UNet this recipe trains, in float32: a text-to-image base widened by :func:`inpainting_unet`, or a copy of
+    the UNet of a base that is already an inpainting model (9 channels, as SD-inpainting), fine-tuned further as it
+    is, as diffusers' inpainting fine-tunes start from SD-inpainting."""
+    if pipe.is_inpainting_unet:
+        return copy.deepcopy(pipe.unet).float().requires_grad_(True)
+    return inpainting_unet(pipe.unet, 1 + pipe.vae.config.latent_channels)
 
 
 def draw_mask(rng: np.random.Generator, scene, size: int) -> np.ndarray:
@@ -198,10 +208,8 @@ def run(argv: list[str] | None = None) -> dict:
     pipe = TextToImagePipeline(components)
     if pipe.is_flow or pipe.is_mmdit or pipe.is_sdxl:
         raise ValueError(f"{pipe.path} is not a single-tower UNet model; this recipe trains SD 1.x/2.x-style UNets")
-    if pipe.is_inpainting_unet:
-        raise ValueError(f"{pipe.path} is already an inpainting model (its UNet takes 9 channels)")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    unet = inpainting_unet(pipe.unet, 1 + pipe.vae.config.latent_channels)
+    unet = trainable_unet(pipe)
     config = {"base": str(pipe.path.resolve()),
               "unet": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}}
     common.check_resumable(args, RECIPE, config)
