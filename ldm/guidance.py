@@ -3,7 +3,8 @@
 ``x0_cfg = x0_uncond + w * (x0_cond - x0_uncond)`` (Ho & Salimans 2022, eq. 6, written with the guidance
 scale w of Stable Diffusion: w = 1 is the conditional model). Because every parameterization is affine in the
 network output at fixed (x, sigma), guiding x0 equals guiding eps or v. The conditional and unconditional
-halves run as one batch of 2B.
+halves run as one batch of 2B. A composed prompt (several sub-prompts with weights, the A1111 web UI's ``AND``)
+guides by the weighted sum of its parts' differences from the unconditional prediction (Liu et al. 2022, eq. 10).
 """
 from __future__ import annotations
 
@@ -44,9 +45,15 @@ class CFGDenoiser:
     ``cond``/``uncond`` are the text conditionings ``(B, L, D)`` (or dicts of them). With ``scale <= 1`` only the
     conditional pass runs (diffusers' rule). ``rescale`` (phi) is applied to the network outputs, as
     Lin et al. and diffusers do; ``phi = 0`` leaves plain CFG.
+
+    ``part_weights`` ``(B, K)`` composes K sub-prompts per image (Liu et al. 2022, eq. 10, as the A1111 web UI
+    weighs them): ``cond`` is then ``(K * B, L, D)``, part-major (part k of image b at row ``k * B + b``), and
+    ``out = out_u + w * sum_k weight_bk * (out_k - out_u)``; a weight 0 pads an image with fewer parts. Its
+    conditional model (``scale <= 1``) is the composition at w = 1, and rescale matches that one's std.
     """
 
-    def __init__(self, denoiser: Denoiser, cond: Any, uncond: Any = None, scale: float = 7.5, rescale: float = 0.0):
+    def __init__(self, denoiser: Denoiser, cond: Any, uncond: Any = None, scale: float = 7.5, rescale: float = 0.0,
+                 part_weights: torch.Tensor | None = None):
         self.denoiser = denoiser
         self.cond = cond
         self.uncond = uncond
@@ -54,20 +61,37 @@ class CFGDenoiser:
         if not (isinstance(rescale, (int, float)) and 0.0 <= rescale <= 1.0):
             raise ValueError(f"guidance_rescale must be in [0, 1], got {rescale!r}")
         self.rescale = float(rescale)
-        if self.guided and uncond is None:
-            raise ValueError("guidance_scale > 1 needs an unconditional embedding")
+        self.part_weights = part_weights
+        if (self.guided or part_weights is not None) and uncond is None:
+            raise ValueError("guidance_scale > 1 and composed prompts need an unconditional embedding")
 
     @property
     def guided(self) -> bool:
         return self.scale > 1.0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.part_weights is not None:
+            return self.composed(x, sigma)
         if not self.guided:
             return self.denoiser(x, sigma, self.cond)
         out = self.denoiser.model_output(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                          concat_cond(self.uncond, self.cond))  # (2B, C, H, W)
         out_uncond, out_cond = out.chunk(2)
+        return self.denoiser.to_x0(x, sigma, self.guide(out_uncond, out_cond))
+
+    def composed(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Guidance of a composed prompt: the unconditional pass and every part's in one batch of (1 + K) B."""
+        parts = self.part_weights.shape[1]
+        out = self.denoiser.model_output(x.repeat(1 + parts, *[1] * (x.dim() - 1)), sigma.repeat(1 + parts),
+                                         concat_cond(self.uncond, self.cond))  # ((1 + K) B, C, H, W)
+        out_uncond, out_parts = out[:len(x)], out[len(x):].unflatten(0, (parts, len(x)))  # (B, ...), (K, B, ...)
+        weights = self.part_weights.T.to(out).reshape(parts, len(x), *[1] * (x.dim() - 1))  # (K, B, 1, 1, 1)
+        out_cond = out_uncond + (weights * (out_parts - out_uncond)).sum(0)  # the composition at w = 1
+        return self.denoiser.to_x0(x, sigma, self.guide(out_uncond, out_cond) if self.guided else out_cond)
+
+    def guide(self, out_uncond: torch.Tensor, out_cond: torch.Tensor) -> torch.Tensor:
+        """``out_u + w (out_c - out_u)``, then rescaled towards ``out_c``'s std by phi."""
         guided = out_uncond + self.scale * (out_cond - out_uncond)
         if self.rescale > 0:
             guided = rescale_guidance(guided, out_cond, self.rescale)
-        return self.denoiser.to_x0(x, sigma, guided)
+        return guided

@@ -110,7 +110,8 @@ def tokenize_batch(tokenizer, prompts: list[str], min_windows: int = 1) -> torch
 
 
 EMPHASIS_SYNTAXES = ("none", "a1111")
-"""How a prompt's brackets are read: ``none``, literally (diffusers); ``a1111``, as emphasis (the A1111 web UI)."""
+"""How a prompt's syntax is read: ``none``, literally (diffusers); ``a1111``, as the A1111 web UI reads it: emphasis
+brackets and ``BREAK`` (:func:`parse_emphasis`) and ``AND`` between sub-prompts (:func:`split_conjunction`)."""
 BREAK = -1.0  # the weight that marks an A1111 ``BREAK`` (start a new window)
 _EMPHASIS_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
@@ -202,6 +203,22 @@ def emphasize(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tenso
     weighted = states * weights.to(states)[..., None]
     scale = states.mean(dim=(2, 3), keepdim=True) / weighted.mean(dim=(2, 3), keepdim=True)
     return (weighted * scale).reshape(hidden.shape)  # float32
+
+
+_AND_WORD = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"^(.*?)\s*:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$", re.S)
+
+
+def split_conjunction(prompt: str) -> list[tuple[str, float]]:
+    """The A1111 web UI's composable-diffusion syntax (Liu et al. 2022, sec. 4.1, the conjunction of eq. 10):
+    the upper-case word ``AND`` separates sub-prompts, each of which may end in ``:weight`` (default 1). Returns
+    ``(sub-prompt, weight)`` pairs; a prompt without ``AND`` or a trailing weight is one pair of weight 1. A
+    weight inside brackets, ``(word:1.2)``, is emphasis (:func:`parse_emphasis`), not a sub-prompt weight."""
+    parts = []
+    for part in _AND_WORD.split(prompt):
+        match = _PART_WEIGHT.match(part)
+        parts.append((match.group(1).strip(), float(match.group(2))) if match else (part.strip(), 1.0))
+    return parts
 
 
 def plain_text(prompt: str) -> str:

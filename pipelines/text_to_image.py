@@ -22,7 +22,7 @@ from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import (EMPHASIS_SYNTAXES, T5_TOKENS, emphasize, encode_tokens, encode_tokens_and_pooled, plain_text,
-                      sd3_context, tokenize_batch, tokenize_weighted_batch)
+                      sd3_context, split_conjunction, tokenize_batch, tokenize_weighted_batch)
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_prompts
 from pipelines.compiled import COMPILE_BACKENDS, CompiledNetwork
 from pipelines.controlnet import ControlNetMixin, control_residuals
@@ -416,6 +416,23 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
             raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
         return latents.float().cpu()
 
+    def encode_request(self, request: "Request"):
+        """``(cond, uncond, part_weights)`` for :class:`CFGDenoiser`. With ``emphasis="a1111"`` each prompt is split
+        at ``AND`` into weighted sub-prompts (``ldm.text.split_conjunction``; the negative prompt is not split, as
+        in the web UI); a batch whose prompts are all one sub-prompt of weight 1 is plain CFG (``part_weights``
+        None), otherwise its sub-prompts are encoded part-major, images with fewer padded by weight-0 empty ones."""
+        size = (request.height, request.width)
+        parts = [split_conjunction(p) if request.emphasis == "a1111" else [(p, 1.0)] for p in request.prompts]
+        if all(len(p) == 1 and p[0][1] == 1.0 for p in parts):
+            cond, uncond = self.encode_prompt([p[0][0] for p in parts], request.negatives, size, request.clip_skip,
+                                              request.emphasis)
+            return cond, uncond, None
+        count = max(len(p) for p in parts)
+        parts = [p + [("", 0.0)] * (count - len(p)) for p in parts]
+        texts = [p[k][0] for k in range(count) for p in parts]  # part-major: (K * B,)
+        cond, uncond = self.encode_prompt(texts, request.negatives, size, request.clip_skip, request.emphasis)
+        return cond, uncond, torch.tensor([[weight for _, weight in p] for p in parts])  # (B, K)
+
     def denoise(self, request: "Request", denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                 callback: Callable | None = None, progress: bool = True,
                 uncond_per_step: list[torch.Tensor] | None = None, first_step: int = 0) -> torch.Tensor:
@@ -424,9 +441,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         (null-text inversion's embeddings, ``(1, L, D)`` each) replaces the unconditional embedding step by step.
         ``first_step`` is the index of ``sigmas[0]`` in the whole sampling run when ``sigmas`` is a piece of it
         (the callback and the attention hook see whole-run step indices)."""
-        cond, uncond = self.encode_prompt(request.prompts, request.negatives, (request.height, request.width),
-                                          request.clip_skip, request.emphasis)
-        model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale)
+        cond, uncond, part_weights = self.encode_request(request)
+        model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights)
 
         def set_uncond(step):
             if uncond_per_step is not None and step < len(uncond_per_step):
