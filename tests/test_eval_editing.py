@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ldm.text import load_tokenizer
-from train.eval_editing import edit_outcome, inpaint_mask, psnr, ssim, swapped
+from train.eval_editing import edit_outcome, inpaint_mask, psnr, split_by_heldout, ssim, swapped
 from train.shapes import Scene, make_object, render, render_masks
 
 
@@ -100,3 +100,15 @@ def test_editing_tables_run_at_the_requested_guidance(monkeypatch):
         "resample": lambda pipe, guidances=(1.0, 7.5): seen.setdefault("resample", guidances)})
     assert eval_editing.evaluate_editing(None, ["inpaint", "resample"], guidance=3.0) == {
         "inpaint": 3.0, "resample": (1.0, 7.5)}
+
+
+def test_inpainting_results_split_by_held_out_targets():
+    from train.shapes import is_heldout, parse_prompt
+
+    targets = ["a orange circle at the top on a white background", "a red circle at the top on a white background",
+               "a blue square at the bottom left on a gray background", "a green triangle at the left on a black background"]
+    heldout = [is_heldout(parse_prompt(t)) for t in targets]
+    assert heldout == [True, False, True, False]
+    assert split_by_heldout([False, True, True, False], heldout) == {
+        "all, seen": 0.5, "all, held-out": 0.5, "held-out count": 2}
+    assert np.isnan(split_by_heldout([True, True], [False, False])["all, held-out"])  # no held-out target

@@ -21,8 +21,8 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from train.evaluate import detect_objects, score
-from train.shapes import (BASE_SHAPES, OBJECT_COLORS, POSITIONS, Scene, make_object, parse_prompt, render,
-                          render_masks)
+from train.shapes import (BASE_SHAPES, OBJECT_COLORS, POSITIONS, Scene, is_heldout, make_object, parse_prompt,
+                          render, render_masks)
 
 CENTROID_TOLERANCE = 3.0  # pixels
 BACKGROUND_TOLERANCE = 0.02  # mean absolute change in [0, 1]
@@ -256,7 +256,7 @@ def inpaint_table(pipe, count: int = 32, steps: int = 20, guidance: float = 7.5,
     for kind in masks:
         for jump_length, jump_n_sample in resampling:
             name = f"{kind} mask" + (f", RePaint j={jump_length} r={jump_n_sample}" if jump_n_sample > 1 else "")
-            results = []
+            results, heldout = [], []
             for k, (scene, caption) in enumerate(tqdm(material, desc=f"inpaint ({name})", leave=False)):
                 target, _, _ = swapped(swapped(caption, "color")[0], "shape")
                 mask = inpaint_mask(render_masks(scene)[0], kind)
@@ -264,9 +264,22 @@ def inpaint_table(pipe, count: int = 32, steps: int = 20, guidance: float = 7.5,
                                    num_inference_steps=steps, guidance_scale=guidance, progress=False,
                                    jump_length=jump_length, jump_n_sample=jump_n_sample).images[0]
                 results.append(score(parse_prompt(target), out))
+                heldout.append(is_heldout(parse_prompt(target)))
             table[name] = {key: float(np.mean([r[key] for r in results]))
                            for key in ("color", "shape", "position", "all")} | {"count": count}
+            table[name] |= split_by_heldout([r["all"] for r in results], heldout)
     return table
+
+
+def split_by_heldout(right: list[bool], heldout: list[bool]) -> dict:
+    """How often the targets of seen and of held-out combinations (see ``train.shapes``) were right, and how many
+    targets were held out: a swapped colour or shape can land on a combination no training render shows."""
+    right, heldout = np.asarray(right, dtype=bool), np.asarray(heldout, dtype=bool)
+
+    def rate(rows: np.ndarray) -> float:
+        return float(right[rows].mean()) if rows.any() else float("nan")
+
+    return {"all, seen": rate(~heldout), "all, held-out": rate(heldout), "held-out count": int(heldout.sum())}
 
 
 def sdedit_table(pipe, strengths=(0.2, 0.4, 0.6, 0.8, 1.0), count: int = 16, steps: int = 20,
