@@ -39,6 +39,22 @@ def concat_cond(a: Any, b: Any) -> Any:
     return torch.cat([a, b])
 
 
+def batch_rows(cond: Any) -> int:
+    """Rows of a conditioning: a tensor's first dimension, or a dict's (SDXL, SD3)."""
+    return len(next(iter(cond.values()))) if isinstance(cond, dict) else len(cond)
+
+
+def check_part_weights(part_weights: torch.Tensor, cond: Any, uncond: Any) -> None:
+    """A composed prompt's weights ``(B, K)`` must be finite and fit ``cond`` ``(K * B, ...)`` and ``uncond``
+    ``(B, ...)``."""
+    if part_weights.dim() != 2 or not torch.isfinite(part_weights).all():
+        raise ValueError(f"part_weights must be a finite (B, K) tensor, got shape {tuple(part_weights.shape)}")
+    batch, parts = part_weights.shape
+    if batch_rows(cond) != batch * parts or batch_rows(uncond) != batch:
+        raise ValueError(f"part_weights {tuple(part_weights.shape)} need {batch * parts} conditioning rows and "
+                         f"{batch} unconditional ones, got {batch_rows(cond)} and {batch_rows(uncond)}")
+
+
 class CFGDenoiser:
     """``model(x, sigma) -> x0`` with classifier-free guidance over a :class:`Denoiser`.
 
@@ -48,8 +64,9 @@ class CFGDenoiser:
 
     ``part_weights`` ``(B, K)`` composes K sub-prompts per image (Liu et al. 2022, eq. 10, as the A1111 web UI
     weighs them): ``cond`` is then ``(K * B, L, D)``, part-major (part k of image b at row ``k * B + b``), and
-    ``out = out_u + w * sum_k weight_bk * (out_k - out_u)``; a weight 0 pads an image with fewer parts. Its
-    conditional model (``scale <= 1``) is the composition at w = 1, and rescale matches that one's std.
+    ``out = out_u + w * sum_k weight_bk * (out_k - out_u)`` at every scale, as in the web UI (the unconditional
+    pass always runs); a weight 0 pads an image with fewer parts. Rescale matches the std of the composition at
+    w = 1, ``out_u + sum_k weight_bk * (out_k - out_u)``.
     """
 
     def __init__(self, denoiser: Denoiser, cond: Any, uncond: Any = None, scale: float = 7.5, rescale: float = 0.0,
@@ -63,7 +80,9 @@ class CFGDenoiser:
         self.rescale = float(rescale)
         self.part_weights = part_weights
         if (self.guided or part_weights is not None) and uncond is None:
-            raise ValueError("guidance_scale > 1 and composed prompts need an unconditional embedding")
+            raise ValueError("guidance_scale > 1 or a composed prompt needs an unconditional embedding")
+        if part_weights is not None:
+            check_part_weights(part_weights, cond, uncond)
 
     @property
     def guided(self) -> bool:
@@ -87,7 +106,7 @@ class CFGDenoiser:
         out_uncond, out_parts = out[:len(x)], out[len(x):].unflatten(0, (parts, len(x)))  # (B, ...), (K, B, ...)
         weights = self.part_weights.T.to(out).reshape(parts, len(x), *[1] * (x.dim() - 1))  # (K, B, 1, 1, 1)
         out_cond = out_uncond + (weights * (out_parts - out_uncond)).sum(0)  # the composition at w = 1
-        return self.denoiser.to_x0(x, sigma, self.guide(out_uncond, out_cond) if self.guided else out_cond)
+        return self.denoiser.to_x0(x, sigma, self.guide(out_uncond, out_cond))
 
     def guide(self, out_uncond: torch.Tensor, out_cond: torch.Tensor) -> torch.Tensor:
         """``out_u + w (out_c - out_u)``, then rescaled towards ``out_c``'s std by phi."""

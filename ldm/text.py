@@ -15,6 +15,7 @@ import functools
 import gzip
 import importlib.util
 import json
+import math
 import os
 import re
 import tempfile
@@ -213,11 +214,14 @@ def split_conjunction(prompt: str) -> list[tuple[str, float]]:
     """The A1111 web UI's composable-diffusion syntax (Liu et al. 2022, sec. 4.1, the conjunction of eq. 10):
     the upper-case word ``AND`` separates sub-prompts, each of which may end in ``:weight`` (default 1). Returns
     ``(sub-prompt, weight)`` pairs; a prompt without ``AND`` or a trailing weight is one pair of weight 1. A
-    weight inside brackets, ``(word:1.2)``, is emphasis (:func:`parse_emphasis`), not a sub-prompt weight."""
+    weight inside brackets, ``(word:1.2)``, is emphasis (:func:`parse_emphasis`), not a sub-prompt weight; any
+    other trailing ``:number`` is one ("a poster, 16:9" is "a poster, 16" weighted 9, as in the web UI)."""
     parts = []
     for part in _AND_WORD.split(prompt):
         match = _PART_WEIGHT.match(part)
         parts.append((match.group(1).strip(), float(match.group(2))) if match else (part.strip(), 1.0))
+        if not math.isfinite(parts[-1][1]):
+            raise ValueError(f"sub-prompt weight must be finite, got {match.group(2)[:20]}... in {part[:40]!r}")
     return parts
 
 

@@ -377,6 +377,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         self.clip_layer(clip_skip)
         if emphasis not in EMPHASIS_SYNTAXES:
             raise ValueError(f"unknown emphasis {emphasis!r}; known: {', '.join(EMPHASIS_SYNTAXES)}")
+        if emphasis == "a1111":
+            for text in prompts:
+                split_conjunction(text)  # raises on a non-finite sub-prompt weight
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         self.sigmas(num_inference_steps, sampler, spacing)  # raises on a step count the schedule cannot space
@@ -420,7 +423,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         """``(cond, uncond, part_weights)`` for :class:`CFGDenoiser`. With ``emphasis="a1111"`` each prompt is split
         at ``AND`` into weighted sub-prompts (``ldm.text.split_conjunction``; the negative prompt is not split, as
         in the web UI); a batch whose prompts are all one sub-prompt of weight 1 is plain CFG (``part_weights``
-        None), otherwise its sub-prompts are encoded part-major, images with fewer padded by weight-0 empty ones."""
+        None), otherwise its sub-prompts are encoded part-major, images with fewer padded by weight-0 empty ones
+        (every image then costs 1 + K network evaluations per step, K the batch's most parts)."""
         size = (request.height, request.width)
         parts = [split_conjunction(p) if request.emphasis == "a1111" else [(p, 1.0)] for p in request.prompts]
         if all(len(p) == 1 and p[0][1] == 1.0 for p in parts):
@@ -442,6 +446,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         ``first_step`` is the index of ``sigmas[0]`` in the whole sampling run when ``sigmas`` is a piece of it
         (the callback and the attention hook see whole-run step indices)."""
         cond, uncond, part_weights = self.encode_request(request)
+        if part_weights is not None and self.attention.controller is not None:
+            raise ValueError("attention controllers read the CFG batch as two halves; a prompt composed with AND "
+                             "runs 1 + K of them")
         model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights)
 
         def set_uncond(step):
@@ -504,7 +511,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
         or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`; ``emphasis="a1111"``
-        reads ``(word:1.2)``-style weights in the prompts (see :meth:`encode_prompt`). ``refiner``: a second
+        reads ``(word:1.2)``-style weights in the prompts (see :meth:`encode_prompt`) and ``AND`` between
+        weighted sub-prompts (see :meth:`encode_request`). ``refiner``: a second
         pipeline (SDXL's refiner) that takes over at ``refiner_switch`` of the schedule (see :meth:`refiner_split`).
         See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,

@@ -4,9 +4,10 @@ mean-keeping reweighting, ``AND`` between weighted sub-prompts (composable diffu
 import pytest
 import torch
 
-from ldm.guidance import CFGDenoiser
+from ldm.guidance import CFGDenoiser, rescale_guidance
 from ldm.text import (BREAK, emphasize, load_tokenizer, parse_emphasis, plain_text, split_conjunction, token_windows,
                       tokenize_weighted_batch, weighted_token_windows)
+from ldm.prompt_to_prompt import AttentionStore
 from pipelines.metadata import format_parameters, parse_parameters
 from pipelines.random_models import save_random_sdxl
 from pipelines.text_to_image import TextToImagePipeline
@@ -101,6 +102,7 @@ def test_sdxl_weighs_both_towers_but_not_the_pooled_embedding(tmp_path):
     ("a (red:1.2) circle", [("a (red:1.2) circle", 1.0)]),  # a bracketed weight is emphasis
     ("BANDANA and ANDROID", [("BANDANA and ANDROID", 1.0)]),  # only the upper-case word
     ("x AND", [("x", 1.0), ("", 1.0)]),
+    ("a poster, 16:9", [("a poster, 16", 9.0)]),  # the web UI reads any trailing number so
 ])
 def test_splits_sub_prompts_as_the_web_ui(prompt, parts):
     assert split_conjunction(prompt) == parts
@@ -117,11 +119,18 @@ def test_composed_guidance_is_the_weighted_sum_of_each_parts_difference(tiny_mod
     sigma = torch.tensor([3.0, 3.0])
     outputs = [denoiser.model_output(x, sigma, c) for c in (uncond, cond[:2], cond[2:])]
     u, c1, c2 = outputs
-    for scale in (7.5, 1.0):
+    composed = u + weights[:, 0, None, None, None] * (c1 - u) + weights[:, 1, None, None, None] * (c2 - u)
+    for scale in (7.5, 1.0, 0.5):  # the web UI's formula at every scale
         got = CFGDenoiser(denoiser, cond, uncond, scale, part_weights=weights)(x, sigma)
-        composed = u + weights[:, 0, None, None, None] * (c1 - u) + weights[:, 1, None, None, None] * (c2 - u)
-        expected = denoiser.to_x0(x, sigma, u + max(scale, 1.0) * (composed - u))
+        expected = denoiser.to_x0(x, sigma, u + scale * (composed - u))
         torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)  # batched passes round differently
+    rescaled = CFGDenoiser(denoiser, cond, uncond, 7.5, rescale=0.7, part_weights=weights)(x, sigma)
+    expected = denoiser.to_x0(x, sigma, rescale_guidance(u + 7.5 * (composed - u), composed, 0.7))
+    torch.testing.assert_close(rescaled, expected, atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"need 4 conditioning rows and 2 unconditional ones, got 2 and 2"):
+        CFGDenoiser(denoiser, cond[:2], uncond, 7.5, part_weights=weights)
+    with pytest.raises(ValueError, match="finite"):
+        CFGDenoiser(denoiser, cond, uncond, 7.5, part_weights=torch.tensor([[1.0, float("inf")], [1.0, 1.0]]))
     plain = CFGDenoiser(denoiser, cond[:2], uncond, 7.5)(x, sigma)
     one_part = CFGDenoiser(denoiser, cond[:2], uncond, 7.5, part_weights=torch.ones(2, 1))(x, sigma)
     torch.testing.assert_close(one_part, plain, atol=1e-5, rtol=1e-5)
@@ -141,6 +150,13 @@ def test_pipeline_composes_and_prompts_only_in_a1111_syntax(tiny_model_factory):
     torch.testing.assert_close(batch[1:], alone, atol=1e-4, rtol=1e-4)
     literal = pipe("a red circle AND a red circle", guidance_scale=3.0, **run).images
     assert (literal - single).abs().max() > 1e-3
+    negative = dict(guidance_scale=3.0, negative_prompt="a blue square AND dark:2", **run)
+    torch.testing.assert_close(pipe("a red circle", emphasis="a1111", **negative).images,
+                               pipe("a red circle", **negative).images)  # the negative prompt stays literal
+    with pytest.raises(ValueError, match="sub-prompt weight must be finite"):
+        pipe("a red circle:" + "9" * 400, emphasis="a1111", **run)
+    with pytest.raises(ValueError, match="attention controllers"), pipe.controlled(AttentionStore()):
+        pipe("a red circle AND a blue square", emphasis="a1111", **run)
 
 
 def test_flow_mmdit_composes_dict_conditionings(tmp_path):
