@@ -323,8 +323,8 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k (default: random)")
     add_clip_skip_option(parser)
     parser.add_argument("--emphasis", help="none (default): brackets are text, as diffusers; a1111: (word:1.2), "
-                                           "(word), [word] and BREAK weigh tokens and 'p AND q:0.5' composes sub-prompts, "
-                                           "as the A1111 web UI")
+                                           "(word), [word] and BREAK weigh tokens and 'p AND q:0.5' composes "
+                                           "sub-prompts, as the A1111 web UI")
 
 
 def add_clip_skip_option(parser: argparse.ArgumentParser) -> None:

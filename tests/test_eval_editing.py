@@ -106,7 +106,8 @@ def test_inpainting_results_split_by_held_out_targets():
     from train.shapes import is_heldout, parse_prompt
 
     targets = ["a orange circle at the top on a white background", "a red circle at the top on a white background",
-               "a blue square at the bottom left on a gray background", "a green triangle at the left on a black background"]
+               "a blue square at the bottom left on a gray background",
+               "a green triangle at the left on a black background"]
     heldout = [is_heldout(parse_prompt(t)) for t in targets]
     assert heldout == [True, False, True, False]
     assert split_by_heldout([False, True, True, False], heldout) == {

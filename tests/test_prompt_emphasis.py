@@ -109,8 +109,7 @@ def test_splits_sub_prompts_as_the_web_ui(prompt, parts):
 
 
 def test_composed_guidance_is_the_weighted_sum_of_each_parts_difference(tiny_model_factory):
-    """Liu et al. 2022, eq. 10 with the web UI's weights: u + w sum_k a_k (c_k - u), per image; at w <= 1 the
-    composition at w = 1 (the conditional model of a composed prompt)."""
+    """Liu et al. 2022, eq. 10 with the web UI's weights: u + w sum_k a_k (c_k - u), per image, at every scale w."""
     pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
     denoiser = pipe.denoiser()
     cond, uncond = pipe.encode_prompt(["a red circle", "a square", "a blue", ""], ["", "dark"])  # (K * B = 2 * 2)

@@ -263,8 +263,9 @@ def inpaint_table(pipe, count: int = 32, steps: int = 20, guidance: float = 7.5,
                 out = pipe.inpaint(render(scene), Image.fromarray(mask.astype(np.uint8) * 255), target, seed=k,
                                    num_inference_steps=steps, guidance_scale=guidance, progress=False,
                                    jump_length=jump_length, jump_n_sample=jump_n_sample).images[0]
-                results.append(score(parse_prompt(target), out))
-                heldout.append(is_heldout(parse_prompt(target)))
+                expected = parse_prompt(target)
+                results.append(score(expected, out))
+                heldout.append(is_heldout(expected))
             table[name] = {key: float(np.mean([r[key] for r in results]))
                            for key in ("color", "shape", "position", "all")} | {"count": count}
             table[name] |= split_by_heldout([r["all"] for r in results], heldout)
