@@ -21,6 +21,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from ldm.text import multi_vector_tokens, prompt_token_ids
+
 EDITS = ("replace", "refine", "reweight")
 # Self-attention is injected only in layers of at most 16 x 16 queries, as in the authors' code (for SD's 64 x 64
 # latents: the two lowest resolutions; for the 16 x 16 shapes model: every layer).
@@ -45,11 +47,14 @@ def word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
     """The prompt's words with the positions (after BOS, so 1-based) of their BPE tokens; CLIP marks a word's last
     token with ``</w>``, so a word split into several tokens keeps all of them."""
     ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
-    words, current, positions = [], "", []
-    for position, token in enumerate(tokenizer.convert_ids_to_tokens(ids), start=1):
+    added, expansions = tokenizer.added_tokens_encoder, multi_vector_tokens(tokenizer)
+    words, current, positions, position = [], "", [], 1
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        width = len(expansions.get(token_id, (token_id,)))  # a multi-vector embedding's token fills several places
         current += token.removesuffix("</w>")
-        positions.append(position)
-        if token.endswith("</w>"):
+        positions.extend(range(position, position + width))
+        position += width
+        if token.endswith("</w>") or token in added:  # textual-inversion tokens are words of their own
             words.append((current, positions))
             current, positions = "", []
     if positions:
@@ -106,8 +111,7 @@ class PromptToPrompt:
         for name, fraction in (("cross_replace_steps", cross_replace_steps), ("self_replace_steps", self_replace_steps)):
             if not _number_in(fraction, 0.0, 1.0):
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {fraction!r}")
-        src_ids = tokenizer(source, add_special_tokens=False, verbose=False)["input_ids"]
-        tgt_ids = tokenizer(target, add_special_tokens=False, verbose=False)["input_ids"]
+        src_ids, tgt_ids = prompt_token_ids(tokenizer, source), prompt_token_ids(tokenizer, target)
         if max(len(src_ids), len(tgt_ids)) > length - 2:
             raise ValueError(f"prompt-to-prompt needs prompts of at most {length - 2} tokens")
         if edit != "refine" and len(src_ids) != len(tgt_ids):

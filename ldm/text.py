@@ -85,11 +85,34 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+def multi_vector_tokens(tokenizer) -> dict[int, list[int]]:
+    """The ids each multi-vector textual-inversion token stands for: an added token ``t`` with added tokens
+    ``t_1`` ... ``t_{n-1}`` (diffusers' names for an n-vector embedding) maps to the ids of all n."""
+    added = tokenizer.added_tokens_encoder  # {token: id}, BOS and EOS included
+    expansions = {}
+    for token, first in added.items():
+        ids, k = [first], 1
+        while f"{token}_{k}" in added:
+            ids.append(added[f"{token}_{k}"])
+            k += 1
+        if k > 1:
+            expansions[first] = ids
+    return expansions
+
+
+def prompt_token_ids(tokenizer, text: str) -> list[int]:
+    """BPE ids of ``text`` without BOS / EOS; a multi-vector textual-inversion token becomes the ids of all its
+    vectors (what diffusers' ``maybe_convert_prompt`` does to the prompt's text)."""
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    expansions = multi_vector_tokens(tokenizer)
+    return [j for i in ids for j in expansions.get(i, (i,))]
+
+
 def token_windows(tokenizer, prompt: str, window: int | None = None) -> list[list[int]]:
     """Token ids of ``prompt`` split into windows of ``model_max_length - 2`` tokens, each wrapped as
     ``[BOS] + tokens + [EOS] + pad`` to the full length. An empty prompt gives one window."""
     length = window or tokenizer.model_max_length
-    ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    ids = prompt_token_ids(tokenizer, prompt)
     body = length - 2
     chunks = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
     return [_window(tokenizer, c, length) for c in chunks]
@@ -174,7 +197,7 @@ def weighted_token_windows(tokenizer, prompt: str) -> tuple[list[list[int]], lis
         if weight == BREAK:
             windows.append([])
             continue
-        for token in tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]:
+        for token in prompt_token_ids(tokenizer, text):
             if len(windows[-1]) == body:
                 windows.append([])
             windows[-1].append((token, weight))

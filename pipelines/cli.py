@@ -125,6 +125,8 @@ def load_pipeline(args, settings: dict | None = None):
     for spec in args.lora:
         path, scale = parse_lora_spec(spec)
         pipe.load_lora(path, scale, allow_pickle=args.allow_pickle)
+    for spec in args.embedding:
+        pipe.load_textual_inversion(*parse_embedding_spec(spec), allow_pickle=args.allow_pickle)
     if getattr(args, "controlnet", None):
         pipe.load_controlnet(args.controlnet, allow_pickle=args.allow_pickle)
     return pipe
@@ -146,6 +148,14 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def parse_embedding_spec(text: str) -> tuple[str, str | None]:
+    """``"file.safetensors"`` or ``"file.safetensors:word"`` (a colon is part of the path if the path exists)."""
+    path, colon, word = text.rpartition(":")
+    if colon and word and Path(path).exists():
+        return path, word
+    return text, None
 
 
 def save_images(result, paths: list[Path]) -> None:
@@ -303,6 +313,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="for a single-file checkpoint: v (SD 2.x 768 models) or epsilon; the keys do not tell")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                         help="load a LoRA file (diffusers or kohya layout) at SCALE (default 1); repeatable")
+    parser.add_argument("--embedding", action="append", default=[], metavar="PATH[:WORD]",
+                        help="load a textual-inversion embedding (diffusers, A1111 or SDXL layout) as WORD (default: "
+                             "the file's own token, else its name); repeatable")
 
 
 def add_control_options(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ FIELDS = (
     ("jump_n_sample", "RePaint jump samples", int),
     ("edit", "Prompt-to-prompt", str),
     ("loras", "Lora", str),
+    ("embeddings", "Embeddings", str),
     ("controlnet", "ControlNet", str),
     ("control_scale", "Control scale", float),
     ("refiner", "Refiner", str),  # A1111's labels for its SDXL refiner stage

@@ -27,6 +27,7 @@ from pipelines.checks import check_finite, check_non_negative_int, check_positiv
 from pipelines.compiled import COMPILE_BACKENDS, CompiledNetwork
 from pipelines.controlnet import ControlNetMixin, control_residuals
 from pipelines.editing import EditingMixin
+from pipelines.embeddings import TextualInversionMixin
 from pipelines.lora import LoraMixin
 from pipelines.prompt_to_prompt import PromptToPromptMixin
 
@@ -46,7 +47,7 @@ class GenerationOutput:
     parameters: list[dict] = field(default_factory=list)
 
 
-class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlNetMixin):
+class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualInversionMixin, ControlNetMixin):
     """Text-to-image generation with any loaded UNet model (ε, v or x0 prediction; VP or zero-SNR schedules)."""
 
     def __init__(self, components: Components, name: str | None = None):
@@ -490,6 +491,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, ControlN
                            **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
                               if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
+                           **({"embeddings": " ".join(self.embeddings)} if self.embeddings else {}),
                            **extra)
                       for p, n, s in zip(request.prompts, request.negatives, request.seeds)]
         if request.output_type == "latent":
