@@ -17,6 +17,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 TRAIN_RECIPES = {"vae": "train.train_vae", "text-encoder": "train.train_text_encoder",
                  "denoiser": "train.train_denoiser", "mmdit": "train.train_mmdit", "default": "train.default_model",
                  "dreambooth": "train.finetune:dreambooth", "lora": "train.finetune:lora",
+                 "textual-inversion": "train.finetune:textual_inversion",
                  "controlnet": "train.train_controlnet", "inpainting": "train.train_inpainting"}
 
 

@@ -139,11 +139,19 @@ class TextualInversionMixin:
         """Load a textual-inversion embedding as the word ``token`` (default: the file's own token, else its name);
         returns the word. Nothing changes if the file does not fit this model."""
         stored, vectors = embedding_vectors(read_embedding_file(path, allow_pickle), str(path))
-        word = token if token is not None else stored or Path(path).stem
+        return self.add_textual_inversion(token if token is not None else stored or Path(path).stem, vectors,
+                                          str(path))
+
+    def add_textual_inversion(self, word: str, vectors: torch.Tensor | dict[str, torch.Tensor],
+                              source: str = "the embedding") -> str:
+        """Add ``word`` with its ``vectors``: ``(n, D)`` for a one-tower model, else ``{"clip_l": (n, 768),
+        "clip_g": (n, 1280)}`` (:meth:`embedding_towers`); returns the word."""
         if not isinstance(word, str) or not word.strip() or word != word.strip():
             raise EmbeddingError(f"an embedding's word must be a non-empty string without outer spaces, got {word!r}")
+        if isinstance(vectors, torch.Tensor):
+            vectors = {"": vectors.reshape(-1, vectors.shape[-1])}
         towers = self.embedding_towers()
-        by_tower = self._vectors_by_tower(vectors, towers, str(path))
+        by_tower = self._vectors_by_tower(vectors, towers, source)
         names = token_names(word, next(iter(by_tower.values())).shape[0])
         for _, tokenizer, _ in towers:
             taken = [n for n in names if n in tokenizer.get_vocab()]

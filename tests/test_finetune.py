@@ -5,13 +5,14 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
 from pipelines.cli import main as ldm
 from pipelines.metadata import parse_parameters
 from pipelines.random_models import save_random_model
+from pipelines.text_to_image import TextToImagePipeline
 from train.datasets import DatasetError, scan_folder
 from train.finetune import instance_captions, prior_preservation_loss, run, training_target
 
@@ -228,3 +229,74 @@ def test_cross_attention_kv_fine_tune_changes_only_those_weights(setup, tmp_path
         run(dreambooth_args(model, subjects, tmp_path / "lora", "--method", "lora", "--unet-params",
                             "cross_attention_kv"), "dreambooth")
     assert not (tmp_path / "lora").exists()
+
+
+def textual_inversion_args(model, subjects, out, *extra):
+    return ["--model", str(model), "--instance-data", str(subjects), "--instance-prompt", "a <sks> shape",
+            "--initializer-token", "shape", "--num-vectors", "2", "--output-dir", str(out), "--sample-every", "0",
+            "--validation-steps", "1", "--mixed-precision", "no", "--lr", "5e-2", *extra]
+
+
+def test_textual_inversion_learns_a_new_word_that_diffusers_loads(setup, tmp_path):
+    """``ldm train textual-inversion``: the new word's two vectors start from the initializer's and are trained;
+    a resumed run equals an uninterrupted one; the saved file gives the same images in our pipeline and in
+    diffusers' (``load_textual_inversion``), and the base model folder is not touched."""
+    model, subjects = setup
+    whole = run(textual_inversion_args(model, subjects, tmp_path / "whole", "--steps", "4"), "textual_inversion")
+    args = textual_inversion_args(model, subjects, tmp_path / "parts", "--steps", "4")
+    assert not run(args + ["--stop-after", "2"], "textual_inversion")["finished"]
+    parts = run(args + ["--resume", "latest"], "textual_inversion")
+    learned, resumed = load_file(str(whole["saved"])), load_file(str(parts["saved"]))
+    assert list(learned) == ["<sks>"] and torch.equal(learned["<sks>"], resumed["<sks>"])
+    ours = TextToImagePipeline.from_pretrained(model)
+    initial = ours.text_encoder.get_input_embeddings().weight[ours.tokenizer.convert_tokens_to_ids("shape</w>")]
+    assert learned["<sks>"].shape == (2, initial.shape[0])
+    assert all(not torch.allclose(vector, initial) for vector in learned["<sks>"])  # both vectors trained
+    assert whole["metrics"]["trainable_params"] == 2 * initial.shape[0]
+    ours.load_textual_inversion(whole["saved"])
+    theirs = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_textual_inversion(str(whole["saved"]))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    mine = ours("a <sks> shape", latents=noise, num_inference_steps=3, sampler="ddim", output_type="latent",
+                progress=False).images
+    reference = theirs("a <sks> shape", latents=noise, num_inference_steps=3, output_type="latent").images
+    torch.testing.assert_close(mine, reference, atol=1e-4 * max(1.0, float(reference.abs().max())), rtol=0)
+    assert not (model / "tokenizer" / "added_tokens.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--identifier", "shape", "--instance-prompt", "a shape"], "'shape' is already a token"),
+    (["--initializer-token", "red circle"], "--initializer-token must be one token"),
+    (["--ema-decay", "0.9"], "trains the new word's vectors only"),
+    (["--instance-prompt", "a sks shape"], "does not contain the identifier '<sks>'"),
+])
+def test_textual_inversion_refuses_bad_words_before_writing(setup, tmp_path, extra, message):
+    model, subjects = setup
+    with pytest.raises(ValueError, match=message):
+        run(textual_inversion_args(model, subjects, tmp_path / "out", "--steps", "1") + extra, "textual_inversion")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pivotal_dreambooth_starts_from_a_learnt_word_and_saves_it(setup, tmp_path):
+    """``--embedding`` (pivotal tuning): DreamBooth fine-tunes on a word learnt by textual inversion; the full
+    fine-tune's folder carries the word in its tokenizer and text tower, so it loads (ours and diffusers') with the
+    learnt vectors; an embedding of another word is refused before anything is written."""
+    model, subjects = setup
+    word = run(textual_inversion_args(model, subjects, tmp_path / "ti", "--steps", "2"), "textual_inversion")["saved"]
+    args = dreambooth_args(model, subjects, tmp_path / "db", "--steps", "2", "--embedding", str(word),
+                           "--identifier", "<sks>")
+    args[args.index("a sks shape")] = "a <sks> shape"
+    with pytest.raises(ValueError, match="holds the word '<sks>', not the identifier 'sks'"):
+        run(dreambooth_args(model, subjects, tmp_path / "never", "--steps", "2", "--embedding", str(word)),
+            "dreambooth")
+    assert not (tmp_path / "never").exists()
+    saved = run(args, "dreambooth")["saved"]
+    learnt = load_file(str(word))["<sks>"]  # (2, D)
+    ours = TextToImagePipeline.from_pretrained(saved)
+    ids = ours.tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"])
+    assert torch.equal(ours.text_encoder.get_input_embeddings().weight[ids], learnt)
+    theirs = StableDiffusionPipeline.from_pretrained(saved, local_files_only=True)
+    assert theirs.tokenizer("a <sks> shape")["input_ids"][2] == ids[0]
+    assert torch.equal(theirs.text_encoder.get_input_embeddings().weight[ids], learnt)

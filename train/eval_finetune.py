@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.finetune import CAPTION_DROPOUT_ON, PRIOR_TARGETS, UNET_PARAMS, run
+from train.finetune import CAPTION_DROPOUT_ON, EMBEDDING_FILE, PRIOR_TARGETS, UNET_PARAMS, run
 from train.evaluate import BASE_SHAPES, aggregate_scores, detect_objects, parse_prompt, score
 from train.shapes import EXTRA_SHAPES, Scene, caption, make_object, render, sample_scene
 
@@ -43,6 +43,7 @@ SUBJECT_BACKGROUNDS = ("white", "gray", "black", "white")
 PLACEMENT_PROMPTS = (("top left", None), ("bottom right", None), ("top right", "black"), ("bottom left", "gray"),
                      ("center", "white"), ("top", None), ("left", "black"), ("bottom", None))
 VARIANTS = (("full", 1.0), ("full", 0.0), ("lora", 1.0), ("lora", 0.0))
+EMBEDDING_WORD = "<sks>"  # textual inversion's new word (variant "embedding:0")
 
 
 def subject_images(size: int = 128) -> list:
@@ -52,15 +53,16 @@ def subject_images(size: int = 128) -> list:
             for position, background in zip(SUBJECT_POSITIONS, SUBJECT_BACKGROUNDS)]
 
 
-def write_subject(folder: Path, size: int = 128, captions: str = "prompt") -> Path:
+def write_subject(folder: Path, size: int = 128, captions: str = "prompt", word: str = "sks") -> Path:
     """The subject renders as ``subject-<k>.png``; ``captions="prompt"``: none (they share the instance prompt),
-    ``"described"``: a ``metadata.jsonl`` saying where each one is and on what background."""
+    ``"described"``: a ``metadata.jsonl`` saying where each one is and on what background (naming the subject
+    ``word``)."""
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for k, (image, position, background) in enumerate(zip(subject_images(size), SUBJECT_POSITIONS,
                                                           SUBJECT_BACKGROUNDS)):
         image.save(folder / f"subject-{k}.png")
-        records.append({"file_name": f"subject-{k}.png", "text": placement_prompt(position, background)})
+        records.append({"file_name": f"subject-{k}.png", "text": placement_prompt(position, background, word)})
     if captions == "described":
         (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder
@@ -98,17 +100,17 @@ def subject_survives_vae(pipe, images) -> float:
     return float(np.mean(kept))
 
 
-def placement_prompt(position: str, background: str | None) -> str:
+def placement_prompt(position: str, background: str | None, word: str = "sks") -> str:
     where = "in the center" if position == "center" else f"at the {position}"
-    return f"a sks shape {where}" + (f" on a {background} background" if background else "")
+    return f"a {word} shape {where}" + (f" on a {background} background" if background else "")
 
 
-def placement(pipe, seeds: int = 4, steps: int = 20, guidance: float = 7.5) -> dict:
+def placement(pipe, seeds: int = 4, steps: int = 20, guidance: float = 7.5, word: str = "sks") -> dict:
     """Fractions of generations where the evaluator finds the subject at the asked position (and background),
     finds the subject anywhere, and finds any ring."""
     hits, subjects, rings = [], [], []
     for position, background in PLACEMENT_PROMPTS:
-        images = pipe([placement_prompt(position, background)] * seeds, seed=0, num_inference_steps=steps,
+        images = pipe([placement_prompt(position, background, word)] * seeds, seed=0, num_inference_steps=steps,
                       guidance_scale=guidance, progress=False).images
         for image in images:
             found = detect_objects(image, BASE_SHAPES + EXTRA_SHAPES)
@@ -175,19 +177,52 @@ def cached_base_row(work: Path, key: dict, compute) -> dict:
 
 
 def load_variant(base: Path, saved: Path, method: str, device=None):
+    """The fine-tuned model: a full fine-tune's folder, or the base with the saved embedding or LoRA (and the
+    embedding a pivotal LoRA run copied beside it)."""
     from pipelines.text_to_image import TextToImagePipeline
 
     if method == "full":
         return TextToImagePipeline.from_pretrained(saved, device=device)
     pipe = TextToImagePipeline.from_pretrained(base, device=device)
+    if method == "embedding":
+        pipe.load_textual_inversion(saved)
+        return pipe
+    if (saved.parent / EMBEDDING_FILE).is_file():
+        pipe.load_textual_inversion(saved.parent / EMBEDDING_FILE)
     pipe.load_lora(saved)
     return pipe
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import pick_device
-    from pipelines.text_to_image import DEFAULT_MODEL, TextToImagePipeline
-    from train.common import add_loss_weighting_args, folder_size
+def fine_tune_args(args, base: Path, method: str, prior: str, work: Path, prompts: list[str], out: Path,
+                   train_seed: int | None) -> tuple[list[str], str]:
+    """The fine-tuning command line of one variant and its recipe: DreamBooth (``full`` / ``lora``) binds the
+    subject to "sks"; textual inversion (``embedding``; the prior weight is unused) learns the new word
+    :data:`EMBEDDING_WORD`, leaving the model as it was."""
+    word = EMBEDDING_WORD if method == "embedding" or args.pivot else "sks"
+    folder = f"subject-{args.instance_captions}" + ("-embedding" if word == EMBEDDING_WORD else "")
+    subject = write_subject(work / folder, captions=args.instance_captions, word=word)
+    shared = ["--model", str(base), "--instance-data", str(subject), "--instance-prompt", f"a {word} shape",
+              "--steps", str(args.steps), "--output-dir", str(out), "--sample-every", "0",
+              "--batch-size", args.batch_size, "--loss-weighting", args.loss_weighting,
+              "--min-snr-gamma", str(args.min_snr_gamma), *(["--seed", str(train_seed)] if train_seed is not None
+                                                             else [])]
+    if method == "embedding":
+        return shared + ["--identifier", word, "--initializer-token", args.initializer_token,
+                         "--num-vectors", args.num_vectors, "--lr", args.lr_embedding], "textual_inversion"
+    return shared + ["--class-prompt", *prompts, "--prior-loss-weight", prior, "--method", method,
+                     "--num-class-images", str(args.class_images),
+                     "--caption-dropout", args.caption_dropout, "--caption-dropout-on", args.caption_dropout_on,
+                     "--prior-target", args.prior_target,
+                     *(["--ema-decay", args.ema_decay, "--unet-params", args.unet_params] if method == "full"
+                       else []),
+                     *(["--class-batch-size", args.class_batch_size] if args.class_batch_size else []),
+                     "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
+                     "--class-data-dir", str(work / f"class_images-{args.class_prompts}"),
+                     *(["--embedding", args.pivot, "--identifier", word] if args.pivot else [])], "dreambooth"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from train.common import add_loss_weighting_args
 
     parser = argparse.ArgumentParser(prog="python -m train.eval_finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", required=True)
@@ -197,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                         "smaller than SD's, whose DreamBooth default is 5e-6)")
     parser.add_argument("--lr-lora", default="1e-3", help="LoRA learning rate")
     parser.add_argument("--rank", default="8")
+    parser.add_argument("--lr-embedding", default="5e-3", help="textual inversion's learning rate")
+    parser.add_argument("--initializer-token", default="circle", help="textual inversion's starting word")
+    parser.add_argument("--num-vectors", default="4", help="textual inversion's vectors")
+    parser.add_argument("--pivot", default=None,
+                        help=f"pivotal tuning: DreamBooth variants start from this textual-inversion file of the "
+                             f"word {EMBEDDING_WORD} (an embedding variant's learned_embeds.safetensors)")
     parser.add_argument("--batch-size", default="1", help="subject images per step (as many class images join them)")
     add_loss_weighting_args(parser, "uniform", "per-timestep loss weight of the fine-tune (min_snr: as the shipped "
                             "UNet was trained)")
@@ -216,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seeds of the fine-tunes (default: the recipe's); several repeat every variant "
                              "independently")
     parser.add_argument("--variants", nargs="+", default=[f"{m}:{p}" for m, p in VARIANTS],
-                        help="METHOD:PRIOR_WEIGHT, e.g. full:1 lora:0")
+                        help="METHOD:PRIOR_WEIGHT, e.g. full:1 lora:0 embedding:0 (textual inversion)")
     parser.add_argument("--instance-captions", default="prompt", choices=("prompt", "described"),
                         help="subject renders trained with the bare instance prompt, or captioned with their "
                              "position and background")
@@ -226,13 +267,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="number of prior class images (with --class-prompts captions: one caption each)")
     parser.add_argument("--device", default="auto", help="where the evaluations generate (training: accelerate's)")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import pick_device
+    from pipelines.text_to_image import DEFAULT_MODEL, TextToImagePipeline
+    from train.common import folder_size
+
+    args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     work = Path(args.work_dir)
     base = Path(args.model) if args.model else DEFAULT_MODEL
-    subject = write_subject(work / f"subject-{args.instance_captions}", captions=args.instance_captions)
     prompts = class_prompts(args.class_prompts, args.class_images)
     suffix = "".join([", described instances" if args.instance_captions == "described" else "",
+                      ", pivotal (from a learnt word)" if args.pivot else "",
                       f", {len(prompts)} caption class prompts" if args.class_prompts == "captions" else "",
                       f", {args.class_images} class images" if args.class_prompts == "shape" and
                       args.class_images != 50 else "",
@@ -256,25 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{method}, prior weight {prior}{suffix}{seeded}"
         out = work / (f"{method}-prior{prior}" + ("" if train_seed is None else f"-seed{train_seed}"))
         started = time.perf_counter()
-        result = run(["--model", str(base), "--instance-data", str(subject), "--instance-prompt", "a sks shape",
-                      "--class-prompt", *prompts, "--prior-loss-weight", prior, "--method", method,
-                      "--num-class-images", str(args.class_images),
-                      "--steps", str(args.steps), "--output-dir", str(out), "--sample-every", "0",
-                      "--batch-size", args.batch_size, "--loss-weighting", args.loss_weighting,
-                      "--min-snr-gamma", str(args.min_snr_gamma),
-                      "--caption-dropout", args.caption_dropout, "--caption-dropout-on", args.caption_dropout_on,
-                      "--prior-target", args.prior_target,
-                      *(["--ema-decay", args.ema_decay, "--unet-params", args.unet_params] if method == "full"
-                        else []),
-                      *(["--class-batch-size", args.class_batch_size] if args.class_batch_size else []),
-                      "--lr", args.lr_full if method == "full" else args.lr_lora, "--rank", args.rank,
-                      "--class-data-dir", str(work / f"class_images-{args.class_prompts}"),
-                      *(["--seed", str(train_seed)] if train_seed is not None else [])], "dreambooth")
+        result = run(*fine_tune_args(args, base, method, prior, work, prompts, out, train_seed))
         seconds = time.perf_counter() - started
         pipe = load_variant(base, result["saved"], method, device)
         saved = result["saved"]
         size = saved.stat().st_size if saved.is_file() else folder_size(saved / "unet")
-        row = {**placement(pipe, args.seeds), **base_accuracy(pipe, args.drift_seeds, args.drift_guidance),
+        word = EMBEDDING_WORD if method == "embedding" or args.pivot else "sks"
+        row = {**placement(pipe, args.seeds, word=word), **base_accuracy(pipe, args.drift_seeds, args.drift_guidance),
                "train seconds": seconds, "saved MB": size / 1e6}
         rows[name] = row | paired_drift(row, rows["base model"])
         print(variant, seeded, json.dumps(without_hits(rows[name])))

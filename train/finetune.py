@@ -1,4 +1,4 @@
-"""Fine-tuning a loaded model on custom images: DreamBooth (with prior preservation) and LoRA.
+"""Fine-tuning a loaded model on custom images: DreamBooth (with prior preservation), LoRA, textual inversion.
 
 ``ldm train dreambooth``: Ruiz et al. 2022, "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for
 Subject-Driven Generation". 3-5 images of a subject are bound to a rare identifier in an instance prompt ("a sks
@@ -29,8 +29,13 @@ trains low-rank adapters (peft) on the attention projections (``to_q, to_k, to_v
 
 ``ldm train lora``: LoRA on a captioned folder (``train/datasets.py``: ``metadata.jsonl`` or ``.txt`` captions).
 
-Outputs in ``<output-dir>/final``: a complete model folder (full fine-tune; loads anywhere the base did), or
-``pytorch_lora_weights.safetensors`` in diffusers' layout (``pipe.load_lora(path)`` and diffusers'
+``ldm train textual-inversion``: Gal et al. 2022, "An Image is Worth One Word", eq. 2. The subject images and
+captions are DreamBooth's, the identifier is a new word whose ``--num-vectors`` embeddings start from
+``--initializer-token``'s and are the only weights that learn (text encoder and UNet frozen); saved as diffusers'
+``learned_embeds.safetensors`` (``pipelines/embeddings.py`` loads it, as does diffusers' ``load_textual_inversion``).
+
+Outputs in ``<output-dir>/final``: a complete model folder (full fine-tune; loads anywhere the base did),
+``learned_embeds.safetensors`` (textual inversion), or ``pytorch_lora_weights.safetensors`` in diffusers' layout (``pipe.load_lora(path)`` and diffusers'
 ``load_lora_weights`` both read it; LoRA alpha equals the rank, so scale 1 is the trained strength).
 Checkpoints, ``--resume`` (same weights as an uninterrupted run: every draw is keyed by step), validation grids
 and the progress bar come from ``train/common.py``.
@@ -49,7 +54,7 @@ import torch
 from train import common
 from train.datasets import RESIZE_MODES, describe, load_pixels, scan_folder
 
-RECIPES = ("dreambooth", "lora")
+RECIPES = ("dreambooth", "lora", "textual_inversion")
 METHODS = ("full", "lora")
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_PARAMS = ("all", "cross_attention_kv")  # --unet-params of a full fine-tune
@@ -59,7 +64,9 @@ TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 DEFAULTS = {  # recipe -> (steps, batch size, learning rate for full / for LoRA)
     "dreambooth": (400, 1, (5e-6, 1e-4)),
     "lora": (500, 4, (5e-6, 1e-4)),
+    "textual_inversion": (2000, 4, (5e-3, 5e-3)),  # the new vectors only
 }
+EMBEDDING_FILE = "learned_embeds.safetensors"  # diffusers' name for a textual-inversion file
 
 
 def build_parser(recipe: str) -> argparse.ArgumentParser:
@@ -72,12 +79,20 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="base model folder (default: the shipped default model)")
     common.add_loss_weighting_args(g, "uniform", "per-timestep loss weight; min_snr (v-prediction models) is what "
                                    "the shipped shapes UNet was trained with")
-    if recipe == "dreambooth":
+    if recipe in ("dreambooth", "textual_inversion"):
         g.add_argument("--instance-data", required=True,
                        help="folder of 3-5 subject images; an image's own caption (metadata.jsonl or .txt, "
                             "containing the identifier) replaces the instance prompt for that image")
         g.add_argument("--instance-prompt", required=True,
                        help='e.g. "a sks shape"; must contain --identifier; used for uncaptioned images')
+    if recipe == "textual_inversion":
+        g.add_argument("--identifier", default="<sks>",
+                       help="the new word the learnt vectors are bound to (not a word of the vocabulary)")
+        g.add_argument("--initializer-token", required=True,
+                       help='a word of one token whose embedding every new vector starts from (e.g. "shape")')
+        g.add_argument("--num-vectors", type=common.positive_int, default=1,
+                       help="vectors of the new word (the A1111 web UI's 'number of vectors per token')")
+    if recipe == "dreambooth":
         g.add_argument("--identifier", default="sks", help="the rare token naming the subject")
         g.add_argument("--class-prompt", nargs="+", default=None,
                        help='e.g. "a shape"; needed for prior preservation; several prompts: class image k is '
@@ -95,7 +110,11 @@ def build_parser(recipe: str) -> argparse.ArgumentParser:
         g.add_argument("--class-steps", type=common.positive_int, default=20, help="sampler steps per class image")
         g.add_argument("--class-guidance", type=float, default=7.5, help="CFG scale of the class images")
         g.add_argument("--method", default="full", choices=METHODS)
-    else:
+        g.add_argument("--embedding", default=None,
+                       help="pivotal tuning: a textual-inversion file (ldm train textual-inversion) whose word is the "
+                            "identifier, loaded before fine-tuning; a full fine-tune saves the text encoder and "
+                            "tokenizer with the word, a LoRA run copies the file beside the LoRA")
+    if recipe == "lora":
         g.add_argument("--data", required=True, help="folder of captioned images (metadata.jsonl or .txt files)")
     g.add_argument("--caption-dropout", type=float, default=0.0,
                    help="probability of training an example (subject, class or dataset image) on the empty "
@@ -160,6 +179,12 @@ def check_args(args: argparse.Namespace, recipe: str) -> None:
         args.method = "lora"
         args.prior_loss_weight = 0.0
         args.caption_dropout_on = "all"
+    elif recipe == "textual_inversion":
+        args.method, args.prior_loss_weight, args.caption_dropout_on = "embedding", 0.0, "all"
+        check_instance_prompt(args.instance_prompt, args.identifier)
+        if args.train_text_encoder or args.ema_decay or args.unet_params != "all":
+            raise ValueError("textual inversion trains the new word's vectors only; --train-text-encoder, "
+                             "--ema-decay and --unet-params do not apply")
     else:
         args.class_batch_size = args.class_batch_size or args.batch_size
         check_instance_prompt(args.instance_prompt, args.identifier)
@@ -170,13 +195,13 @@ def check_args(args: argparse.Namespace, recipe: str) -> None:
                              "--prior-loss-weight 0 to train without it")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.unet_params != "all" and args.method != "full":
+    if args.unet_params != "all" and args.method == "lora":
         raise ValueError(f"--unet-params {args.unet_params} chooses the weights of a full fine-tune; LoRA trains "
                          "adapters on the attention projections")
-    if args.ema_decay and args.method != "full":
+    if args.ema_decay and args.method == "lora":
         raise ValueError("--ema-decay averages a full fine-tune's UNet; it is not used with --method lora")
     if args.lr == 0.0:
-        args.lr = DEFAULTS[recipe][2][METHODS.index(args.method)]
+        args.lr = DEFAULTS[recipe][2][METHODS.index(args.method) if args.method in METHODS else 0]
 
 
 # --------------------------------------------------------------------------- the loss
@@ -310,6 +335,38 @@ def unet_trainable(unet: torch.nn.Module, which: str) -> dict[str, torch.nn.Para
     return chosen
 
 
+def add_trainable_word(pipe, word: str, initializer: str, count: int) -> tuple[torch.nn.Parameter, list[int]]:
+    """Textual inversion's new word (Gal et al. 2022, sec. 4.1): ``count`` vectors, each a copy of the one-token
+    ``initializer`` word's embedding; returns the token table ``(V, D)`` and the new rows."""
+    from ldm.text import prompt_token_ids
+
+    ids = prompt_token_ids(pipe.tokenizer, initializer)
+    if len(ids) != 1:
+        raise ValueError(f"--initializer-token must be one token of the vocabulary; {initializer!r} is {len(ids)}")
+    table = pipe.text_encoder.get_input_embeddings().weight  # (V, D)
+    pipe.add_textual_inversion(word, table[ids].detach().clone().repeat(count, 1))
+    return pipe.text_encoder.get_input_embeddings().weight, new_token_ids(pipe, word)  # (V + count, D)
+
+
+def keep_rows_except(table: torch.Tensor, trained: list[int]):
+    """An after-step hook that puts back every row of ``table`` ``(V, D)`` but the ``trained`` ones, so only the new
+    word learns (AdamW's weight decay touches every row), as diffusers' textual-inversion script does."""
+    original, others = table.detach().clone(), torch.ones(len(table), dtype=torch.bool)
+    others[trained] = False
+
+    def keep(step: int) -> None:
+        with torch.no_grad():
+            table[others] = original[others]
+    return keep
+
+
+def new_token_ids(pipe, word: str) -> list[int]:
+    """The token ids of an added word's vectors (``word``, ``word_1``, ...)."""
+    from pipelines.embeddings import token_names
+
+    return pipe.tokenizer.convert_tokens_to_ids(token_names(word, pipe.embeddings[word]))
+
+
 def lora_parameters(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The network's LoRA parameters by name (as they are now: FSDP replaces them when it shards)."""
     return {n: p for n, p in network.named_parameters() if "lora_" in n}
@@ -329,8 +386,18 @@ def save_final(args, pipe, base: Path, final: Path, accelerator, unet_average=No
     ``unet_average`` when given, an EMA). LoRA: diffusers' ``pytorch_lora_weights.safetensors``. Every process calls
     this (FSDP gathers); the main one writes."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from safetensors.torch import save_file
 
+    if args.method == "embedding":  # diffusers' {word: (n, D)}, which pipe.load_textual_inversion reads
+        vectors = pipe.text_encoder.get_input_embeddings().weight[new_token_ids(pipe, args.identifier)]
+        if accelerator.is_main_process:
+            final.mkdir(parents=True, exist_ok=True)
+            save_file({args.identifier: vectors.detach().float().contiguous()}, str(final / EMBEDDING_FILE))
+        return final / EMBEDDING_FILE
     if args.method == "lora":
+        if getattr(args, "embedding", None) and accelerator.is_main_process:
+            final.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(args.embedding, final / EMBEDDING_FILE)
         unet_layers = lora_layers(pipe.unet)
         text_layers = lora_layers(pipe.text_encoder) if args.train_text_encoder else None
         if accelerator.is_main_process:
@@ -341,15 +408,21 @@ def save_final(args, pipe, base: Path, final: Path, accelerator, unet_average=No
                                                              text_encoder_lora_layers=text_layers)
         return final / "pytorch_lora_weights.safetensors"
     networks = {"unet": unet_average if unet_average is not None else common.full_model(accelerator, pipe.unet)}
-    if args.train_text_encoder:
+    pivot = bool(getattr(args, "embedding", None))  # the text tower and tokenizer now hold the new word
+    if args.train_text_encoder or pivot:
         networks["text_encoder"] = common.full_model(accelerator, pipe.text_encoder)
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
+        replaced = set(networks) | ({"tokenizer"} if pivot else set())
         shutil.copytree(base, final, ignore=lambda folder, names: [n for n in names if Path(folder) == base
-                                                                   and n in networks])
+                                                                   and n in replaced])
         for name, network in networks.items():
             network.save_pretrained(final / name, safe_serialization=True)
+        if pivot:
+            from ldm.text import save_tokenizer
+
+            save_tokenizer(pipe.tokenizer, final / "tokenizer")
     return final
 
 
@@ -364,9 +437,10 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
         raise ValueError(f"unknown fine-tuning recipe {recipe!r}; known: {', '.join(RECIPES)}")
     args = build_parser(recipe).parse_args(argv)
     check_args(args, recipe)
-    data_dir = args.instance_data if recipe == "dreambooth" else args.data
-    examples = scan_folder(data_dir, captions="optional" if recipe == "dreambooth" else "required")
-    captions = (instance_captions(examples, args.instance_prompt, args.identifier) if recipe == "dreambooth"
+    subject = recipe != "lora"  # DreamBooth and textual inversion learn a subject from a few images
+    data_dir = args.instance_data if subject else args.data
+    examples = scan_folder(data_dir, captions="optional" if subject else "required")
+    captions = (instance_captions(examples, args.instance_prompt, args.identifier) if subject
                 else [e.caption for e in examples])
     base = Path(args.model) if args.model else DEFAULT_MODEL
     pipe = TextToImagePipeline.from_pretrained(base)
@@ -376,6 +450,13 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
         raise ValueError(f"--loss-weighting min_snr is written for v-prediction models; {base} predicts "
                          f"{pipe.prediction_type}")
     pipe.to(dtype=torch.float32)
+    if getattr(args, "embedding", None):  # pivotal tuning: the identifier is a word learnt by textual inversion
+        word = pipe.load_textual_inversion(args.embedding)
+        if word != args.identifier:
+            raise ValueError(f"--embedding {args.embedding} holds the word {word!r}, not the identifier "
+                             f"{args.identifier!r}; pass --identifier {word!r} (and name it in the prompts)")
+    if args.method == "embedding":  # before anything is written: the word and its initializer are checked here
+        table, word_ids = add_trainable_word(pipe, args.identifier, args.initializer_token, args.num_vectors)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if resolution % pipe.vae_scale_factor:
         raise ValueError(f"--resolution must be a multiple of {pipe.vae_scale_factor}, got {resolution}")
@@ -385,6 +466,9 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     config = {"base": str(base.resolve()), "method": args.method, "unet_params": args.unet_params,
               "rank": args.rank if args.method == "lora" else 0,
               "train_text_encoder": args.train_text_encoder, "resolution": resolution,
+              **({"word": args.identifier, "initializer": args.initializer_token, "vectors": args.num_vectors}
+                 if args.method == "embedding" else {}),
+              **({"embedding": str(Path(args.embedding).resolve())} if getattr(args, "embedding", None) else {}),
               "unet": {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}}
     common.check_resumable(args, recipe, config)
     out = common.ensure_output_dir(args)
@@ -409,7 +493,12 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     frozen = None
     if recipe == "dreambooth" and args.prior_target == "base" and class_latents is not None:
         frozen = copy.deepcopy(TextConditionedUNet(unet, text_encoder, False)).requires_grad_(False).eval()
-    if args.method == "lora":
+    if args.method == "embedding":
+        unet.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        table.requires_grad_(True)
+        trainable = {"text_encoder.token_embedding": table}
+    elif args.method == "lora":
         trainable = add_lora(unet, UNET_LORA_TARGETS, args.rank, args.seed)
         if args.train_text_encoder:
             trainable |= {f"text_encoder.{k}": v for k, v in
@@ -419,10 +508,12 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
         text_encoder.requires_grad_(args.train_text_encoder)
         if args.train_text_encoder:
             trainable |= {f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()}
-    denoiser = TextConditionedUNet(unet, text_encoder, args.train_text_encoder)
+    denoiser = TextConditionedUNet(unet, text_encoder, args.train_text_encoder or args.method == "embedding")
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=1e-2)
     model, optimizer = accelerator.prepare(common.declare_fsdp_units(denoiser), optimizer)
-    if args.method == "lora":  # the parameters as prepared (FSDP replaces them with sharded ones)
+    if args.method == "embedding":  # the new rows (a view: a resumed run copies into the table)
+        checkpoint_models = {"embedding": {"vectors": table[word_ids[0]:word_ids[-1] + 1]}}
+    elif args.method == "lora":  # the parameters as prepared (FSDP replaces them with sharded ones)
         checkpoint_models = {"lora": lora_parameters(unet)}
         if args.train_text_encoder:
             checkpoint_models["lora"] |= {f"text_encoder.{k}": p for k, p in lora_parameters(text_encoder).items()}
@@ -473,7 +564,7 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
         weights = common.loss_weights(alpha_bar[t], args.loss_weighting, args.min_snr_gamma)  # (B',)
         return prior_preservation_loss(pred, target.float(), args.batch_size, args.prior_loss_weight, weights)
 
-    prompts = args.validation_prompt or ([args.instance_prompt] if recipe == "dreambooth" else captions[:4])
+    prompts = args.validation_prompt or ([args.instance_prompt] if subject else captions[:4])
 
     def sample_fn(step: int) -> None:
         denoiser.eval()
@@ -487,15 +578,18 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     result = common.train_loop(args=args, accelerator=accelerator, recipe=recipe, model_config=config,
                                model=model, optimizer=optimizer, loss_fn=loss_fn,
                                checkpoint_models=checkpoint_models, log=log, desc=recipe, sample_fn=sample_fn,
-                               after_step=ema.update)
+                               after_step=(keep_rows_except(table, word_ids) if args.method == "embedding"
+                                           else ema.update))
     denoiser.eval()
     if common.stopped_early(accelerator, result, args.steps):
         return result
     saved = save_final(args, pipe, base, out / "final", accelerator,
                        ema.averaged() if ema.state is not None else None)
-    metrics = {"steps": args.steps, "method": args.method, "trainable_params": sum(p.numel() for p in
-               trainable.values()), "images": len(examples), "class_images": 0 if class_latents is None else
-               len(class_latents[0]), "steps_per_second": result["steps_per_second"],
+    trained = (len(word_ids) * table.shape[1] if args.method == "embedding"
+               else sum(p.numel() for p in trainable.values()))
+    metrics = {"steps": args.steps, "method": args.method, "trainable_params": trained, "images": len(examples),
+               "class_images": 0 if class_latents is None else len(class_latents[0]),
+               "steps_per_second": result["steps_per_second"],
                "final_loss": result["losses"][-1] if result["losses"] else None}
     if accelerator.is_main_process:
         common.finish_run(accelerator, log, out, recipe, metrics, saved)
@@ -504,7 +598,7 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
 
 
 def main(argv: list[str] | None = None, recipe: str = "dreambooth") -> int:
-    """Command-line entry (``ldm train dreambooth|lora`` calls this)."""
+    """Command-line entry (``ldm train dreambooth|lora|textual-inversion`` calls this)."""
     run(argv, recipe)
     return 0
 
