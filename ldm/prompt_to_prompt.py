@@ -47,14 +47,14 @@ def word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
     """The prompt's words with the positions (after BOS, so 1-based) of their BPE tokens; CLIP marks a word's last
     token with ``</w>``, so a word split into several tokens keeps all of them."""
     ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
-    added, expansions = tokenizer.added_tokens_encoder, multi_vector_tokens(tokenizer)
+    added, expansions = tokenizer.added_tokens_decoder, multi_vector_tokens(tokenizer)  # {id: ...}
     words, current, positions, position = [], "", [], 1
     for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
         width = len(expansions.get(token_id, (token_id,)))  # a multi-vector embedding's token fills several places
         current += token.removesuffix("</w>")
         positions.extend(range(position, position + width))
         position += width
-        if token.endswith("</w>") or token in added:  # textual-inversion tokens are words of their own
+        if token.endswith("</w>") or token_id in added:  # textual-inversion tokens are words of their own
             words.append((current, positions))
             current, positions = "", []
     if positions:

@@ -100,21 +100,40 @@ def multi_vector_tokens(tokenizer) -> dict[int, list[int]]:
     return expansions
 
 
-def prompt_token_ids(tokenizer, text: str) -> list[int]:
-    """BPE ids of ``text`` without BOS / EOS; a multi-vector textual-inversion token becomes the ids of all its
-    vectors (what diffusers' ``maybe_convert_prompt`` does to the prompt's text)."""
+def prompt_token_groups(tokenizer, text: str) -> list[list[int]]:
+    """BPE ids of ``text`` without BOS / EOS, one group per token: a multi-vector textual-inversion word's group
+    holds the ids of all its vectors (what diffusers' ``maybe_convert_prompt`` does to the prompt's text), every
+    other group one id."""
     ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     expansions = multi_vector_tokens(tokenizer)
-    return [j for i in ids for j in expansions.get(i, (i,))]
+    return [list(expansions.get(i, (i,))) for i in ids]
+
+
+def prompt_token_ids(tokenizer, text: str) -> list[int]:
+    """:func:`prompt_token_groups` flattened."""
+    return [i for group in prompt_token_groups(tokenizer, text) for i in group]
+
+
+def pack_windows(groups: list[list], body: int, windows: list[list] | None = None) -> list[list]:
+    """Append the items of ``groups`` to ``windows`` (default: one empty window), at most ``body`` per window. A
+    group that does not fit in what is left of a window starts the next one whole, as the A1111 web UI moves a
+    textual-inversion embedding to the next chunk (only a group longer than a window is split)."""
+    windows = [[]] if windows is None else windows
+    for group in groups:
+        if windows[-1] and len(windows[-1]) + len(group) > body and len(group) <= body:
+            windows.append([])
+        for item in group:
+            if len(windows[-1]) == body:
+                windows.append([])
+            windows[-1].append(item)
+    return windows
 
 
 def token_windows(tokenizer, prompt: str, window: int | None = None) -> list[list[int]]:
-    """Token ids of ``prompt`` split into windows of ``model_max_length - 2`` tokens, each wrapped as
-    ``[BOS] + tokens + [EOS] + pad`` to the full length. An empty prompt gives one window."""
+    """Token ids of ``prompt`` split into windows of ``model_max_length - 2`` tokens (:func:`pack_windows`), each
+    wrapped as ``[BOS] + tokens + [EOS] + pad`` to the full length. An empty prompt gives one window."""
     length = window or tokenizer.model_max_length
-    ids = prompt_token_ids(tokenizer, prompt)
-    body = length - 2
-    chunks = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
+    chunks = pack_windows(prompt_token_groups(tokenizer, prompt), length - 2)
     return [_window(tokenizer, c, length) for c in chunks]
 
 
@@ -197,10 +216,8 @@ def weighted_token_windows(tokenizer, prompt: str) -> tuple[list[list[int]], lis
         if weight == BREAK:
             windows.append([])
             continue
-        for token in prompt_token_ids(tokenizer, text):
-            if len(windows[-1]) == body:
-                windows.append([])
-            windows[-1].append((token, weight))
+        groups = [[(token, weight) for token in group] for group in prompt_token_groups(tokenizer, text)]
+        pack_windows(groups, body, windows)
     ids = [_window(tokenizer, [t for t, _ in w], body + 2) for w in windows]
     weights = [[1.0] + [x for _, x in w] + [1.0] * (body + 1 - len(w)) for w in windows]
     return ids, weights

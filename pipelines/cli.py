@@ -178,6 +178,8 @@ def cmd_generate(args) -> int:
         refiner = {"refiner": TextToImagePipeline.from_pretrained(args.refiner).to(pipe.device, pipe.dtype),
                    "refiner_switch": args.refiner_switch}
         refiner["refiner"].name = str(args.refiner)
+        for spec in args.embedding:  # the web UI gives an SDXL embedding's clip_g vectors to the refiner too
+            refiner["refiner"].load_textual_inversion(*parse_embedding_spec(spec), allow_pickle=args.allow_pickle)
     save_images(pipe(settings["prompt"], num_images_per_prompt=args.n, **pipeline_arguments(settings),
                      **control_arguments(args), **refiner), paths)
     return 0

@@ -77,13 +77,21 @@ def embedding_vectors(contents, source: str) -> tuple[str | None, dict[str, torc
         raise EmbeddingError(f"{source}: unrecognised embedding layout (keys: {', '.join(map(str, contents))[:200]}); "
                              "expected diffusers' {token: vectors}, A1111's emb_params / string_to_param, or "
                              "SDXL's clip_l / clip_g")
+    return stored, checked_vectors(vectors, source)
+
+
+def checked_vectors(vectors: dict, source: str) -> dict[str, torch.Tensor]:
+    """``vectors`` (per tower: ``(D,)`` or ``(n, D)``) as detached float copies ``(n, D)``; EmbeddingError for
+    anything else or for NaN / infinite values."""
+    checked = {}
     for key, tensor in vectors.items():
         if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (1, 2) or not tensor.is_floating_point() \
                 or tensor.numel() == 0:
             raise EmbeddingError(f"{source}: {key or 'the embedding'} is not a float tensor of shape (D,) or (n, D)")
         if not torch.isfinite(tensor).all():
             raise EmbeddingError(f"{source}: {key or 'the embedding'} holds NaN or infinite values")
-    return stored, {key: tensor.reshape(-1, tensor.shape[-1]) for key, tensor in vectors.items()}
+        checked[key] = tensor.detach().reshape(-1, tensor.shape[-1]).clone()  # A1111 .pt tensors require grad
+    return checked
 
 
 def token_names(token: str, count: int) -> list[str]:
@@ -123,8 +131,7 @@ class TextualInversionMixin:
     @property
     def embeddings(self) -> dict[str, int]:
         """Loaded textual-inversion words and their numbers of vectors, in load order."""
-        loaded = self.__dict__.get("_embeddings", {})
-        return {token: next(iter(vectors.values())).shape[0] for token, vectors in loaded.items()}
+        return {word: next(iter(counts.values())) for word, counts in self.__dict__.get("_embeddings", {}).items()}
 
     def embedding_towers(self) -> list[tuple[str, object, torch.nn.Module]]:
         """(file key, tokenizer, text encoder) of each CLIP tower an embedding fills: ``""`` for the one tower of
@@ -145,27 +152,43 @@ class TextualInversionMixin:
     def add_textual_inversion(self, word: str, vectors: torch.Tensor | dict[str, torch.Tensor],
                               source: str = "the embedding") -> str:
         """Add ``word`` with its ``vectors``: ``(n, D)`` for a one-tower model, else ``{"clip_l": (n, 768),
-        "clip_g": (n, 1280)}`` (:meth:`embedding_towers`); returns the word."""
+        "clip_g": (n, 1280)}`` (:meth:`embedding_towers`); returns the word. Nothing changes if they do not fit."""
         if not isinstance(word, str) or not word.strip() or word != word.strip():
             raise EmbeddingError(f"an embedding's word must be a non-empty string without outer spaces, got {word!r}")
-        if isinstance(vectors, torch.Tensor):
-            vectors = {"": vectors.reshape(-1, vectors.shape[-1])}
         towers = self.embedding_towers()
+        vectors = checked_vectors({"": vectors} if isinstance(vectors, torch.Tensor) else vectors, source)
         by_tower = self._vectors_by_tower(vectors, towers, source)
-        names = token_names(word, next(iter(by_tower.values())).shape[0])
         for _, tokenizer, _ in towers:
-            taken = [n for n in names if n in tokenizer.get_vocab()]
-            if taken:
-                raise EmbeddingError(f"{taken[0]!r} is already a token of this model's vocabulary"
-                                     + (" (an embedding of that name is loaded)" if word in self.embeddings else "")
-                                     + "; pass token=... with another word")
+            self._check_word_is_free(tokenizer, word, next(iter(by_tower.values())).shape[0])
         if "_embeddings_original" not in self.__dict__:
-            self._embeddings_original = (copy.deepcopy(self.tokenizer), copy.deepcopy(self.tokenizer_2),
-                                         self.tokenizer is self.tokenizer_2,
-                                         [encoder.get_input_embeddings().weight.shape[0] for _, _, encoder in towers])
-        self.__dict__.setdefault("_embeddings", {})[word] = by_tower
+            self._embeddings_original = self._original_text_state(towers)
         self._add_embedding(word, by_tower)
+        self.__dict__.setdefault("_embeddings", {})[word] = {key: v.shape[0] for key, v in by_tower.items()}
         return word
+
+    def _check_word_is_free(self, tokenizer, word: str, count: int) -> None:
+        """EmbeddingError if one of the word's token names is taken, or would make an existing multi-vector name
+        ambiguous (``w_1`` beside a loaded ``w``, or ``w`` beside a loaded ``w_1``); the tokenizer matches words
+        whatever their case, so names are compared in lower case."""
+        vocabulary = {token.lower() for token in tokenizer.get_vocab()}
+        added = {token.lower() for token in tokenizer.added_tokens_encoder}
+        names = [name.lower() for name in token_names(word, count)]
+        stem, _, number = word.lower().rpartition("_")
+        clash = next((n for n in names if n in vocabulary), None) or \
+            next((a for a in added if a.startswith(word.lower() + "_") and a[len(word) + 1:].isdigit()), None) or \
+            (stem if number.isdigit() and stem in added else None)
+        if clash is not None:
+            loaded = " (an embedding of that name is loaded)" if clash in {w.lower() for w in self.embeddings} else ""
+            raise EmbeddingError(f"{clash!r} is already a token of this model's vocabulary{loaded}; give the "
+                                 f"embedding another word")
+
+    def _original_text_state(self, towers: list) -> tuple:
+        """What unloading restores: the tokenizers, each token table's row count, and the rows beyond the
+        tokenizer's vocabulary that new words will overwrite (tables padded past the vocabulary)."""
+        tables = [encoder.get_input_embeddings().weight for _, _, encoder in towers]
+        return (copy.deepcopy(self.tokenizer), copy.deepcopy(self.tokenizer_2), self.tokenizer is self.tokenizer_2,
+                [(len(table), len(tokenizer), table[len(tokenizer):].detach().clone())
+                 for table, (_, tokenizer, _) in zip(tables, towers)])
 
     def _vectors_by_tower(self, vectors: dict[str, torch.Tensor], towers: list, source: str) -> dict:
         """The file's vectors keyed as :meth:`embedding_towers` names the towers; EmbeddingError where the file
@@ -202,23 +225,36 @@ class TextualInversionMixin:
             tokenizer.add_tokens([AddedToken(name, single_word=True) for name in names])  # whole words only
             ids = tokenizer.convert_tokens_to_ids(names)
             table = resize_token_table(encoder, max(max(ids) + 1, encoder.get_input_embeddings().weight.shape[0]))
-            table[ids] = by_tower[key].to(table)
+            with torch.no_grad():
+                table[ids] = by_tower[key].to(table)
             pool_at_first_eos(encoder, tokenizer.eos_token_id)
 
     def unload_textual_inversion(self, token: str | None = None) -> None:
         """Remove one embedding's word (or all): tokenizers and token tables are restored to what they were
-        before the first load, then the remaining embeddings are added again."""
+        before the first load, then the remaining words are added again with their current vectors."""
         loaded = self.__dict__.get("_embeddings", {})
         if token is not None and token not in loaded:
             raise EmbeddingError(f"no embedding {token!r} is loaded; loaded: {', '.join(loaded) or 'none'}")
         if not loaded:
             return
-        remaining = {word: v for word, v in loaded.items() if token is not None and word != token}
-        tokenizer, tokenizer_2, shared, rows = self._embeddings_original
+        remaining = {word: self._current_vectors(word, counts) for word, counts in loaded.items()
+                     if token is not None and word != token}
+        tokenizer, tokenizer_2, shared, tables = self._embeddings_original
         self.tokenizer = copy.deepcopy(tokenizer)
         self.tokenizer_2 = self.tokenizer if shared else copy.deepcopy(tokenizer_2)
-        for (_, _, encoder), count in zip(self.embedding_towers(), rows):
-            resize_token_table(encoder, count)
-        self._embeddings = remaining
+        for (_, _, encoder), (rows, vocabulary, beyond) in zip(self.embedding_towers(), tables):
+            table = resize_token_table(encoder, rows)
+            with torch.no_grad():
+                table[vocabulary:] = beyond
+        self._embeddings = {}
         for word, by_tower in remaining.items():
             self._add_embedding(word, by_tower)
+            self._embeddings[word] = {key: v.shape[0] for key, v in by_tower.items()}
+
+    def _current_vectors(self, word: str, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        """A loaded word's vectors as its towers' token tables hold them now (training may have changed them)."""
+        vectors = {}
+        for key, tokenizer, encoder in self.embedding_towers():
+            ids = tokenizer.convert_tokens_to_ids(token_names(word, counts[key]))
+            vectors[key] = encoder.get_input_embeddings().weight[ids].detach().clone()
+        return vectors

@@ -12,7 +12,7 @@ from ldm.text import prompt_token_ids
 from pipelines.cli import main
 from pipelines.embeddings import EmbeddingError
 from pipelines.metadata import parse_parameters
-from pipelines.random_models import save_random_sd3, save_random_sdxl
+from pipelines.random_models import save_random_sd3, save_random_sdxl, save_random_sdxl_refiner
 from pipelines.text_to_image import TextToImagePipeline
 
 SETTINGS = dict(num_inference_steps=4, guidance_scale=5.0, output_type="latent", progress=False)
@@ -193,3 +193,63 @@ def test_cli_loads_embeddings_and_records_them(tiny_model_factory, tmp_path):
                      "--steps", "2"] + extra) == 0
     assert parse_parameters(Image.open(outputs[0]).info["parameters"])["embeddings"] == "mycolor"
     assert Image.open(outputs[0]).tobytes() == Image.open(outputs[1]).tobytes()
+
+
+def test_ambiguous_names_are_refused_whatever_their_case(tiny_model_factory):
+    """Multi-vector words are found by diffusers' names (``w``, ``w_1`` ...), and the tokenizer ignores case: a
+    word that would make an existing word's vectors ambiguous, or that differs from a loaded one only in case, is
+    refused."""
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    pipe.add_textual_inversion("<qq>_1", random_vectors(1, width, 0))
+    with pytest.raises(EmbeddingError, match="'<qq>_1' is already a token"):
+        pipe.add_textual_inversion("<qq>", random_vectors(2, width, 1))
+    pipe.add_textual_inversion("EasyNeg", random_vectors(3, width, 2))
+    with pytest.raises(EmbeddingError, match="'easyneg' is already a token .*loaded"):
+        pipe.add_textual_inversion("easyneg", random_vectors(1, width, 3))
+    with pytest.raises(EmbeddingError, match="'easyneg' is already a token"):
+        pipe.add_textual_inversion("EasyNeg_7", random_vectors(1, width, 3))
+    assert pipe.embeddings == {"<qq>_1": 1, "EasyNeg": 3}
+    assert prompt_token_ids(pipe.tokenizer, "a <qq>_1") == prompt_token_ids(pipe.tokenizer, "a")[:1] + [
+        pipe.tokenizer.convert_tokens_to_ids("<qq>_1")]
+    assert token_positions(pipe.tokenizer, "a EasyNeg dog", "EasyNeg") == [2, 3, 4]  # prompt-to-prompt's words
+
+
+def test_a_multi_vector_word_is_never_split_between_windows(tiny_model_factory):
+    """Past 75 tokens prompts are encoded in windows (the web UI's rule); like the web UI, an embedding that does
+    not fit in what is left of a window moves whole to the next one, with and without emphasis syntax."""
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    pipe.add_textual_inversion("EasyNeg", random_vectors(8, pipe.text_encoder.get_input_embeddings().weight.shape[1],
+                                                         0))
+    first = pipe.tokenizer.convert_tokens_to_ids("EasyNeg")
+    prompt = "a " * 70 + "EasyNeg, cat"
+    for emphasis in ("none", "a1111"):
+        ids, _ = pipe.tokenize(pipe.tokenizer, [prompt], emphasis)  # (1, W, 77)
+        assert ids.shape[1] == 2 and first not in ids[0, 0].tolist()
+        assert ids[0, 1, 1:9].tolist() == list(range(first, first + 8))
+
+
+def test_a1111_pickles_that_require_grad_leave_the_tables_frozen_leaves(tiny_model_factory, tmp_path):
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    torch.save({"string_to_param": {"*": random_vectors(2, width, 0).requires_grad_()}}, tmp_path / "pickled.pt")
+    pipe.load_textual_inversion(tmp_path / "pickled.pt", allow_pickle=True)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert table.is_leaf and not table.requires_grad
+    pipe.text_encoder.requires_grad_(False)  # what load_lora does; fails on a non-leaf table
+
+
+def test_the_sdxl_refiner_reads_the_clip_g_vectors(tmp_path):
+    """SDXL's refiner has only the second tower (its one tokenizer serves both names): an SDXL file's clip_g
+    vectors are what it reads, and unloading keeps the two names on one tokenizer."""
+    pipe = TextToImagePipeline.from_pretrained(save_random_sdxl_refiner(tmp_path / "refiner"))
+    [(key, tokenizer, encoder)] = pipe.embedding_towers()
+    assert key == "clip_g" and pipe.tokenizer is pipe.tokenizer_2
+    save_file({"clip_l": random_vectors(1, 768, 0), "clip_g": word_vectors(tokenizer, encoder, "red")},
+              str(tmp_path / "myred.safetensors"))
+    pipe.load_textual_inversion(tmp_path / "myred.safetensors")
+    embedded, _ = pipe.encode_prompt(["a myred circle"], [""])
+    words, _ = pipe.encode_prompt(["a red circle"], [""])
+    torch.testing.assert_close(embedded["hidden"], words["hidden"], atol=0, rtol=0)
+    pipe.unload_textual_inversion()
+    assert pipe.tokenizer is pipe.tokenizer_2 and pipe.embeddings == {}

@@ -14,7 +14,7 @@ from pipelines.metadata import parse_parameters
 from pipelines.random_models import save_random_model
 from pipelines.text_to_image import TextToImagePipeline
 from train.datasets import DatasetError, scan_folder
-from train.finetune import instance_captions, prior_preservation_loss, run, training_target
+from train.finetune import instance_captions, prior_preservation_loss, run, train_only_rows, training_target
 
 from test_lora import render_subjects
 
@@ -300,3 +300,17 @@ def test_pivotal_dreambooth_starts_from_a_learnt_word_and_saves_it(setup, tmp_pa
     theirs = StableDiffusionPipeline.from_pretrained(saved, local_files_only=True)
     assert theirs.tokenizer("a <sks> shape")["input_ids"][2] == ids[0]
     assert torch.equal(theirs.text_encoder.get_input_embeddings().weight[ids], learnt)
+
+
+def test_only_the_new_words_rows_learn():
+    """Textual inversion's table: gradients reach only the new rows, and the after-step hook undoes AdamW's weight
+    decay on the others, so every other word's vector stays exactly as it was."""
+    table = torch.nn.Parameter(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)))
+    before = table.detach().clone()
+    keep = train_only_rows(table, [4, 5])
+    optimizer = torch.optim.AdamW([table], lr=0.1, weight_decay=0.5)
+    (table ** 2).sum().backward()  # a gradient on every row
+    assert torch.count_nonzero(table.grad[:4]) == 0 and torch.count_nonzero(table.grad[4:]) == 6
+    optimizer.step()
+    keep(1)
+    assert torch.equal(table[:4], before[:4]) and not torch.equal(table[4:], before[4:])

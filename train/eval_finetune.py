@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         method, _, prior = variant.partition(":")
         seeded = "" if train_seed is None else f", training seed {train_seed}"
         name = f"{method}, prior weight {prior}{suffix}{seeded}"
-        out = work / (f"{method}-prior{prior}" + ("" if train_seed is None else f"-seed{train_seed}"))
+        out = work / (f"{method}-prior{prior}" + ("-pivot" if args.pivot else "")
+                      + ("" if train_seed is None else f"-seed{train_seed}"))
         started = time.perf_counter()
         result = run(*fine_tune_args(args, base, method, prior, work, prompts, out, train_seed))
         seconds = time.perf_counter() - started

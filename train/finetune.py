@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import shutil
 import sys
@@ -181,6 +182,9 @@ def check_args(args: argparse.Namespace, recipe: str) -> None:
         args.caption_dropout_on = "all"
     elif recipe == "textual_inversion":
         args.method, args.prior_loss_weight, args.caption_dropout_on = "embedding", 0.0, "all"
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ValueError("textual inversion trains a few rows of one table: run it without FSDP (DDP or one "
+                             "process)")
         check_instance_prompt(args.instance_prompt, args.identifier)
         if args.train_text_encoder or args.ema_decay or args.unet_params != "all":
             raise ValueError("textual inversion trains the new word's vectors only; --train-text-encoder, "
@@ -345,14 +349,20 @@ def add_trainable_word(pipe, word: str, initializer: str, count: int) -> tuple[t
         raise ValueError(f"--initializer-token must be one token of the vocabulary; {initializer!r} is {len(ids)}")
     table = pipe.text_encoder.get_input_embeddings().weight  # (V, D)
     pipe.add_textual_inversion(word, table[ids].detach().clone().repeat(count, 1))
-    return pipe.text_encoder.get_input_embeddings().weight, new_token_ids(pipe, word)  # (V + count, D)
+    new = new_token_ids(pipe, word)
+    if new != list(range(new[0], new[0] + count)):  # checkpoints keep the rows as one slice
+        raise ValueError(f"the tokenizer gave {word!r} non-consecutive ids {new}")
+    return pipe.text_encoder.get_input_embeddings().weight, new  # (V + count, D)
 
 
-def keep_rows_except(table: torch.Tensor, trained: list[int]):
-    """An after-step hook that puts back every row of ``table`` ``(V, D)`` but the ``trained`` ones, so only the new
-    word learns (AdamW's weight decay touches every row), as diffusers' textual-inversion script does."""
+def train_only_rows(table: torch.nn.Parameter, trained: list[int]):
+    """Make ``trained`` the only rows of ``table`` ``(V, D)`` that learn: a gradient hook zeroes the others'
+    gradients (so gradient clipping sees the new word's alone), and the returned after-step hook puts the others
+    back (AdamW's weight decay touches every row), as diffusers' textual-inversion script does."""
+    table.requires_grad_(True)
     original, others = table.detach().clone(), torch.ones(len(table), dtype=torch.bool)
     others[trained] = False
+    table.register_hook(lambda grad: grad.masked_fill(others[:, None].to(grad.device), 0.0))
 
     def keep(step: int) -> None:
         with torch.no_grad():
@@ -395,9 +405,6 @@ def save_final(args, pipe, base: Path, final: Path, accelerator, unet_average=No
             save_file({args.identifier: vectors.detach().float().contiguous()}, str(final / EMBEDDING_FILE))
         return final / EMBEDDING_FILE
     if args.method == "lora":
-        if getattr(args, "embedding", None) and accelerator.is_main_process:
-            final.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(args.embedding, final / EMBEDDING_FILE)
         unet_layers = lora_layers(pipe.unet)
         text_layers = lora_layers(pipe.text_encoder) if args.train_text_encoder else None
         if accelerator.is_main_process:
@@ -406,6 +413,9 @@ def save_final(args, pipe, base: Path, final: Path, accelerator, unet_average=No
             final.mkdir(parents=True)
             StableDiffusionLoraLoaderMixin.save_lora_weights(final, unet_lora_layers=unet_layers,
                                                              text_encoder_lora_layers=text_layers)
+            if getattr(args, "embedding", None):  # the word the LoRA was trained on, in diffusers' layout
+                vectors = pipe.text_encoder.get_input_embeddings().weight[new_token_ids(pipe, args.identifier)]
+                save_file({args.identifier: vectors.detach().float().contiguous()}, str(final / EMBEDDING_FILE))
         return final / "pytorch_lora_weights.safetensors"
     networks = {"unet": unet_average if unet_average is not None else common.full_model(accelerator, pipe.unet)}
     pivot = bool(getattr(args, "embedding", None))  # the text tower and tokenizer now hold the new word
@@ -496,7 +506,7 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     if args.method == "embedding":
         unet.requires_grad_(False)
         text_encoder.requires_grad_(False)
-        table.requires_grad_(True)
+        keep_other_rows = train_only_rows(table, word_ids)
         trainable = {"text_encoder.token_embedding": table}
     elif args.method == "lora":
         trainable = add_lora(unet, UNET_LORA_TARGETS, args.rank, args.seed)
@@ -578,8 +588,7 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     result = common.train_loop(args=args, accelerator=accelerator, recipe=recipe, model_config=config,
                                model=model, optimizer=optimizer, loss_fn=loss_fn,
                                checkpoint_models=checkpoint_models, log=log, desc=recipe, sample_fn=sample_fn,
-                               after_step=(keep_rows_except(table, word_ids) if args.method == "embedding"
-                                           else ema.update))
+                               after_step=keep_other_rows if args.method == "embedding" else ema.update)
     denoiser.eval()
     if common.stopped_early(accelerator, result, args.steps):
         return result
