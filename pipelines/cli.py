@@ -284,6 +284,15 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    """A (1 - M) + B M, or A + (B - C) M, written as a new folder or single file (``pipelines/merge.py``)."""
+    from pipelines.merge import merge_models
+
+    print(merge_models(args.a, args.b, args.output, args.alpha, args.method, args.base, args.allow_pickle,
+                       args.config))
+    return 0
+
+
 def remove_path(path: Path) -> None:
     """Delete a file or a folder tree if it exists."""
     if path.is_dir() and not path.is_symlink():
@@ -446,6 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--prediction", choices=["v", "epsilon"], default=None)
     convert.add_argument("--allow-pickle", action="store_true", help="read a .ckpt pickle (weights only)")
     convert.set_defaults(run=cmd_convert)
+
+    merge = commands.add_parser("merge", help="merge checkpoints (the A1111 checkpoint merger)")
+    merge.add_argument("a", help="model A (folder or single file): configs and tokenizers come from it")
+    merge.add_argument("b", help="model B")
+    merge.add_argument("-o", "--output", required=True, help="a new folder, or a .safetensors single file")
+    merge.add_argument("--alpha", type=float, default=0.5, help="the multiplier M in [0, 1]")
+    merge.add_argument("--method", default="weighted_sum", choices=["weighted_sum", "add_difference"],
+                       help="A (1 - M) + B M, or A + (B - C) M")
+    merge.add_argument("--base", help="model C for add_difference (the model B was fine-tuned from)")
+    merge.add_argument("--config", help="for single files: a diffusers folder with their configs")
+    merge.add_argument("--allow-pickle", action="store_true", help="read .ckpt pickles (weights only)")
+    merge.set_defaults(run=cmd_merge)
 
     commands.add_parser("eval", help="score a model with the shapes-world evaluator (ldm eval -h)", add_help=False)
 
