@@ -342,6 +342,24 @@ def test_mmdit_overfits_a_fixed_batch_and_ships_a_folder_diffusers_loads(tmp_pat
     theirs = theirs_pipe("a red circle", **settings).images
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
 
+    # Continuing from the shipped folder (its transformer, and its CLIPTextModelWithProjection as --clip): one
+    # step at lr 1e-30 moves no float32 weight, so the saved transformer is the shipped one exactly.
+    from diffusers import SD3Transformer2DModel
+
+    shipped = tmp_path / "model"
+    resumed = train_mmdit.run(mmdit_args(tmp_path / "more", vae_dir, text_dir, "--steps", "1", "--num-images", "4",
+                                         "--lr", "1e-30", "--ema-decay", "0", "--sample-every", "0",
+                                         "--clip", str(shipped / "text_encoder"),
+                                         "--init-transformer", str(shipped / "transformer")))
+    want = SD3Transformer2DModel.from_pretrained(str(shipped / "transformer")).state_dict()
+    got = SD3Transformer2DModel.from_pretrained(str(resumed["final_dir"] / "transformer")).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**train_mmdit.PRESETS["tiny"], "num_layers": 2}))
+    with pytest.raises(ValueError, match="--init-transformer .* does not match the MMDiT config .*num_layers"):
+        train_mmdit.run(mmdit_args(tmp_path / "other", vae_dir, text_dir, "--steps", "1", "--num-images", "4",
+                                   "--model-config", str(other), "--init-transformer", str(shipped / "transformer")))
+
 
 def _recipe_runs(name, components):
     vae_dir, text_dir = components

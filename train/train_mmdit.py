@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                            warmup=200)
     g = p.add_argument_group("mmdit")
     g.add_argument("--vae", required=True, help="folder of the trained AutoencoderKL (config.json + weights)")
-    g.add_argument("--clip", required=True, help="folder of the trained CLIPModel (the text recipe's final/clip)")
+    g.add_argument("--clip", required=True,
+                   help="folder of the trained CLIPModel (the text recipe's final/clip), or of a "
+                        "CLIPTextModelWithProjection (a shipped SD3 folder's text_encoder)")
+    g.add_argument("--init-transformer", default=None,
+                   help="start from this SD3Transformer2DModel folder (e.g. weights/shapes-mmdit/transformer) "
+                        "instead of a seeded init; its config must match the preset")
     g.add_argument("--tokenizer", required=True, help="tokenizer folder of the text recipe")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="MMDiT size")
     g.add_argument("--image-size", type=int, default=128, help="render size (latents are this / VAE factor)")
@@ -100,10 +105,14 @@ def flow_pair(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
 
 def text_tower_with_projection(clip_dir: str | Path):
     """The text tower of a trained ``CLIPModel`` as a ``CLIPTextModelWithProjection`` (its ``text_projection``
-    gives the pooled embedding SD3 conditions on), float32."""
-    from transformers import CLIPModel, CLIPTextModelWithProjection
+    gives the pooled embedding SD3 conditions on), float32; a ``CLIPTextModelWithProjection`` folder (what
+    :func:`assemble` ships) is loaded as it is."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection
 
     folder = common.require_model_folder(clip_dir, "--clip")
+    if "CLIPTextModelWithProjection" in (CLIPConfig.get_config_dict(str(folder))[0].get("architectures") or ()):
+        tower = CLIPTextModelWithProjection.from_pretrained(str(folder), local_files_only=True)
+        return torch.nn.Module.to(tower, torch.float32).eval().requires_grad_(False)
     clip = CLIPModel.from_pretrained(str(folder), local_files_only=True).float()
     config = clip.config.text_config
     config.projection_dim = clip.config.projection_dim
@@ -134,14 +143,24 @@ def transformer_config(preset: dict, vae_config, tower_config, image_size: int) 
             "pooled_projection_dim": 2 * tower_config.projection_dim}
 
 
-def build_transformer(config: dict, seed: int):
-    """The MMDiT with :class:`ldm.attention.JointControlledAttnProcessor` installed; returns (model, hook)."""
+def build_transformer(config: dict, seed: int, init_folder: str | None = None):
+    """The MMDiT, seeded fresh or the float32 weights of ``init_folder`` if its config agrees, with
+    :class:`ldm.attention.JointControlledAttnProcessor` installed; returns (model, hook)."""
     from diffusers import SD3Transformer2DModel
 
     from ldm.attention import install_attention_hook
     from ldm.text import T5_TOKENS
 
-    model = common.seeded_init(seed, lambda: SD3Transformer2DModel(**config))
+    if init_folder is None:
+        model = common.seeded_init(seed, lambda: SD3Transformer2DModel(**config))
+    else:
+        folder = common.require_model_folder(init_folder, "--init-transformer")
+        saved = SD3Transformer2DModel.load_config(str(folder))
+        diff = common.config_difference({key: saved.get(key) for key in config}, config)
+        if diff:
+            raise ValueError(f"--init-transformer {folder} does not match the MMDiT config ({diff})")
+        model = torch.nn.Module.to(SD3Transformer2DModel.from_pretrained(str(folder), local_files_only=True),
+                                   torch.float32)
     hook = install_attention_hook(model)
     hook.tail_repeats = T5_TOKENS
     return model, hook
@@ -326,7 +345,7 @@ def run(argv: list[str] | None = None) -> dict:
     tower.to(device)
     vae.to(device)
 
-    transformer, _ = build_transformer(config, args.seed)
+    transformer, _ = build_transformer(config, args.seed, args.init_transformer)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(common.declare_fsdp_units(transformer), optimizer)
     unwrapped = accelerator.unwrap_model(model)
