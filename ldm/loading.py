@@ -39,7 +39,7 @@ class Components:
 
 def refuse_pickle(path: Path, allow_pickle: bool) -> None:
     """Pickle checkpoints can run code when loaded: refuse them unless explicitly allowed."""
-    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelLoadError(f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
                              "safetensors, or pass allow_pickle=True (--allow-pickle) to load it with weights_only=True")
 
@@ -60,7 +60,7 @@ def component_weights(folder: Path, allow_pickle: bool) -> bool:
             raise ModelLoadError(f"missing file: {folder / name}")
     if any(folder.glob("*.safetensors")):
         return True
-    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    pickles = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
     if not pickles:
         raise ModelLoadError(f"missing weights: no .safetensors file in {folder}")
     refuse_pickle(pickles[0], allow_pickle)

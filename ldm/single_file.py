@@ -310,23 +310,73 @@ def detect_family(keys) -> str:
 
 
 def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` checkpoint (pickle ``.ckpt`` only with ``allow_pickle``, weights only)."""
+    """Tensors of a checkpoint file: safetensors (whatever its suffix), or a pickle (``.ckpt``, ``.pt``, ...; any
+    case) only with ``allow_pickle``, read weights only. A file of another suffix is never unpickled."""
     from safetensors.torch import load_file
 
-    from ldm.loading import ModelLoadError, refuse_pickle
+    from ldm.loading import PICKLE_SUFFIXES, ModelLoadError, refuse_pickle
 
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"checkpoint file not found: {path}")
     refuse_pickle(path, allow_pickle)
-    if path.suffix != ".safetensors":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # not a zip/pickle, truncated, or objects weights_only refuses
+            raise ModelLoadError(f"cannot read {path} as a weights-only pickle: {str(err).strip().splitlines()[0]}") \
+                from None
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"{path} holds a {type(state).__name__}, not a state dict")
         return state.get("state_dict", state)
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own types for truncated or foreign files
         raise ModelLoadError(f"cannot read {path}: {str(err).splitlines()[0]} (truncated or not safetensors?)") \
             from None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header ({} for a pickle or a file without metadata)."""
+    from safetensors import safe_open
+
+    from ldm.loading import PICKLE_SUFFIXES
+
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        return {}
+    with safe_open(str(path), "pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+V_PRED_MARKER, ZERO_SNR_MARKER = "v_pred", "ztsnr"  # ComfyUI's empty marker tensors in single files
+MODELSPEC_PREDICTION = "modelspec.prediction_type"  # the SAI model spec's header field: "epsilon" or "v"
+
+
+def declared_schedule(tensors: dict, metadata: dict) -> dict:
+    """Scheduler settings a single file declares, since its weights do not: ComfyUI's marker keys (``v_pred``:
+    v-prediction; ``ztsnr``: zero terminal SNR, Lin et al. 2023, with trailing timesteps) and the SAI model spec's
+    ``modelspec.prediction_type`` header field. {} when it declares nothing."""
+    out = {}
+    spec = metadata.get(MODELSPEC_PREDICTION, "").strip().lower()
+    if spec in ("v", "v_prediction", "v-prediction"):
+        out["prediction_type"] = "v_prediction"
+    elif spec in ("epsilon", "eps"):
+        out["prediction_type"] = "epsilon"
+    if V_PRED_MARKER in tensors:
+        out["prediction_type"] = "v_prediction"
+    if ZERO_SNR_MARKER in tensors:
+        out.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return out
+
+
+def schedule_declaration(scheduler_config: dict) -> tuple[dict, dict]:
+    """The marker tensors and header fields that :func:`declared_schedule` reads back, for a discrete-time
+    (UNet) model's scheduler config."""
+    v = scheduler_config.get("prediction_type") == "v_prediction"
+    markers = {V_PRED_MARKER: torch.tensor([])} if v else {}
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        markers[ZERO_SNR_MARKER] = torch.tensor([])
+    return markers, {MODELSPEC_PREDICTION: "v" if v else "epsilon"}
 
 
 def _fill(module: torch.nn.Module, tensors: dict, original_key, what: str, source) -> None:
@@ -387,8 +437,10 @@ def load_single_file(path: str | Path, config: str | Path | None = None, predict
     else:
         unet_config, vae_config, text_configs, scheduler = configs.family_configs(family, path.name)
         tokenizer_dirs = [None, None]
-        if prediction is None and family == "sd2":
-            prediction = configs.sd2_prediction(path.name)
+    declared = declared_schedule(tensors, read_metadata(path))
+    scheduler.update(declared)
+    if prediction is None and config is None and family == "sd2" and "prediction_type" not in declared:
+        prediction = configs.sd2_prediction(path.name)
     if prediction is not None:
         if prediction not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction must be epsilon or v_prediction, got {prediction!r}")
@@ -462,7 +514,9 @@ def load_sd3_file(tensors: dict, path: Path, config: str | Path | None = None):
     if folder is not None and (folder / "tokenizer_3").is_dir() and any(k.startswith(t5_prefix) for k in tensors):
         t5_config = transformers.T5Config.from_pretrained(str(folder / "text_encoder_3"), local_files_only=True)
         t5 = transformers.T5EncoderModel(t5_config)
-        _fill(t5, tensors, lambda k: t5_prefix + k, "T5 encoder", path)
+        tied = t5_prefix + "encoder.embed_tokens.weight"  # tied to shared.weight; original files store it once
+        _fill(t5, tensors, lambda k: t5_prefix + ("shared.weight" if t5_prefix + k == tied and tied not in tensors
+                                                  else k), "T5 encoder", path)
         t5_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder / "tokenizer_3"), local_files_only=True)
     scheduler = read_json(folder / "scheduler" / "scheduler_config.json") if folder is not None else dict(
         configs.SD3_SCHEDULER)
@@ -522,8 +576,14 @@ def sd3_state_dict(components) -> dict[str, torch.Tensor]:
         out[name] = value[:, :, None, None] if _is_vae_attention_weight(name) else value
     for name, prefix in SD3_TEXT_PREFIXES.items():
         tower = getattr(components, name)
-        if tower is not None:
-            out.update({prefix + k: v for k, v in tower.state_dict().items() if not k.endswith("position_ids")})
+        if tower is None:
+            continue
+        stored = set()  # tied tensors (T5's encoder.embed_tokens is shared.weight) are written once, as originals do
+        for key, value in tower.state_dict().items():
+            if key.endswith("position_ids") or value.data_ptr() in stored:
+                continue
+            stored.add(value.data_ptr())
+            out[prefix + key] = value
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
@@ -532,8 +592,12 @@ def save_single_file(components, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise ValueError(f"single files are written as .safetensors, got {path}")
+    metadata = {"format": "pt"}
+    if components.text_encoder is None:
+        raise SingleFileError("an SDXL refiner is written as a diffusers folder only (this version reads no "
+                              "single-file refiners); give an output path without .safetensors")
     if "joint_attention_dim" in components.unet.config:
         tensors = sd3_state_dict(components)
     else:
@@ -543,10 +607,16 @@ def save_single_file(components, path: str | Path) -> Path:
             family = "sd2" if components.text_encoder.config.hidden_act == "gelu" else "sd1"  # OpenCLIP vs CLIP-L
         tensors = original_state_dict(components.unet, components.vae, components.text_encoder, family,
                                       components.text_encoder_2)
+        markers, header = schedule_declaration(components.scheduler_config)
+        tensors.update(markers)
+        metadata.update(header)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -561,14 +631,16 @@ def save_folder(components, folder: str | Path) -> Path:
     denoiser = "transformer" if mmdit else "unet"
     components.unet.save_pretrained(folder / denoiser, safe_serialization=True)
     components.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    save_tokenizer(components.tokenizer, folder / "tokenizer")
+    if components.text_encoder is not None:  # an SDXL refiner has the second tower only
+        components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        save_tokenizer(components.tokenizer, folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config, indent=1))
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
              denoiser: ["diffusers", type(components.unet).__name__], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", type(components.text_encoder).__name__],
-             "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder": ["transformers", type(components.text_encoder).__name__]
+             if components.text_encoder is not None else [None, None],
+             "tokenizer": ["transformers", "CLIPTokenizer"] if components.text_encoder is not None else [None, None],
              "scheduler": ["diffusers", components.scheduler_config.get("_class_name", "DDIMScheduler")],
              "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     if components.text_encoder_2 is not None:  # SDXL, SD3
@@ -580,9 +652,16 @@ def save_folder(components, folder: str | Path) -> Path:
                       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                       "tokenizer_2": ["transformers", "CLIPTokenizer"],
                       "force_zeros_for_empty_prompt": components.force_zeros_for_empty_prompt})
-    if mmdit:  # SD3, here without its optional T5
+        if components.requires_aesthetics_score:  # the refiner: diffusers' image-to-image SDXL pipeline
+            index.update({"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True})
+    if mmdit:  # SD3, with its T5 when it has one
         index = {k: v for k, v in index.items() if k != "force_zeros_for_empty_prompt"}
-        index.update({"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": [None, None],
-                      "tokenizer_3": [None, None], "image_encoder": [None, None], "feature_extractor": [None, None]})
+        t5 = [None, None], [None, None]
+        if components.text_encoder_3 is not None:
+            components.text_encoder_3.save_pretrained(folder / "text_encoder_3", safe_serialization=True)
+            components.tokenizer_3.save_pretrained(str(folder / "tokenizer_3"))
+            t5 = ["transformers", "T5EncoderModel"], ["transformers", type(components.tokenizer_3).__name__]
+        index.update({"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": t5[0], "tokenizer_3": t5[1],
+                      "image_encoder": [None, None], "feature_extractor": [None, None]})
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder

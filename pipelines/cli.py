@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -271,15 +272,10 @@ def cmd_convert(args) -> int:
     source, target = Path(args.source), Path(args.target)
     if target.exists():
         raise UsageError(f"{target} exists; convert to a new path")
+    if not source.is_file() and target.suffix.lower() != ".safetensors":
+        raise UsageError(f"a folder converts to a single .safetensors file, got {target}")
     components = load_components(source, args.allow_pickle, args.config, PREDICTIONS[args.prediction])
-    partial = target.with_name(f".partial-{target.name}")  # renamed to target only when complete
-    remove_path(partial)
-    try:
-        (save_folder if source.is_file() else save_single_file)(components, partial)
-        os.replace(partial, target)
-    except BaseException:
-        remove_path(partial)
-        raise
+    write_new_path(target, lambda path: (save_folder if source.is_file() else save_single_file)(components, path))
     print(target)
     return 0
 
@@ -289,8 +285,23 @@ def cmd_merge(args) -> int:
     from pipelines.merge import merge_models
 
     print(merge_models(args.a, args.b, args.output, args.alpha, args.method, args.base, args.allow_pickle,
-                       args.config))
+                       args.config, args.dtype))
     return 0
+
+
+def write_new_path(target: Path, write: Callable[[Path], object]) -> Path:
+    """Run ``write(path)`` on a path in a fresh hidden folder beside ``target`` and move the result to ``target``
+    only when it is complete: an error or interruption leaves nothing behind, and nothing else is touched."""
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".partial-{target.name}-", dir=target.parent))
+    try:
+        write(scratch / target.name)
+        os.replace(scratch / target.name, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
 
 
 def remove_path(path: Path) -> None:
@@ -465,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="A (1 - M) + B M, or A + (B - C) M")
     merge.add_argument("--base", help="model C for add_difference (the model B was fine-tuned from)")
     merge.add_argument("--config", help="for single files: a diffusers folder with their configs")
+    merge.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="dtype the merged weights are written in (the merge itself is float32); auto: the "
+                            "inputs' stored dtype when they agree, else float32")
     merge.add_argument("--allow-pickle", action="store_true", help="read .ckpt pickles (weights only)")
     merge.set_defaults(run=cmd_merge)
 
