@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -246,6 +247,8 @@ def cmd_edit(args) -> int:
         raise UsageError("--null-text is for --image (how the image is inverted)")
     edited_path = output_paths(Path(args.output), 1)[0]
     source_path = edited_path.with_name(f"{edited_path.stem}-source{edited_path.suffix}")
+    if args.method == "flowedit":
+        return flow_edit_command(args, source_path, edited_path)
     options = dict(edit=args.edit, cross_replace_steps=args.cross, self_replace_steps=args.self_steps,
                    equalizer=parse_equalizer(args.reweight), local_blend=args.blend)
     pipe = load_pipeline(args)
@@ -261,6 +264,26 @@ def cmd_edit(args) -> int:
     else:
         result = pipe.prompt_to_prompt([args.source, args.target], **settings, **options)
     save_images(result, [source_path, edited_path])
+    return 0
+
+
+def flow_edit_command(args, source_path: Path, edited_path: Path) -> int:
+    """``ldm edit --method flowedit``: FlowEdit of ``--image``, or of the source prompt's generation (saved as the
+    source); the attention options are prompt-to-prompt's and are refused here."""
+    if args.inversion or args.null_text:
+        raise UsageError("--method flowedit needs no inversion: give --image, or nothing to edit a generation")
+    pipe = load_pipeline(args)
+    settings = pipeline_arguments(sampling_settings(args))
+    options = dict(strength=args.strength, source_guidance_scale=args.source_cfg, **settings)
+    if args.image:
+        result = pipe.flow_edit(args.image, args.source, args.target, **options)
+        save_images(result, [edited_path])
+        return 0
+    source = pipe(args.source, **{**settings, "output_type": "latent"})
+    result = pipe.flow_edit(source.images, args.source, args.target, **options)
+    save_images(SimpleNamespace(images=pipe.to_pil(pipe.decode(source.images)), parameters=source.parameters),
+                [source_path])
+    save_images(result, [edited_path])
     return 0
 
 
@@ -425,7 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(invert)
     invert.set_defaults(run=cmd_invert)
 
-    edit = commands.add_parser("edit", help="prompt-to-prompt: edit a generated or an inverted real image")
+    edit = commands.add_parser("edit", help="prompt-to-prompt or FlowEdit: edit a generated or a real image")
+    edit.add_argument("--method", default="p2p", choices=["p2p", "flowedit"],
+                      help="p2p: attention control (through an inversion for --image); flowedit: inversion-free "
+                           "(Kulikov et al. 2024)")
+    edit.add_argument("--strength", type=float, default=0.8, help="flowedit: the fraction of the schedule edited")
+    edit.add_argument("--source-cfg", type=float, default=3.5, help="flowedit: guidance of the source branch")
     edit.add_argument("--source", required=True, help="the source prompt (describing the image with --image)")
     edit.add_argument("--target", required=True, help="the edited prompt")
     edit.add_argument("--image", help="edit this real image (inverted first) instead of a generated one")

@@ -75,6 +75,59 @@ class EditingMixin:
         return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])), strength=strength)
 
     @torch.no_grad()
+    def flow_edit(self, image, source_prompt: str, target_prompt: str, strength: float = 0.8,
+                  source_guidance_scale: float = 3.5, progress: bool = True, **settings):
+        """FlowEdit (Kulikov et al. 2024, Alg. 1; :func:`ldm.flow_edit.flow_edit`): edit ``image`` from what
+        ``source_prompt`` says to what ``target_prompt`` says with no inversion, along the last ``strength`` of the
+        sigma list (the paper's n_max / T). ``image``: a picture, or clean latents ``(1, C, h, w)`` in the
+        network's units (``output_type="latent"`` of a generation). The target branch is guided by
+        ``guidance_scale`` (``settings``, as for text-to-image), the source branch by ``source_guidance_scale``;
+        fresh noise comes from ``seed`` / ``generator``. Flow models couple in flow time as the paper does,
+        diffusion models in VE coordinates."""
+        from ldm.flow_edit import flow_edit
+
+        strength = check_strength(strength)
+        check_finite("source_guidance_scale", source_guidance_scale, 0.0, 100.0)
+        if isinstance(image, torch.Tensor):
+            x_src = self.check_latents(image)
+        else:
+            x_src = self.encode(image_tensor(image, self.vae_scale_factor))
+        size = dict(height=x_src.shape[2] * self.vae_scale_factor, width=x_src.shape[3] * self.vae_scale_factor)
+        request = self.prepare(target_prompt, **{**settings, **size})
+        source_request = self.prepare(source_prompt, **{**settings, **size, "guidance_scale": source_guidance_scale,
+                                                        "output_type": "latent"})
+        if request.control is not None:
+            raise ValueError("flow_edit does not take a control_image")
+        x_src = x_src.expand(request.batch, -1, -1, -1)
+        start = self.start_index(request.steps, strength)
+        extra = dict(source_prompt=source_prompt, strength=strength, source_cfg_scale=source_guidance_scale,
+                     edit_method="flowedit")
+        if start == request.steps:
+            return self.finish(request, x_src, **extra)
+        sigmas = self.sigmas(request.steps, "euler", request.spacing)[start:].to(self.device)  # ends at 0
+        denoiser = self.denoiser("euler", request.spacing)
+        bar = tqdm(total=len(sigmas) - 1, desc="flowedit", disable=not progress, leave=False)
+
+        def on_step(*_):  # returns None: the latents are kept
+            bar.update(1)
+
+        try:
+            x = flow_edit(self.guided(source_request, denoiser), self.guided(request, denoiser), x_src, sigmas,
+                          "flow" if self.is_flow else "ve", request.generators, on_step)
+        finally:
+            bar.close()
+        return self.finish(request, x, **extra)
+
+    def check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Clean latents ``(1, C, h, w)`` of this model (its latent channels), float32 on its device."""
+        channels = 4 if self.is_inpainting_unet else self.unet.config.in_channels
+        if latents.dim() != 4 or latents.shape[0] != 1 or latents.shape[1] != channels:
+            raise ValueError(f"latents must have shape (1, {channels}, h, w), got {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or infinite values")
+        return latents.float().to(self.device)
+
+    @torch.no_grad()
     def inpaint(self, image, mask_image, prompt, strength: float = 1.0, feather: float = 0.0, callback=None,
                 progress: bool = True, jump_length: int = 1, jump_n_sample: int = 1, **settings):
         """Repaint where ``mask_image`` is white (grey = partly). With a 4-channel UNet the known region is

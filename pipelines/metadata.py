@@ -7,7 +7,9 @@ regenerated (``ldm generate --from image.png``) and read by the tools users alre
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,9 @@ FIELDS = (
     ("jump_length", "RePaint jump length", int),
     ("jump_n_sample", "RePaint jump samples", int),
     ("edit", "Prompt-to-prompt", str),
+    ("edit_method", "Edit method", str),
+    ("source_prompt", "Source prompt", str),
+    ("source_cfg_scale", "Source CFG scale", float),
     ("loras", "Lora", str),
     ("embeddings", "Embeddings", str),
     ("controlnet", "ControlNet", str),
@@ -47,10 +52,18 @@ def format_parameters(params: dict) -> str:
     lines = [params["prompt"]]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
-    pairs = [f"{label}: {params[key] + A1111_OFFSETS[key] if key in A1111_OFFSETS else params[key]}"
+    pairs = [f"{label}: {quoted(params[key] + A1111_OFFSETS[key] if key in A1111_OFFSETS else params[key])}"
              for key, label, _ in FIELDS if params.get(key) is not None]
     lines.append(", ".join(pairs))
     return "\n".join(lines)
+
+
+def quoted(value):
+    """A value as the settings line holds it: text with a comma or a quote in JSON quotes, as A1111 writes it."""
+    return json.dumps(value) if isinstance(value, str) and ("," in value or '"' in value) else value
+
+
+SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')  # A1111's pattern
 
 
 def parse_parameters(text: str) -> dict:
@@ -65,8 +78,8 @@ def parse_parameters(text: str) -> dict:
     params = {"prompt": "\n".join(body[:negative_at]),
               "negative_prompt": "\n".join(body[negative_at:])[len("Negative prompt: "):]}
     by_label = {label: (key, parse) for key, label, parse in FIELDS}
-    for pair in settings_line.split(", "):
-        label, _, value = pair.partition(": ")
+    for label, value in SETTING.findall(settings_line):
+        value = json.loads(value) if value.startswith('"') else value.strip()
         if label in by_label:
             key, parse = by_label[label]
             params[key] = parse(value) - A1111_OFFSETS[key] if key in A1111_OFFSETS else parse(value)

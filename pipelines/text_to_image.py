@@ -438,6 +438,14 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         cond, uncond = self.encode_prompt(texts, request.negatives, size, request.clip_skip, request.emphasis)
         return cond, uncond, torch.tensor([[weight for _, weight in p] for p in parts])  # (B, K)
 
+    def guided(self, request: "Request", denoiser: Denoiser) -> CFGDenoiser:
+        """The request's prompts encoded and wrapped with its guidance: ``model(x, sigma) -> x0``."""
+        cond, uncond, part_weights = self.encode_request(request)
+        if part_weights is not None and self.attention.controller is not None:
+            raise ValueError("attention controllers read the CFG batch as two halves; a prompt composed with AND "
+                             "runs 1 + K of them")
+        return CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights)
+
     def denoise(self, request: "Request", denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                 callback: Callable | None = None, progress: bool = True,
                 uncond_per_step: list[torch.Tensor] | None = None, first_step: int = 0) -> torch.Tensor:
@@ -446,11 +454,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         (null-text inversion's embeddings, ``(1, L, D)`` each) replaces the unconditional embedding step by step.
         ``first_step`` is the index of ``sigmas[0]`` in the whole sampling run when ``sigmas`` is a piece of it
         (the callback and the attention hook see whole-run step indices)."""
-        cond, uncond, part_weights = self.encode_request(request)
-        if part_weights is not None and self.attention.controller is not None:
-            raise ValueError("attention controllers read the CFG batch as two halves; a prompt composed with AND "
-                             "runs 1 + K of them")
-        model = CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights)
+        model = self.guided(request, denoiser)
+        uncond = model.uncond
 
         def set_uncond(step):
             if uncond_per_step is not None and step < len(uncond_per_step):

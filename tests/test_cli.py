@@ -107,6 +107,15 @@ def test_img2img_inpaint_invert_and_edit_commands(tiny_model_factory, tmp_path):
     edited = parse_parameters(Image.open(tmp_path / "e.png").info["parameters"])
     assert (source["prompt"], edited["prompt"], edited["seed"]) == ("a red circle", "a blue circle", source["seed"])
 
+    for extra, name in (([], "fe.png"), (["--image", str(picture)], "fe-real.png")):  # a generation, a picture
+        assert main(["edit", "--method", "flowedit", "--source", "a red circle", "--target", "a blue circle",
+                     "-o", str(tmp_path / name), "--steps", "3", "--seed", "2", "--strength", "0.7"]
+                    + extra + model) == 0
+        edited = parse_parameters(Image.open(tmp_path / name).info["parameters"])
+        assert (edited["edit_method"], edited["source_prompt"], edited["strength"]) == ("flowedit", "a red circle", 0.7)
+    assert parse_parameters(Image.open(tmp_path / "fe-source.png").info["parameters"])["seed"] == 2
+    assert not (tmp_path / "fe-real-source.png").exists()
+
 
 @pytest.mark.parametrize("args, message", [
     (["edit", "--source", "a red circle", "--target", "a big red circle"], "use edit='refine'"),
@@ -116,6 +125,7 @@ def test_img2img_inpaint_invert_and_edit_commands(tiny_model_factory, tmp_path):
     (["edit", "--source", "a", "--target", "b", "--image", "x.png", "--inversion", "i.safetensors"],
      "either --image (inverted first) or --inversion"),
     (["edit", "--source", "a", "--target", "b", "--null-text"], "--null-text is for --image"),
+    (["edit", "--source", "a", "--target", "b", "--method", "flowedit", "--strength", "2"], "strength"),
 ])
 def test_editing_commands_refuse_bad_input_without_writing(tiny_model_factory, tmp_path, capsys, monkeypatch,
                                                            args, message):
@@ -123,3 +133,16 @@ def test_editing_commands_refuse_bad_input_without_writing(tiny_model_factory, t
     assert main(args + ["--model", str(tiny_model_factory())]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parameter_text_with_commas_and_quotes_round_trips():
+    """Values holding a comma or a quote are written in JSON quotes (as the A1111 web UI writes them) and read
+    back whole; the fields after them are still read."""
+    from pipelines.metadata import format_parameters, parse_parameters
+
+    params = dict(prompt="a red circle, large", negative_prompt="", steps=3, sampler="euler", cfg_scale=7.5, seed=1,
+                  width=16, height=16, model='models/sd, "v2"', source_prompt='a "blue", circle', strength=0.7,
+                  edit_method="flowedit", source_cfg_scale=3.5)
+    back = parse_parameters(format_parameters(params))
+    assert {k: back[k] for k in params if k != "negative_prompt"} == {k: v for k, v in params.items()
+                                                                      if k != "negative_prompt"}

@@ -212,6 +212,33 @@ def p2p_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: float 
     return table
 
 
+def flowedit_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: float = 7.5,
+                             source_guidance: float = 3.5, strength: float = 0.8) -> dict:
+    """The swaps of :func:`p2p_generated_table` made by FlowEdit instead (Kulikov et al. 2024; ``pipe.flow_edit``):
+    the same generated sources (same seeds, prompts, steps and guidance), each edited from its clean latents,
+    target guidance ``guidance``, source guidance ``source_guidance``, over the last ``strength`` of the
+    schedule; fresh noise from seed 1000 + k."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    captions = [c for _, c in single_object_scenes(seeds, 1, size)]
+    table = {}
+    for attribute in ("color", "shape"):
+        outcomes, source_ok = [], []
+        for k in tqdm(range(seeds), desc=f"flowedit {attribute}", leave=False):
+            target, old, new = swapped(captions[k], attribute)
+            latents = pipe(captions[k], seed=k, num_inference_steps=steps, guidance_scale=guidance,
+                           output_type="latent", progress=False).images
+            source = pipe.to_pil(pipe.decode(latents))[0]
+            edited = pipe.flow_edit(latents, captions[k], target, strength=strength, num_inference_steps=steps,
+                                    guidance_scale=guidance, source_guidance_scale=source_guidance, seed=1000 + k,
+                                    progress=False).images[0]
+            outcomes.append(edit_outcome(source, edited, attribute, new))
+            source_ok.append(score(parse_prompt(captions[k]), source)["all"])
+        good = [o for o, ok in zip(outcomes, source_ok) if ok]
+        table[f"{attribute} swap, generated"] = summarize(outcomes)
+        table[f"{attribute} swap, generated, correct sources"] = summarize(good) if good else {"count": 0}
+    return table
+
+
 def p2p_real_table(pipe, count: int = 10, steps: int = 50, guidance: float = 7.5) -> dict:
     """Colour and shape swaps of inverted renders (null-text inversion at ``guidance``)."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -329,7 +356,8 @@ def resample_table(pipe, strengths=(0.2, 0.4, 0.6, 0.8, 1.0), count: int = 24, s
     return table
 
 
-TABLES = {"inversion": inversion_table, "p2p": p2p_generated_table, "p2p_real": p2p_real_table,
+TABLES = {"inversion": inversion_table, "p2p": p2p_generated_table, "flowedit": flowedit_generated_table,
+          "p2p_real": p2p_real_table,
           "inpaint": inpaint_table, "sdedit": sdedit_table, "resample": resample_table, "photos": photo_table}
 
 
