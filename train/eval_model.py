@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5],
                         help="with --task controlnet: the conditioning scales measured (0 = the base model)")
     parser.add_argument("--tables", nargs="+", default=None, help="with --task editing: which tables "
-                        "(inversion p2p p2p_real inpaint sdedit resample photos; default all)")
+                        "(inversion p2p flowedit p2p_real inpaint sdedit resample photos; default all)")
     args = parser.parse_args(argv)
     pipe = TextToImagePipeline.from_pretrained(args.model, device=pick_device(args.device),
                                                dtype=pick_dtype(args.dtype))
