@@ -113,3 +113,25 @@ def test_inpainting_results_split_by_held_out_targets():
     assert split_by_heldout([False, True, True, False], heldout) == {
         "all, seen": 0.5, "all, held-out": 0.5, "held-out count": 2}
     assert np.isnan(split_by_heldout([True, True], [False, False])["all, held-out"])  # no held-out target
+
+
+def test_swap_table_scores_perfect_and_null_edits():
+    """``swap_table`` (shared by the prompt-to-prompt and FlowEdit tables): edits that render exactly the target
+    scene succeed every time; 'edits' that return the source change no attribute."""
+    from types import SimpleNamespace
+
+    from train.eval_editing import swap_table
+    from train.shapes import parse_prompt
+
+    def rendered(caption):
+        expected = parse_prompt(caption)
+        thing = expected.objects[0]
+        return scene(thing.color, thing.shape, thing.position, expected.background)
+
+    pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=16)), vae_scale_factor=8)
+    perfect = swap_table(pipe, 4, lambda k, caption, target: (rendered(caption), rendered(target)), "test")
+    null = swap_table(pipe, 4, lambda k, caption, target: (rendered(caption), rendered(caption)), "test")
+    for attribute in ("color", "shape"):
+        assert perfect[f"{attribute} swap, generated"]["success"] == 1.0
+        assert perfect[f"{attribute} swap, generated, correct sources"]["count"] == 4
+        assert null[f"{attribute} swap, generated"]["attribute"] == 0.0

@@ -188,28 +188,37 @@ def photo_table(pipe, steps: int = 50, guidance: float = 7.5, strengths=(0.2, 0.
     return table
 
 
-def p2p_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: float = 7.5,
-                        cross_replace_steps: float = 0.8, self_replace_steps: float = 0.4) -> dict:
-    """Colour and shape swaps of generated images over ``seeds`` seeds (local blend on the object word), with the
-    controller's cross- and self-attention replacement fractions."""
+def swap_table(pipe, seeds: int, edit_pair, name: str) -> dict:
+    """Colour and shape swaps of generated single-object scenes over ``seeds`` seeds: ``edit_pair(k, caption,
+    target)`` returns the (source, edited) images of seed ``k``; outcomes over all sources and over the sources
+    the evaluator reads back as their own prompt."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     captions = [c for _, c in single_object_scenes(seeds, 1, size)]
     table = {}
     for attribute in ("color", "shape"):
         outcomes, source_ok = [], []
-        for k in tqdm(range(seeds), desc=f"p2p {attribute}", leave=False):
+        for k in tqdm(range(seeds), desc=f"{name} {attribute}", leave=False):
             target, old, new = swapped(captions[k], attribute)
-            shape_words = [captions[k].split()[2], target.split()[2]]
-            source, edited = pipe.prompt_to_prompt([captions[k], target], seed=k, num_inference_steps=steps,
-                                                   guidance_scale=guidance, local_blend=sorted(set(shape_words)),
-                                                   cross_replace_steps=cross_replace_steps,
-                                                   self_replace_steps=self_replace_steps, progress=False).images
+            source, edited = edit_pair(k, captions[k], target)
             outcomes.append(edit_outcome(source, edited, attribute, new))
             source_ok.append(score(parse_prompt(captions[k]), source)["all"])
         good = [o for o, ok in zip(outcomes, source_ok) if ok]
         table[f"{attribute} swap, generated"] = summarize(outcomes)
         table[f"{attribute} swap, generated, correct sources"] = summarize(good) if good else {"count": 0}
     return table
+
+
+def p2p_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: float = 7.5,
+                        cross_replace_steps: float = 0.8, self_replace_steps: float = 0.4) -> dict:
+    """Colour and shape swaps of generated images over ``seeds`` seeds (local blend on the object word), with the
+    controller's cross- and self-attention replacement fractions."""
+    def edit_pair(k, caption, target):
+        shape_words = [caption.split()[2], target.split()[2]]
+        return pipe.prompt_to_prompt([caption, target], seed=k, num_inference_steps=steps, guidance_scale=guidance,
+                                     local_blend=sorted(set(shape_words)), cross_replace_steps=cross_replace_steps,
+                                     self_replace_steps=self_replace_steps, progress=False).images
+
+    return swap_table(pipe, seeds, edit_pair, "p2p")
 
 
 def flowedit_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: float = 7.5,
@@ -218,25 +227,15 @@ def flowedit_generated_table(pipe, seeds: int = 50, steps: int = 20, guidance: f
     the same generated sources (same seeds, prompts, steps and guidance), each edited from its clean latents,
     target guidance ``guidance``, source guidance ``source_guidance``, over the last ``strength`` of the
     schedule; fresh noise from seed 1000 + k."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    captions = [c for _, c in single_object_scenes(seeds, 1, size)]
-    table = {}
-    for attribute in ("color", "shape"):
-        outcomes, source_ok = [], []
-        for k in tqdm(range(seeds), desc=f"flowedit {attribute}", leave=False):
-            target, old, new = swapped(captions[k], attribute)
-            latents = pipe(captions[k], seed=k, num_inference_steps=steps, guidance_scale=guidance,
-                           output_type="latent", progress=False).images
-            source = pipe.to_pil(pipe.decode(latents))[0]
-            edited = pipe.flow_edit(latents, captions[k], target, strength=strength, num_inference_steps=steps,
-                                    guidance_scale=guidance, source_guidance_scale=source_guidance, seed=1000 + k,
-                                    progress=False).images[0]
-            outcomes.append(edit_outcome(source, edited, attribute, new))
-            source_ok.append(score(parse_prompt(captions[k]), source)["all"])
-        good = [o for o, ok in zip(outcomes, source_ok) if ok]
-        table[f"{attribute} swap, generated"] = summarize(outcomes)
-        table[f"{attribute} swap, generated, correct sources"] = summarize(good) if good else {"count": 0}
-    return table
+    def edit_pair(k, caption, target):
+        latents = pipe(caption, seed=k, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                       progress=False).images
+        edited = pipe.flow_edit(latents, caption, target, strength=strength, num_inference_steps=steps,
+                                guidance_scale=guidance, source_guidance_scale=source_guidance, seed=1000 + k,
+                                progress=False).images[0]
+        return pipe.to_pil(pipe.decode(latents))[0], edited
+
+    return swap_table(pipe, seeds, edit_pair, "flowedit")
 
 
 def p2p_real_table(pipe, count: int = 10, steps: int = 50, guidance: float = 7.5) -> dict:
