@@ -327,14 +327,6 @@ def write_new_path(target: Path, write: Callable[[Path], object]) -> Path:
     return target
 
 
-def remove_path(path: Path) -> None:
-    """Delete a file or a folder tree if it exists."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def cmd_bench(args) -> int:
     from pipelines.bench import main as bench_main
 

@@ -94,8 +94,7 @@ class EditingMixin:
             x_src = self.encode(image_tensor(image, self.vae_scale_factor))
         size = dict(height=x_src.shape[2] * self.vae_scale_factor, width=x_src.shape[3] * self.vae_scale_factor)
         request = self.prepare(target_prompt, **{**settings, **size})
-        source_request = self.prepare(source_prompt, **{**settings, **size, "guidance_scale": source_guidance_scale,
-                                                        "output_type": "latent"})
+        source_request = self.prepare(source_prompt, **{**settings, **size, "guidance_scale": source_guidance_scale})
         if request.control is not None:
             raise ValueError("flow_edit does not take a control_image")
         x_src = x_src.expand(request.batch, -1, -1, -1)
@@ -120,9 +119,8 @@ class EditingMixin:
 
     def check_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents ``(1, C, h, w)`` of this model (its latent channels), float32 on its device."""
-        channels = 4 if self.is_inpainting_unet else self.unet.config.in_channels
-        if latents.dim() != 4 or latents.shape[0] != 1 or latents.shape[1] != channels:
-            raise ValueError(f"latents must have shape (1, {channels}, h, w), got {tuple(latents.shape)}")
+        if latents.dim() != 4 or latents.shape[0] != 1 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must have shape (1, {self.latent_channels}, h, w), got {tuple(latents.shape)}")
         if not torch.isfinite(latents).all():
             raise ValueError("latents contain NaN or infinite values")
         return latents.float().to(self.device)
@@ -250,7 +248,7 @@ class EditingMixin:
         """An inversion only makes sense with the model and latent size it was made with."""
         if inversion.model != self.name:
             raise ValueError(f"this inversion was made with model {inversion.model!r}, not {self.name!r}")
-        if inversion.trajectory[-1].shape[1] != (4 if self.is_inpainting_unet else self.unet.config.in_channels):
+        if inversion.trajectory[-1].shape[1] != self.latent_channels:
             raise ValueError("this inversion's latents do not fit this model's UNet")
 
     @torch.no_grad()

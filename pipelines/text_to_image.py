@@ -402,8 +402,12 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
     def latent_shape(self, request: "Request") -> tuple[int, int, int, int]:
         factor = self.vae_scale_factor
-        return (request.batch, self.unet.config.in_channels if not self.is_inpainting_unet else 4,
-                request.height // factor, request.width // factor)
+        return request.batch, self.latent_channels, request.height // factor, request.width // factor
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents sampled (a 9-channel inpainting UNet's extra 5 are inputs only)."""
+        return 4 if self.is_inpainting_unet else self.unet.config.in_channels
 
     @property
     def is_inpainting_unet(self) -> bool:
