@@ -213,6 +213,79 @@ def sample_dpmpp_2m_sde(model, x, sigmas, generator=None, callback=None, eta: fl
     return x
 
 
+def _unipc_update(x, x0_history, lambdas, lambda_next, variant: str, x0_new=None):
+    """One UniPC update (Zhao et al. 2023, Algorithm 1 predictor / Algorithm 2 corrector, data prediction) from
+    the state ``x`` at ``lambdas[-1]`` to ``lambda_next``, ``lambda = -log(sigma)``, in VE variables (the VP
+    factor ``alpha_t`` of the paper divides out). ``x0_history`` holds the x0 estimates at ``lambdas``, oldest
+    first; their divided differences against the newest one, ``D_k = (x0_k - x0_0) / r_k`` with
+    ``r_k = (lambda_k - lambda_0) / h``, enter with weights ``rho`` solving ``R rho = b`` (eq. 8; ``rho = 1/2`` in
+    closed form for one difference). The corrector (``x0_new``, the estimate at the predicted point) adds the
+    difference ``x0_new - x0_0`` at ``r = 1``. ``variant`` is ``B(h)``: ``"bh1"`` = ``h``, ``"bh2"`` =
+    ``e^h - 1`` (sec. 3.3)."""
+    lambda_0, x0_0 = lambdas[-1], x0_history[-1]
+    h = lambda_next - lambda_0
+    ratios = [(lam - lambda_0) / h for lam in reversed(lambdas[:-1])]  # newest first
+    differences = [(x0 - x0_0) / r for x0, r in zip(reversed(x0_history[:-1]), ratios)]
+    if x0_new is not None:
+        ratios.append(torch.ones_like(h))
+        differences.append(x0_new - x0_0)
+    order = len(differences)
+    hh = -h  # the data-prediction form integrates in -lambda
+    h_phi_1 = torch.expm1(hh)
+    b_h = hh if variant == "bh1" else torch.expm1(hh)
+    x_next = torch.exp(hh) * x - h_phi_1 * x0_0
+    if order == 0:
+        return x_next
+    # b_k = k! h phi_{k+1}(h) / B(h), with h phi_{k+1} = h phi_k / hh - 1/k! (the paper's phi recursion)
+    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    if order == 1:
+        rhos = torch.full((1,), 0.5, dtype=x.dtype)
+    else:
+        R = torch.stack([torch.stack(ratios) ** (k - 1) for k in range(1, order + 1)])  # (order, order)
+        rhos = torch.linalg.solve(R, torch.stack(b)).to(x.dtype)
+    return x_next - b_h * sum(rho * d for rho, d in zip(rhos, differences))
+
+
+def _unipc(model, x, sigmas, callback, solver_order: int, variant: str):
+    """UniPC multistep with predictor order ``solver_order`` (lower on the first steps, while the history fills)
+    and the UniC corrector after every step but the last. The corrector reuses the network call at the predicted
+    point, so each step costs one call. A step to sigma = 0 returns x0, the limit of every order (diffusers'
+    ``lower_order_final`` also drops to first order on a last step that ends above zero; we keep the order)."""
+    lambdas, x0_history, x_before = [], [], None  # the last solver_order steps' lambda and x0, oldest first
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        lam = -sigma.log()
+        if x_before is not None:  # UniC: correct the predicted x with the x0 estimated there
+            x = _unipc_update(x_before, x0_history, lambdas, lam, variant, x0_new=x0)
+        lambdas, x0_history = (lambdas + [lam])[-solver_order:], (x0_history + [x0])[-solver_order:]
+        x_before = x
+        if sigma_next == 0:
+            x = x0
+        else:
+            x = _unipc_update(x, x0_history, lambdas, -sigma_next.log(), variant)
+        x = apply_step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_unipc(model, x, sigmas, generator=None, callback=None):
+    """UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2"), predictor order 2 plus the UniC corrector:
+    diffusers' ``UniPCMultistepScheduler`` default. Third order away from the ends for one call per step."""
+    return _unipc(model, x, sigmas, callback, solver_order=2, variant="bh2")
+
+
+@torch.no_grad()
+def sample_unipc_bh1(model, x, sigmas, generator=None, callback=None):
+    """UniPC with B(h) = h ("bh1", the variant the paper recommends below 10 steps; ComfyUI's ``uni_pc``),
+    predictor order 2 plus the UniC corrector."""
+    return _unipc(model, x, sigmas, callback, solver_order=2, variant="bh1")
+
+
 @torch.no_grad()
 def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
     """Euler on the rectified-flow ODE ``dx_t/dt = v = noise - x0`` (Liu et al. 2022; SD3's sampler). With
@@ -263,6 +336,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
     "heun": SamplerSpec(sample_heun, 2, False, flow_fn=sample_flow_heun),
     "flow_euler": SamplerSpec(sample_flow_euler, 1, False),
+    "unipc": SamplerSpec(sample_unipc, 3, False, quantize_karras_timesteps=True, timestep_convention="dpm"),
+    "unipc_bh1": SamplerSpec(sample_unipc_bh1, 3, False, quantize_karras_timesteps=True, timestep_convention="dpm"),
 }
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       StableDiffusionPipeline)
+                       StableDiffusionPipeline, UniPCMultistepScheduler)
 
 from pipelines.text_to_image import TextToImagePipeline
 
@@ -34,6 +34,15 @@ CASES = [
      {"algorithm_type": "dpmsolver++"}, 10),
     # diffusers' HeunDiscreteScheduler has no zero-terminal-SNR option, so Heun is compared with v-prediction only.
     ("heun-v-leading", "heun", HeunDiscreteScheduler, {"prediction_type": "v_prediction"}, {}, 6),
+    # UniPC: diffusers' default (bh2, order 2, corrector on) and the bh1 variant, on the "dpm" timestep lists
+    ("unipc-eps-leading", "unipc", UniPCMultistepScheduler, {}, {}, 10),
+    ("unipc-eps-karras", "unipc", UniPCMultistepScheduler, {"use_karras_sigmas": True}, {}, 12),
+    ("unipc-v-zerosnr-trailing", "unipc", UniPCMultistepScheduler, ZERO_SNR_V, {}, 10),
+    # bh1 ends on sigma_min: diffusers' bh1 step to sigma = 0 multiplies 0 by B(h) = -inf (NaN); ours gives x0.
+    # A last step that ends above zero keeps its order in ours; diffusers' lower_order_final would make it first.
+    ("unipc_bh1-eps-linspace", "unipc_bh1", UniPCMultistepScheduler,
+     {"timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"},
+     {"solver_type": "bh1", "lower_order_final": False}, 8),
 ]
 
 
