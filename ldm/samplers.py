@@ -306,7 +306,7 @@ def sample_flow_heun(model, x, sigmas, generator=None, callback=None):
 @dataclass(frozen=True)
 class SamplerSpec:
     """A registered sampler: its function, order, whether it draws noise, whether the network gets integer
-    timesteps for Karras sigmas (diffusers' DPM-Solver rounds them), the alpha_bar standing for zero at the end
+    timesteps for Karras sigmas (diffusers' DPM-Solver and UniPC round them), the alpha_bar standing for zero at the end
     of a zero-terminal-SNR schedule (see ``ldm.schedules``), and whose timestep lists it follows
     (``ldm.schedules.TIMESTEP_CONVENTIONS``: the diffusers scheduler of the same method). ``flow_fn``, where set,
     replaces ``fn`` on flow models."""

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta")
+# spacings that place sigmas directly between the schedule's ends rather than through a timestep grid
+SIGMA_SPACINGS = ("karras", "exponential", "beta")
 # whose timestep lists a sampler reproduces: diffusers' EulerDiscrete-, DDIM- or DPMSolverMultistepScheduler
 TIMESTEP_CONVENTIONS = ("euler", "ddim", "dpm")
 
@@ -145,14 +147,15 @@ class DiscreteSchedule:
     def sigma_list(self, steps: int, spacing: str = "leading", steps_offset: int = 0,
                    final_sigma: str = "zero", rho: float = 7.0, convention: str = "euler") -> torch.Tensor:
         """Descending sigmas ``(steps + 1,)`` for a sampler. ``spacing="karras"`` gives Karras et al. 2022
-        eq. 5 between the schedule's sigma_max and sigma_min with ``rho``; other spacings are :meth:`timesteps`
+        eq. 5 between the schedule's sigma_max and sigma_min with ``rho``, ``"exponential"`` and ``"beta"`` the
+        lists of :func:`spaced_sigmas` between the same ends; other spacings are :meth:`timesteps`
         with ``convention``. ``final_sigma`` is ``"zero"`` (end on a clean sample) or ``"sigma_min"`` (end at the
         schedule's smallest sigma, like DDIM with ``set_alpha_to_one=False``)."""
-        if spacing == "karras":
+        if spacing in SIGMA_SPACINGS:
             # DDIM / DDPM's stand-in for alpha_bar = 0 (sigma ~4e9) must not set where the ramp starts: from
             # there 19 of 20 steps would sit above SD's sigma_max; start at Euler's stand-in (~4096) as diffusers
             top = min(self.sigma_max, ((1 - ZERO_SNR_ALPHA_BAR) / ZERO_SNR_ALPHA_BAR) ** 0.5)
-            sigmas = karras_sigmas(steps, self.sigma_min, top, rho)
+            sigmas = spaced_sigmas(spacing, steps, self.sigma_min, top, rho)
         else:
             sigmas = self.t_to_sigma(torch.from_numpy(self.timesteps(steps, spacing, steps_offset, convention)))
         return append_final_sigma(sigmas, final_sigma, self.sigma_min)
@@ -164,6 +167,35 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     ramp = np.linspace(0, 1, steps)
     inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return torch.from_numpy((inv_max + ramp * (inv_min - inv_max)) ** rho).float()
+
+
+def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Sigmas evenly spaced in log sigma (equal steps in lambda = -log sigma, the variable of DPM-Solver; diffusers'
+    ``use_exponential_sigmas``, ComfyUI's "exponential"), ``(steps,)`` descending, without the final zero."""
+    return torch.from_numpy(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps))).float()
+
+
+def beta_sigmas(steps: int, sigma_min: float, sigma_max: float, alpha: float = 0.6,
+                beta: float = 0.6) -> torch.Tensor:
+    """Lee et al. 2024 ("Beta Sampling is All You Need"): sigmas at the quantiles of a Beta(alpha, beta)
+    distribution, ``sigma_min + ppf(1 - i / (n - 1)) (sigma_max - sigma_min)``; with alpha = beta = 0.6 the steps
+    crowd at both ends (diffusers' ``use_beta_sigmas``, ComfyUI's "beta"). ``(steps,)`` descending, without the
+    final zero."""
+    from scipy.stats import beta as beta_distribution
+
+    quantiles = beta_distribution.ppf(1 - np.linspace(0, 1, steps), alpha, beta)
+    return torch.from_numpy(sigma_min + quantiles * (sigma_max - sigma_min)).float()
+
+
+def spaced_sigmas(spacing: str, steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """``(steps,)`` descending sigmas from ``sigma_max`` to ``sigma_min`` by one of :data:`SIGMA_SPACINGS`."""
+    if spacing == "karras":
+        return karras_sigmas(steps, sigma_min, sigma_max, rho)
+    if spacing == "exponential":
+        return exponential_sigmas(steps, sigma_min, sigma_max)
+    if spacing == "beta":
+        return beta_sigmas(steps, sigma_min, sigma_max)
+    raise ValueError(f"unknown sigma spacing {spacing!r}; known: {', '.join(SIGMA_SPACINGS)}")
 
 
 def append_final_sigma(sigmas: torch.Tensor, final_sigma: str, sigma_min: float) -> torch.Tensor:
@@ -213,13 +245,13 @@ class FlowSchedule:
 
     def sigma_list(self, steps: int, spacing: str = "linspace", steps_offset: int = 0,
                    final_sigma: str = "zero", rho: float = 7.0, convention: str = "euler") -> torch.Tensor:
-        """Descending sigmas ``(steps + 1,)``; ``spacing`` is ``"linspace"`` (in t, shifted) or ``"karras"``
-        (Karras et al. 2022, eq. 5, over the flow times between the linspace list's ends, as diffusers'
-        FlowMatchEulerDiscreteScheduler does: in VE sigma, whose top is ~1e7, nearly every step would sit at
-        t > 0.99). Every sampler uses the same flow times, so ``convention`` is accepted and unused."""
-        if spacing == "karras":
+        """Descending sigmas ``(steps + 1,)``; ``spacing`` is ``"linspace"`` (in t, shifted) or one of
+        :data:`SIGMA_SPACINGS` (e.g. Karras et al. 2022, eq. 5) over the flow times between the linspace list's
+        ends, as diffusers' FlowMatchEulerDiscreteScheduler does (in VE sigma, whose top is ~1e7, nearly every
+        step would sit at t > 0.99). Every sampler uses the same flow times, so ``convention`` is accepted and unused."""
+        if spacing in SIGMA_SPACINGS:
             times = self.flow_times(steps)
-            sigmas = self.t_to_sigma(karras_sigmas(steps, float(times[-1]), float(times[0]), rho).double())
+            sigmas = self.t_to_sigma(spaced_sigmas(spacing, steps, float(times[-1]), float(times[0]), rho).double())
         elif spacing in ("linspace", "leading", "trailing"):
             sigmas = self.t_to_sigma(torch.from_numpy(self.flow_times(steps)))
         else:

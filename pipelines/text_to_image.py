@@ -244,9 +244,11 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
     # -- sampling set-up ---------------------------------------------------------------------------------------
     def default_spacing(self) -> str:
-        """The model folder's spacing: ``karras`` if it asks for Karras sigmas, else its ``timestep_spacing``."""
-        if self.scheduler_config.get("use_karras_sigmas"):
-            return "karras"
+        """The model folder's spacing: ``karras`` / ``exponential`` / ``beta`` if it asks for those sigmas (diffusers'
+        ``use_karras_sigmas`` ...), else its ``timestep_spacing``."""
+        for spacing in ("karras", "exponential", "beta"):
+            if self.scheduler_config.get(f"use_{spacing}_sigmas"):
+                return spacing
         if self.is_flow:
             return "linspace"
         return self.scheduler_config.get("timestep_spacing", "leading")

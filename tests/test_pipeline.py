@@ -175,3 +175,20 @@ def test_images_larger_than_the_vae_tile_are_decoded_in_tiles(pipe):
     assert tiled.shape == (1, 3, 48, 48)
     whole = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     assert torch.corrcoef(torch.stack([tiled.flatten(), whole.flatten()]))[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("spacing", ["exponential", "beta"])
+def test_a_folder_asking_for_exponential_or_beta_sigmas_is_sampled_on_diffusers_list(tiny_model_factory, spacing):
+    """``use_exponential_sigmas`` / ``use_beta_sigmas`` in the scheduler config become the default spacing, and
+    the sampler visits exactly the sigmas diffusers' UniPC scheduler lists for that folder."""
+    from diffusers import UniPCMultistepScheduler
+
+    folder = tiny_model_factory(**{f"use_{spacing}_sigmas": True})
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    assert pipe.default_spacing() == spacing
+    visited = []
+    pipe("a red circle", num_inference_steps=9, sampler="unipc", seed=0, output_type="latent", progress=False,
+         callback=lambda i, sigma, x, x0: visited.append(float(sigma)))
+    theirs = UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler")
+    theirs.set_timesteps(9)
+    np.testing.assert_allclose(visited, theirs.sigmas[:-1].numpy(), rtol=1e-5)

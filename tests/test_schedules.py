@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler)
+                       FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
 
 from ldm.schedules import (ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, DiscreteSchedule, FlowSchedule, make_betas,
                            rescale_zero_terminal_snr)
@@ -47,6 +47,34 @@ def test_karras_sigmas_match_diffusers_dpm(steps):
     ours = schedule.sigma_list(steps, "karras")
     torch.testing.assert_close(ours, theirs.sigmas, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(schedule.sigma_to_t(ours[:-1]).round(), theirs.timesteps.float())
+
+
+@pytest.mark.parametrize("spacing", ["exponential", "beta"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_exponential_and_beta_sigmas_match_diffusers_dpm_and_unipc(spacing, zero_snr):
+    """diffusers' DPM-Solver and UniPC space these between the schedule's ends, as ours; they hand the network
+    the timestep truncated to an integer (643.75 -> 643; 999 -> 998 at the top, after a float64 round trip),
+    ours the exact one of each sigma, so the lists are compared, not the timesteps."""
+    config = {**SD, "rescale_betas_zero_snr": zero_snr}
+    ours = DiscreteSchedule.from_config(config).sigma_list(12, spacing)
+    for scheduler in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+        theirs = scheduler(**config, **{f"use_{spacing}_sigmas": True})
+        theirs.set_timesteps(12)
+        torch.testing.assert_close(ours, theirs.sigmas, rtol=1e-5, atol=1e-6)
+    steps = -torch.diff(ours[:-1].log())  # (11,) steps in lambda = -log sigma
+    if spacing == "exponential":  # equal steps in lambda
+        torch.testing.assert_close(steps, steps.mean().expand(11), rtol=1e-4, atol=1e-5)
+    else:  # Beta(0.6, 0.6) quantiles crowd both ends: the middle steps in sigma are the largest
+        gaps = -torch.diff(ours[:-1])
+        assert gaps[5] > gaps[0] and gaps[5] > gaps[-1]
+
+
+@pytest.mark.parametrize("spacing", ["exponential", "beta"])
+def test_flow_exponential_and_beta_sigmas_match_diffusers(spacing):
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0, **{f"use_{spacing}_sigmas": True})
+    theirs.set_timesteps(20)
+    ours = FlowSchedule(shift=3.0).sigma_list(20, spacing)
+    torch.testing.assert_close(FlowSchedule.sigma_to_t(ours), theirs.sigmas, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("steps", [7, 20])
