@@ -97,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="phi of guidance rescale (Lin et al. 2023, eq. 16)")
     parser.add_argument("--sweep", choices=["none", "guidance", "samplers", "rescale"], default="none",
-                        help="guidance: CFG 1 / 3 / 5 / 7.5; samplers: 4 samplers x 5-50 steps; rescale: guidance "
-                             "rescale phi 0 / 0.3 / 0.7 / 1 at --cfg")
+                        help="guidance: CFG 1 / 3 / 5 / 7.5; samplers: --sweep-samplers x --sweep-steps; rescale: "
+                             "guidance rescale phi 0 / 0.3 / 0.7 / 1 at --cfg")
+    parser.add_argument("--sweep-samplers", nargs="+", default=["ddim", "euler", "heun", "dpmpp_2m", "unipc"],
+                        help="with --sweep samplers: the samplers compared")
+    parser.add_argument("--sweep-steps", type=int, nargs="+", default=[5, 10, 20, 50],
+                        help="with --sweep samplers: the step counts compared")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="also write all results to this JSON file")
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(f"CFG {g}", {**base, "guidance_scale": g}) for g in (1.0, 3.0, 5.0, 7.5)]
     elif args.sweep == "samplers":
         runs = [(f"{s}, {n} steps", {**base, "sampler": s, "num_inference_steps": n})
-                for s in ("ddim", "euler", "heun", "dpmpp_2m") for n in (5, 10, 20, 50)]
+                for s in args.sweep_samplers for n in args.sweep_steps]
     elif args.sweep == "rescale":
         runs = [(f"CFG {args.cfg}, rescale {phi}", {**base, "guidance_rescale": phi})
                 for phi in (0.0, 0.3, 0.7, 1.0)]
