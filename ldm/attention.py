@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Protocol
+import re
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +214,38 @@ class JointControlledAttnProcessor:
             edited_mass = edited.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(rows.dtype).tiny)
             rows[..., block] = edited * (mass / edited_mass)
         return torch.cat([rows, probs[:, :, n_image:]], dim=2)
+
+
+class IdentitySelfAttention:
+    """Perturbed-attention guidance's perturbation (Ahn et al. 2024, sec. 4): the self-attention maps at
+    ``places`` become the identity, so each token keeps only its own value, which removes the structure those
+    maps carry. Other maps pass through."""
+
+    def __init__(self, places: set[str]):
+        self.places = places
+
+    def __call__(self, probs: torch.Tensor, *, is_cross: bool, place: str, step: int) -> torch.Tensor:
+        if is_cross or place not in self.places:
+            return probs
+        eye = torch.eye(probs.shape[-2], probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        return eye.expand_as(probs)
+
+
+def self_attention_places(network: torch.nn.Module, layers: Sequence[str]) -> set[str]:
+    """The self-attention modules a PAG layer list names, chosen as diffusers' ``set_pag_applied_layers`` does:
+    each entry is a regular expression searched in the module names (``"mid"``, ``"down_blocks.1"``). An entry
+    that names no self-attention layer is an error."""
+    from diffusers.models.attention_processor import Attention
+
+    names = [name for name, module in network.named_modules()
+             if isinstance(module, Attention) and not module.is_cross_attention]
+    places = set()
+    for layer in layers:
+        found = [name for name in names if re.search(layer, name) is not None]
+        if not found:
+            raise ValueError(f"no self-attention layer matches PAG layer {layer!r}; e.g. {', '.join(names[:3])}")
+        places.update(found)
+    return places
 
 
 def install_attention_hook(network: torch.nn.Module) -> AttentionHook:

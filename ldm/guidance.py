@@ -5,21 +5,23 @@ scale w of Stable Diffusion: w = 1 is the conditional model). Because every para
 network output at fixed (x, sigma), guiding x0 equals guiding eps or v. The conditional and unconditional
 halves run as one batch of 2B. A composed prompt (several sub-prompts with weights, the A1111 web UI's ``AND``)
 guides by the weighted sum of its parts' differences from the unconditional prediction (Liu et al. 2022, eq. 10).
+Perturbed-attention guidance (Ahn et al. 2024, eq. 11) adds ``s * (x0_cond - x0_perturbed)``, where the perturbed
+prediction is the conditional one with chosen self-attention maps replaced by the identity.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ldm.denoiser import Denoiser
 
 
-def check_guidance_scale(scale: float) -> float:
+def check_guidance_scale(scale: float, name: str = "guidance_scale") -> float:
     """A guidance scale must be a finite, non-negative number."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {scale!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {scale!r}")
     return float(scale)
 
 
@@ -67,10 +69,15 @@ class CFGDenoiser:
     ``out = out_u + w * sum_k weight_bk * (out_k - out_u)`` at every scale, as in the web UI (the unconditional
     pass always runs); a weight 0 pads an image with fewer parts. Rescale matches the std of the composition at
     w = 1, ``out_u + sum_k weight_bk * (out_k - out_u)``.
+
+    ``pag_scale`` s > 0 adds perturbed-attention guidance: ``perturbed(x, sigma, cond)`` is the network output
+    with the perturbation applied (see ``TextToImagePipeline.guided``), one more pass per step; rescale then acts
+    on the sum, as diffusers' PAG pipelines apply it.
     """
 
     def __init__(self, denoiser: Denoiser, cond: Any, uncond: Any = None, scale: float = 7.5, rescale: float = 0.0,
-                 part_weights: torch.Tensor | None = None):
+                 part_weights: torch.Tensor | None = None, pag_scale: float = 0.0,
+                 perturbed: Callable | None = None):
         self.denoiser = denoiser
         self.cond = cond
         self.uncond = uncond
@@ -83,6 +90,10 @@ class CFGDenoiser:
             raise ValueError("guidance_scale > 1 or a composed prompt needs an unconditional embedding")
         if part_weights is not None:
             check_part_weights(part_weights, cond, uncond)
+        self.pag_scale = check_guidance_scale(pag_scale, "pag_scale")
+        if self.pag_scale > 0 and (perturbed is None or part_weights is not None):
+            raise ValueError("pag_scale > 0 needs a perturbed network pass and a prompt not composed with AND")
+        self.perturbed = perturbed
 
     @property
     def guided(self) -> bool:
@@ -91,12 +102,16 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.part_weights is not None:
             return self.composed(x, sigma)
+        out_perturbed = self.perturbed(x, sigma, self.cond) if self.pag_scale > 0 else None
         if not self.guided:
-            return self.denoiser(x, sigma, self.cond)
+            if out_perturbed is None:
+                return self.denoiser(x, sigma, self.cond)
+            out_cond = self.denoiser.model_output(x, sigma, self.cond)  # PAG alone, as diffusers: no rescale
+            return self.denoiser.to_x0(x, sigma, out_cond + self.pag_scale * (out_cond - out_perturbed))
         out = self.denoiser.model_output(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                          concat_cond(self.uncond, self.cond))  # (2B, C, H, W)
         out_uncond, out_cond = out.chunk(2)
-        return self.denoiser.to_x0(x, sigma, self.guide(out_uncond, out_cond))
+        return self.denoiser.to_x0(x, sigma, self.guide(out_uncond, out_cond, out_perturbed))
 
     def composed(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Guidance of a composed prompt: the unconditional pass and every part's in one batch of (1 + K) B."""
@@ -108,9 +123,13 @@ class CFGDenoiser:
         out_cond = out_uncond + (weights * (out_parts - out_uncond)).sum(0)  # the composition at w = 1
         return self.denoiser.to_x0(x, sigma, self.guide(out_uncond, out_cond))
 
-    def guide(self, out_uncond: torch.Tensor, out_cond: torch.Tensor) -> torch.Tensor:
-        """``out_u + w (out_c - out_u)``, then rescaled towards ``out_c``'s std by phi."""
+    def guide(self, out_uncond: torch.Tensor, out_cond: torch.Tensor,
+              out_perturbed: torch.Tensor | None = None) -> torch.Tensor:
+        """``out_u + w (out_c - out_u)`` (plus ``s (out_c - out_p)`` with PAG), then rescaled towards ``out_c``'s
+        std by phi."""
         guided = out_uncond + self.scale * (out_cond - out_uncond)
+        if out_perturbed is not None:
+            guided = guided + self.pag_scale * (out_cond - out_perturbed)
         if self.rescale > 0:
             guided = rescale_guidance(guided, out_cond, self.rescale)
         return guided

@@ -71,14 +71,16 @@ def output_paths(output: Path, count: int) -> list[Path]:
 SETTING_ARGUMENTS = {"negative_prompt": "negative_prompt", "steps": "num_inference_steps",
                      "cfg_scale": "guidance_scale", "sampler": "sampler", "height": "height", "width": "width",
                      "seed": "seed", "eta": "eta", "guidance_rescale": "guidance_rescale",
-                     "timestep_spacing": "timestep_spacing", "clip_skip": "clip_skip", "emphasis": "emphasis"}
+                     "timestep_spacing": "timestep_spacing", "clip_skip": "clip_skip", "emphasis": "emphasis",
+                     "pag_scale": "pag_scale", "pag_layers": "pag_layers"}
 
 
 def sampling_settings(args) -> dict:
     """The sampling options the user typed (PNG-metadata names); unset ones are left out."""
     typed = {"negative_prompt": args.negative, "steps": args.steps, "cfg_scale": args.cfg,
              "sampler": args.sampler, "seed": args.seed, "timestep_spacing": args.spacing, "eta": args.eta,
-             "guidance_rescale": args.rescale, "clip_skip": args.clip_skip, "emphasis": args.emphasis}
+             "guidance_rescale": args.rescale, "clip_skip": args.clip_skip, "emphasis": args.emphasis,
+             "pag_scale": args.pag_scale, "pag_layers": " ".join(args.pag_layers) if args.pag_layers else None}
     return {k: v for k, v in typed.items() if v is not None}
 
 
@@ -372,6 +374,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                                           "beta (default: the model's)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     parser.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
+    parser.add_argument("--pag-scale", type=float, help="perturbed-attention guidance scale (default 0: off)")
+    parser.add_argument("--pag-layers", nargs="+", help="self-attention layers PAG perturbs, as regular expressions "
+                                                        "over module names (default: mid)")
     parser.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k (default: random)")
     add_clip_skip_option(parser)
     parser.add_argument("--emphasis", help="none (default): brackets are text, as diffusers; a1111: (word:1.2), "

@@ -41,6 +41,8 @@ FIELDS = (
     ("refiner_switch", "Refiner switch at", float),
     ("clip_skip", "Clip skip", int),
     ("emphasis", "Emphasis", str),
+    ("pag_scale", "PAG scale", float),
+    ("pag_layers", "PAG layers", str),
 )
 A1111_OFFSETS = {"clip_skip": 1}
 """A1111 counts differently: its "Clip skip: 2" (the penultimate CLIP layer) is diffusers' and our ``clip_skip=1``."""

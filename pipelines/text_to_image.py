@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.attention import install_attention_hook
+from ldm.attention import IdentitySelfAttention, install_attention_hook, self_attention_places
 from ldm.denoiser import Denoiser
 from ldm.guidance import CFGDenoiser, check_guidance_scale
 from ldm.loading import Components, load_components
@@ -354,7 +354,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
                 guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
                 output_type: str = "pil", control_image=None, controlnet_conditioning_scale: float = 1.0,
-                clip_skip: int | None = None, emphasis: str = "none") -> "Request":
+                clip_skip: int | None = None, emphasis: str = "none", pag_scale: float = 0.0,
+                pag_layers: Sequence[str] = ("mid",)) -> "Request":
         """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
         negative prompts and seeds to the batch (prompt-major, as diffusers orders it). Compiled networks look
         for replaced weights here, once per request."""
@@ -377,6 +378,10 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             raise ValueError(f"eta is the ddim sampler's stochasticity; sampler {sampler!r} has none (use eta=0, or a "
                              "stochastic sampler: ddpm, euler_a, dpmpp_2m_sde)")
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        check_guidance_scale(pag_scale, "pag_scale")
+        pag_layers = tuple(pag_layers.split()) if isinstance(pag_layers, str) else tuple(pag_layers)
+        if pag_scale > 0:
+            self.pag_places(pag_layers)
         self.clip_layer(clip_skip)
         if emphasis not in EMPHASIS_SYNTAXES:
             raise ValueError(f"unknown emphasis {emphasis!r}; known: {', '.join(EMPHASIS_SYNTAXES)}")
@@ -400,7 +405,16 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             compiled.refresh()
         return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
-                       control, float(control_scale), clip_skip or None, emphasis)
+                       control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers)
+
+    def pag_places(self, layers: Sequence[str]) -> set[str]:
+        """The UNet self-attention layers perturbed-attention guidance perturbs (see
+        ``ldm.attention.self_attention_places``; ``("mid",)``, diffusers' usual choice, is the default)."""
+        if self.is_mmdit:
+            raise ValueError("perturbed-attention guidance is implemented for UNet models; this one is an MMDiT")
+        if not layers:
+            raise ValueError("pag_layers names no layer")
+        return self_attention_places(self.unet, layers)
 
     def latent_shape(self, request: "Request") -> tuple[int, int, int, int]:
         factor = self.vae_scale_factor
@@ -450,7 +464,25 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if part_weights is not None and self.attention.controller is not None:
             raise ValueError("attention controllers read the CFG batch as two halves; a prompt composed with AND "
                              "runs 1 + K of them")
-        return CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights)
+        if request.pag_scale > 0 and self.attention.controller is not None:
+            raise ValueError("perturbed-attention guidance and an attention controller (prompt-to-prompt) cannot "
+                             "run together")
+        perturbed = self.perturbed_pass(denoiser, request.pag_layers) if request.pag_scale > 0 else None
+        return CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights,
+                           request.pag_scale, perturbed)
+
+    def perturbed_pass(self, denoiser: Denoiser, layers: Sequence[str]) -> Callable:
+        """``(x, sigma, cond) -> network output`` with the self-attention maps ``layers`` names replaced by the
+        identity (PAG's perturbed prediction), through the attention hook."""
+        perturbation = IdentitySelfAttention(self.pag_places(layers))
+
+        def perturbed(x, sigma, cond):
+            self.attention.controller = perturbation
+            try:
+                return denoiser.model_output(x, sigma, cond)
+            finally:
+                self.attention.controller = None
+        return perturbed
 
     def denoise(self, request: "Request", denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                 callback: Callable | None = None, progress: bool = True,
@@ -499,6 +531,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                            model=self.name, timestep_spacing=request.spacing, eta=request.eta,
                            guidance_rescale=request.guidance_rescale, clip_skip=request.clip_skip,
                            emphasis=None if request.emphasis == "none" else request.emphasis,
+                           **({"pag_scale": request.pag_scale, "pag_layers": " ".join(request.pag_layers)}
+                              if request.pag_scale > 0 else {}),
                            **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
                               if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
@@ -520,17 +554,21 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                  output_type: str = "pil", callback: Callable | None = None, progress: bool = True,
                  control_image=None, controlnet_conditioning_scale: float = 1.0,
                  refiner: "TextToImagePipeline | None" = None, refiner_switch: float = 0.8,
-                 clip_skip: int | None = None, emphasis: str = "none") -> GenerationOutput:
+                 clip_skip: int | None = None, emphasis: str = "none", pag_scale: float = 0.0,
+                 pag_layers: Sequence[str] = ("mid",)) -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
         or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`; ``emphasis="a1111"``
         reads ``(word:1.2)``-style weights in the prompts (see :meth:`encode_prompt`) and ``AND`` between
-        weighted sub-prompts (see :meth:`encode_request`). ``refiner``: a second
+        weighted sub-prompts (see :meth:`encode_request`). ``pag_scale`` > 0 adds perturbed-attention guidance
+        (Ahn et al. 2024) on the self-attention layers ``pag_layers`` names (see :meth:`pag_places`), as
+        diffusers' ``StableDiffusionPAGPipeline``. ``refiner``: a second
         pipeline (SDXL's refiner) that takes over at ``refiner_switch`` of the schedule (see :meth:`refiner_split`).
         See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
-                               output_type, control_image, controlnet_conditioning_scale, clip_skip, emphasis)
+                               output_type, control_image, controlnet_conditioning_scale, clip_skip, emphasis,
+                               pag_scale, pag_layers)
         noise = self.initial_noise(request, latents)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
         denoiser = self.denoiser(request.sampler, request.spacing, request=request)
@@ -590,6 +628,8 @@ class Request:
     control_scale: float = 1.0
     clip_skip: int | None = None  # None = the family's default layer (0 is the same)
     emphasis: str = "none"  # how brackets in prompts are read: ldm.text.EMPHASIS_SYNTAXES
+    pag_scale: float = 0.0  # perturbed-attention guidance (0 = off)
+    pag_layers: tuple[str, ...] = ("mid",)
 
     @property
     def batch(self) -> int:
