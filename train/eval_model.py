@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="phi of guidance rescale (Lin et al. 2023, eq. 16)")
+    parser.add_argument("--pag-scale", type=float, default=0.0,
+                        help="perturbed-attention guidance scale (Ahn et al. 2024; 0 = off)")
+    parser.add_argument("--pag-layers", nargs="+", default=["mid"], help="self-attention layers PAG perturbs")
     parser.add_argument("--sweep", choices=["none", "guidance", "samplers", "rescale"], default="none",
                         help="guidance: CFG 1 / 3 / 5 / 7.5; samplers: --sweep-samplers x --sweep-steps; rescale: "
                              "guidance rescale phi 0 / 0.3 / 0.7 / 1 at --cfg")
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "composition":
         return composition_main(pipe, args)
     base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                guidance_rescale=args.guidance_rescale)
+                guidance_rescale=args.guidance_rescale, pag_scale=args.pag_scale, pag_layers=args.pag_layers)
     if args.sweep == "guidance":
         runs = [(f"CFG {g}", {**base, "guidance_scale": g}) for g in (1.0, 3.0, 5.0, 7.5)]
     elif args.sweep == "samplers":
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(f"CFG {args.cfg}, rescale {phi}", {**base, "guidance_rescale": phi})
                 for phi in (0.0, 0.3, 0.7, 1.0)]
     else:
-        runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}", base)]
+        pag = f", PAG {args.pag_scale} ({' '.join(args.pag_layers)})" if args.pag_scale else ""
+        runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}{pag}", base)]
     rows = []
     for k, (name, settings) in enumerate(runs):
         pairs = generate_evaluation_set(pipe, args.seeds, **settings)
