@@ -27,8 +27,17 @@ XFORMERS_AVAILABLE = importlib.util.find_spec("xformers") is not None
 
 
 class AttentionController(Protocol):
+    """Optionally a controller has ``places`` (the set of layer names it edits; other layers then run the fast
+    path) and ``identity = True`` (it replaces self-attention maps by the identity at its places, which UNet
+    processors apply as ``out = value`` without forming the maps)."""
+
     def __call__(self, probs: torch.Tensor, *, is_cross: bool, place: str, step: int) -> torch.Tensor:
         """``probs``: ``(B, heads, queries, keys)``; return the probabilities to use (same shape)."""
+
+
+def controller_places(controller) -> set[str] | None:
+    """The layers a controller edits, or None for all."""
+    return getattr(controller, "places", None)
 
 
 class AttentionHook:
@@ -117,7 +126,12 @@ class ControlledAttnProcessor:
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
 
         controller = self.hook.controller
-        if controller is None and mask is None:
+        if controller is not None and controller_places(controller) is not None \
+                and self.place not in controller_places(controller):
+            controller = None  # a controller that names its layers leaves the others on the fast path
+        if controller is not None and getattr(controller, "identity", False) and not is_cross:
+            out = value  # the identity map, without forming the scores it replaces
+        elif controller is None and mask is None:
             out = attend(query, key, value, attn.scale)
         else:
             scores = query @ key.transpose(-1, -2) * attn.scale  # (B, H, Lq, Lk)
@@ -220,6 +234,8 @@ class IdentitySelfAttention:
     """Perturbed-attention guidance's perturbation (Ahn et al. 2024, sec. 4): the self-attention maps at
     ``places`` become the identity, so each token keeps only its own value, which removes the structure those
     maps carry. Other maps pass through."""
+
+    identity = True
 
     def __init__(self, places: set[str]):
         self.places = places

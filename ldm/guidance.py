@@ -91,8 +91,10 @@ class CFGDenoiser:
         if part_weights is not None:
             check_part_weights(part_weights, cond, uncond)
         self.pag_scale = check_guidance_scale(pag_scale, "pag_scale")
-        if self.pag_scale > 0 and (perturbed is None or part_weights is not None):
-            raise ValueError("pag_scale > 0 needs a perturbed network pass and a prompt not composed with AND")
+        if self.pag_scale > 0 and perturbed is None:
+            raise ValueError("pag_scale > 0 needs the perturbed network pass")
+        if self.pag_scale > 0 and part_weights is not None:
+            raise ValueError("perturbed-attention guidance runs on a plain prompt, not one composed with AND")
         self.perturbed = perturbed
 
     @property

@@ -217,11 +217,14 @@ def _unipc_update(x, x0_history, lambdas, lambda_next, variant: str, x0_new=None
     """One UniPC update (Zhao et al. 2023, Algorithm 1 predictor / Algorithm 2 corrector, data prediction) from
     the state ``x`` at ``lambdas[-1]`` to ``lambda_next``, ``lambda = -log(sigma)``, in VE variables (the VP
     factor ``alpha_t`` of the paper divides out). ``x0_history`` holds the x0 estimates at ``lambdas``, oldest
-    first; their divided differences against the newest one, ``D_k = (x0_k - x0_0) / r_k`` with
-    ``r_k = (lambda_k - lambda_0) / h``, enter with weights ``rho`` solving ``R rho = b`` (eq. 8; ``rho = 1/2`` in
-    closed form for one difference). The corrector (``x0_new``, the estimate at the predicted point) adds the
-    difference ``x0_new - x0_0`` at ``r = 1``. ``variant`` is ``B(h)``: ``"bh1"`` = ``h``, ``"bh2"`` =
-    ``e^h - 1`` (sec. 3.3)."""
+    first (at most two, the order-2 predictor's); their divided difference against the newest one,
+    ``D_1 = (x0_1 - x0_0) / r_1`` with ``r_1 = (lambda_1 - lambda_0) / h``, enters with weight ``rho``. The
+    corrector (``x0_new``, the estimate at the predicted point) adds the difference ``x0_new - x0_0`` at ``r = 1``.
+    With one difference ``rho = 1/2`` in closed form; with two the weights solve the 2 x 2 system ``R rho = b``
+    (eq. 8), here by Cramer's rule. ``variant`` is ``B(h)``: ``"bh1"`` = ``h``, ``"bh2"`` = ``e^h - 1``
+    (sec. 3.3)."""
+    if len(x0_history) > 2:
+        raise ValueError("UniPC here keeps at most two x0 estimates (predictor order 2)")
     lambda_0, x0_0 = lambdas[-1], x0_history[-1]
     h = lambda_next - lambda_0
     ratios = [(lam - lambda_0) / h for lam in reversed(lambdas[:-1])]  # newest first
@@ -236,17 +239,16 @@ def _unipc_update(x, x0_history, lambdas, lambda_next, variant: str, x0_new=None
     x_next = torch.exp(hh) * x - h_phi_1 * x0_0
     if order == 0:
         return x_next
-    # b_k = k! h phi_{k+1}(h) / B(h), with h phi_{k+1} = h phi_k / hh - 1/k! (the paper's phi recursion)
-    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
-    for k in range(1, order + 1):
-        b.append(h_phi_k * factorial / b_h)
-        factorial *= k + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial
     if order == 1:
-        rhos = torch.full((1,), 0.5, dtype=x.dtype)
+        rhos = (0.5,)
     else:
-        R = torch.stack([torch.stack(ratios) ** (k - 1) for k in range(1, order + 1)])  # (order, order)
-        rhos = torch.linalg.solve(R, torch.stack(b)).to(x.dtype)
+        # b_k = k! h phi_{k+1}(h) / B(h) for k = 1, 2, with h phi_2 = h phi_1 / hh - 1 and
+        # h phi_3 = h phi_2 / hh - 1/2 (the paper's phi recursion); R = [[1, 1], [r_1, 1]]
+        h_phi_2 = h_phi_1 / hh - 1
+        b_1, b_2 = h_phi_2 / b_h, 2 * (h_phi_2 / hh - 0.5) / b_h
+        r_1 = ratios[0]
+        rho_2 = (b_2 - r_1 * b_1) / (1 - r_1)
+        rhos = (b_1 - rho_2, rho_2)
     return x_next - b_h * sum(rho * d for rho, d in zip(rhos, differences))
 
 
@@ -255,19 +257,23 @@ def _unipc(model, x, sigmas, callback, solver_order: int, variant: str):
     and the UniC corrector after every step but the last. The corrector reuses the network call at the predicted
     point, so each step costs one call. A step to sigma = 0 returns x0, the limit of every order (diffusers'
     ``lower_order_final`` also drops to first order on a last step that ends above zero; we keep the order)."""
-    lambdas, x0_history, x_before = [], [], None  # the last solver_order steps' lambda and x0, oldest first
+    lambdas, x0_history = [], []  # the last solver_order steps' lambda and x0, oldest first
+    x_before = x_predicted = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = model(x, _sigma(sigma, x))
         lam = -sigma.log()
-        if x_before is not None:  # UniC: correct the predicted x with the x0 estimated there
-            x = _unipc_update(x_before, x0_history, lambdas, lam, variant, x0_new=x0)
+        if x_before is not None:  # UniC: correct the predicted x with the x0 estimated there; a change the
+            # callback made to the prediction (inpainting's blend) is kept as an offset
+            corrected = _unipc_update(x_before, x0_history, lambdas, lam, variant, x0_new=x0)
+            x = corrected if x is x_predicted else x + (corrected - x_predicted)
         lambdas, x0_history = (lambdas + [lam])[-solver_order:], (x0_history + [x0])[-solver_order:]
         x_before = x
         if sigma_next == 0:
             x = x0
         else:
             x = _unipc_update(x, x0_history, lambdas, -sigma_next.log(), variant)
+        x_predicted = x
         x = apply_step_callback(callback, i, sigma, x, x0)
     return x
 
@@ -281,7 +287,7 @@ def sample_unipc(model, x, sigmas, generator=None, callback=None):
 
 @torch.no_grad()
 def sample_unipc_bh1(model, x, sigmas, generator=None, callback=None):
-    """UniPC with B(h) = h ("bh1", the variant the paper recommends below 10 steps; ComfyUI's ``uni_pc``),
+    """UniPC with B(h) = h ("bh1", the variant the paper recommends for unconditional sampling below 10 steps),
     predictor order 2 plus the UniC corrector."""
     return _unipc(model, x, sigmas, callback, solver_order=2, variant="bh1")
 

@@ -101,6 +101,8 @@ def generation_settings(args) -> dict:
 
 def pipeline_arguments(settings: dict) -> dict:
     """PNG-metadata names to pipeline keyword arguments; unset ones keep the pipeline's defaults."""
+    if settings.get("pag_layers") and not settings.get("pag_scale"):
+        raise UsageError("--pag-layers chooses where PAG acts; give --pag-scale too")
     return {arg: settings[key] for key, arg in SETTING_ARGUMENTS.items() if settings.get(key) not in (None, "")}
 
 

@@ -5,6 +5,7 @@ work starts, and turns latents into images.
 """
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from ldm.denoiser import Denoiser
 from ldm.guidance import CFGDenoiser, check_guidance_scale
 from ldm.loading import Components, load_components
 from ldm.samplers import get_sampler, randn_like
-from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
+from ldm.schedules import SIGMA_SPACINGS, TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import (EMPHASIS_SYNTAXES, T5_TOKENS, emphasize, encode_tokens, encode_tokens_and_pooled, plain_text,
                       sd3_context, split_conjunction, tokenize_batch, tokenize_weighted_batch)
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_prompts
@@ -246,7 +247,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
     def default_spacing(self) -> str:
         """The model folder's spacing: ``karras`` / ``exponential`` / ``beta`` if it asks for those sigmas (diffusers'
         ``use_karras_sigmas`` ...), else its ``timestep_spacing``."""
-        for spacing in ("karras", "exponential", "beta"):
+        for spacing in SIGMA_SPACINGS:
             if self.scheduler_config.get(f"use_{spacing}_sigmas"):
                 return spacing
         if self.is_flow:
@@ -379,7 +380,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                              "stochastic sampler: ddpm, euler_a, dpmpp_2m_sde)")
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
         check_guidance_scale(pag_scale, "pag_scale")
-        pag_layers = tuple(pag_layers.split()) if isinstance(pag_layers, str) else tuple(pag_layers)
+        pag_layers = check_pag_layers(pag_layers)
         if pag_scale > 0:
             self.pag_places(pag_layers)
         self.clip_layer(clip_skip)
@@ -387,7 +388,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             raise ValueError(f"unknown emphasis {emphasis!r}; known: {', '.join(EMPHASIS_SYNTAXES)}")
         if emphasis == "a1111":
             for text in prompts:
-                split_conjunction(text)  # raises on a non-finite sub-prompt weight
+                parts = split_conjunction(text)  # raises on a non-finite sub-prompt weight
+                if pag_scale > 0 and (len(parts) > 1 or parts[0][1] != 1.0):
+                    raise ValueError("perturbed-attention guidance runs on a plain prompt, not one composed with AND")
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         self.sigmas(num_inference_steps, sampler, spacing)  # raises on a step count the schedule cannot space
@@ -477,11 +480,11 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         perturbation = IdentitySelfAttention(self.pag_places(layers))
 
         def perturbed(x, sigma, cond):
-            self.attention.controller = perturbation
+            previous, self.attention.controller = self.attention.controller, perturbation
             try:
                 return denoiser.model_output(x, sigma, cond)
             finally:
-                self.attention.controller = None
+                self.attention.controller = previous
         return perturbed
 
     def denoise(self, request: "Request", denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
@@ -577,6 +580,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             x = self.denoise(request, denoiser, x, sigmas, callback, progress)
             return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])))
         split = self.refiner_split(refiner, sigmas, refiner_switch)
+        if request.pag_scale > 0:
+            refiner.pag_places(request.pag_layers)  # before the base stage runs
         x = self.denoise(request, denoiser, x, sigmas[:split + 1], callback, progress)
         later = None if callback is None else (lambda i, *rest: callback(i + split, *rest))
         refined = refiner.denoiser(request.sampler, request.spacing)
@@ -605,6 +610,22 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if output_type == "np":
             return images.permute(0, 2, 3, 1).cpu().numpy()
         return self.to_pil(images)
+
+
+def check_pag_layers(layers) -> tuple[str, ...]:
+    """PAG layers as a tuple of regular expressions: a list of strings, or one string of space-separated ones
+    (as the PNG field stores them); None is the default, the mid block."""
+    if layers is None:
+        return ("mid",)
+    layers = tuple(layers.split()) if isinstance(layers, str) else tuple(layers)
+    for layer in layers:
+        if not isinstance(layer, str) or not layer:
+            raise ValueError(f"pag_layers must be non-empty strings (regular expressions), got {layer!r}")
+        try:
+            re.compile(layer)
+        except re.error as error:
+            raise ValueError(f"pag_layers entry {layer!r} is not a regular expression: {error}") from None
+    return layers
 
 
 @dataclass

@@ -42,6 +42,10 @@ def test_pag_settings_are_checked_and_written_to_the_png_parameters(folder):
         pipe(PROMPT, pag_scale=2.0, pag_layers=["nowhere"], num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="pag_scale must be a finite number >= 0"):
         pipe(PROMPT, pag_scale=float("nan"), num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="pag_layers entry 'down_blocks.\\(' is not a regular expression"):
+        pipe(PROMPT, pag_scale=2.0, pag_layers=["down_blocks.("], num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="not one composed with AND"):
+        pipe("a circle AND a square", emphasis="a1111", pag_scale=2.0, num_inference_steps=2, progress=False)
     out = pipe(PROMPT, pag_scale=2.0, pag_layers="mid down_blocks.0", num_inference_steps=2, seed=1, progress=False)
     assert out.parameters[0]["pag_scale"] == 2.0 and out.parameters[0]["pag_layers"] == "mid down_blocks.0"
     assert "pag_scale" not in pipe(PROMPT, num_inference_steps=2, seed=1, progress=False).parameters[0]
@@ -64,3 +68,25 @@ def test_cli_pag_is_written_and_regenerated_from_the_png(folder, tmp_path):
     assert main(["generate", "a blue square", "-o", str(plain), *common]) == 0
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
     assert Image.open(first).tobytes() != Image.open(plain).tobytes()
+
+
+def test_only_the_perturbed_layers_leave_the_fast_attention_path(folder):
+    """PAG's controller names its layers: the others keep scaled_dot_product_attention, and the perturbed ones
+    output their values without forming the scores."""
+    from ldm.attention import IdentitySelfAttention
+
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    places = pipe.pag_places(["mid"])
+    assert places and all(p.startswith("mid_block.") and p.endswith("attn1") for p in places)
+    formed = []
+    perturbation = IdentitySelfAttention(places)
+    spy = lambda probs, **where: formed.append(where["place"]) or probs  # noqa: E731
+    spy.places = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2"}
+    for controller, expected in ((perturbation, []), (spy, sorted(spy.places))):
+        formed.clear()
+        pipe.attention.controller = controller
+        try:
+            pipe(PROMPT, num_inference_steps=1, guidance_scale=1.0, progress=False, output_type="latent")
+        finally:
+            pipe.attention.controller = None
+        assert sorted(set(formed)) == expected
