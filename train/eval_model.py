@@ -84,6 +84,7 @@ def markdown_table(rows: list[tuple[str, dict]], first_column: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ldm.samplers import get_sampler
     from pipelines.cli import pick_device, pick_dtype
     from pipelines.text_to_image import TextToImagePipeline
 
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", nargs="+", default=None, help="with --task editing: which tables "
                         "(inversion p2p flowedit p2p_real inpaint sdedit resample photos; default all)")
     args = parser.parse_args(argv)
+    if args.sweep == "samplers":  # before the model loads and the first runs take minutes
+        for name in args.sweep_samplers:
+            get_sampler(name)
+        if min(args.sweep_steps) < 1:
+            raise ValueError(f"--sweep-steps must be positive, got {min(args.sweep_steps)}")
     pipe = TextToImagePipeline.from_pretrained(args.model, device=pick_device(args.device),
                                                dtype=pick_dtype(args.dtype))
     if args.task == "editing":
