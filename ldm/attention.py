@@ -126,8 +126,8 @@ class ControlledAttnProcessor:
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
 
         controller = self.hook.controller
-        if controller is not None and controller_places(controller) is not None \
-                and self.place not in controller_places(controller):
+        places = controller_places(controller)
+        if places is not None and self.place not in places:
             controller = None  # a controller that names its layers leaves the others on the fast path
         if controller is not None and getattr(controller, "identity", False) and not is_cross:
             out = value  # the identity map, without forming the scores it replaces

@@ -223,8 +223,6 @@ def _unipc_update(x, x0_history, lambdas, lambda_next, variant: str, x0_new=None
     With one difference ``rho = 1/2`` in closed form; with two the weights solve the 2 x 2 system ``R rho = b``
     (eq. 8), here by Cramer's rule. ``variant`` is ``B(h)``: ``"bh1"`` = ``h``, ``"bh2"`` = ``e^h - 1``
     (sec. 3.3)."""
-    if len(x0_history) > 2:
-        raise ValueError("UniPC here keeps at most two x0 estimates (predictor order 2)")
     lambda_0, x0_0 = lambdas[-1], x0_history[-1]
     h = lambda_next - lambda_0
     ratios = [(lam - lambda_0) / h for lam in reversed(lambdas[:-1])]  # newest first
@@ -252,12 +250,12 @@ def _unipc_update(x, x0_history, lambdas, lambda_next, variant: str, x0_new=None
     return x_next - b_h * sum(rho * d for rho, d in zip(rhos, differences))
 
 
-def _unipc(model, x, sigmas, callback, solver_order: int, variant: str):
-    """UniPC multistep with predictor order ``solver_order`` (lower on the first steps, while the history fills)
-    and the UniC corrector after every step but the last. The corrector reuses the network call at the predicted
+def _unipc(model, x, sigmas, callback, variant: str):
+    """UniPC multistep with predictor order 2 (first order on the first step, while the history fills) and the
+    UniC corrector after every step but the last. The corrector reuses the network call at the predicted
     point, so each step costs one call. A step to sigma = 0 returns x0, the limit of every order (diffusers'
     ``lower_order_final`` also drops to first order on a last step that ends above zero; we keep the order)."""
-    lambdas, x0_history = [], []  # the last solver_order steps' lambda and x0, oldest first
+    lambdas, x0_history = [], []  # the last two steps' lambda and x0, oldest first
     x_before = x_predicted = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -267,7 +265,7 @@ def _unipc(model, x, sigmas, callback, solver_order: int, variant: str):
             # callback made to the prediction (inpainting's blend) is kept as an offset
             corrected = _unipc_update(x_before, x0_history, lambdas, lam, variant, x0_new=x0)
             x = corrected if x is x_predicted else x + (corrected - x_predicted)
-        lambdas, x0_history = (lambdas + [lam])[-solver_order:], (x0_history + [x0])[-solver_order:]
+        lambdas, x0_history = (lambdas + [lam])[-2:], (x0_history + [x0])[-2:]
         x_before = x
         if sigma_next == 0:
             x = x0
@@ -282,14 +280,14 @@ def _unipc(model, x, sigmas, callback, solver_order: int, variant: str):
 def sample_unipc(model, x, sigmas, generator=None, callback=None):
     """UniPC (Zhao et al. 2023) with B(h) = e^h - 1 ("bh2"), predictor order 2 plus the UniC corrector:
     diffusers' ``UniPCMultistepScheduler`` default. Third order away from the ends for one call per step."""
-    return _unipc(model, x, sigmas, callback, solver_order=2, variant="bh2")
+    return _unipc(model, x, sigmas, callback, variant="bh2")
 
 
 @torch.no_grad()
 def sample_unipc_bh1(model, x, sigmas, generator=None, callback=None):
     """UniPC with B(h) = h ("bh1", the variant the paper recommends for unconditional sampling below 10 steps),
     predictor order 2 plus the UniC corrector."""
-    return _unipc(model, x, sigmas, callback, solver_order=2, variant="bh1")
+    return _unipc(model, x, sigmas, callback, variant="bh1")
 
 
 @torch.no_grad()
@@ -312,8 +310,8 @@ def sample_flow_heun(model, x, sigmas, generator=None, callback=None):
 @dataclass(frozen=True)
 class SamplerSpec:
     """A registered sampler: its function, order, whether it draws noise, whether the network gets integer
-    timesteps for Karras sigmas (diffusers' DPM-Solver and UniPC round them), the alpha_bar standing for zero at the end
-    of a zero-terminal-SNR schedule (see ``ldm.schedules``), and whose timestep lists it follows
+    timesteps for Karras sigmas (diffusers' DPM-Solver and UniPC round them), the alpha_bar standing for zero at
+    the end of a zero-terminal-SNR schedule (see ``ldm.schedules``), and whose timestep lists it follows
     (``ldm.schedules.TIMESTEP_CONVENTIONS``: the diffusers scheduler of the same method). ``flow_fn``, where set,
     replaces ``fn`` on flow models."""
 

@@ -248,7 +248,8 @@ class FlowSchedule:
         """Descending sigmas ``(steps + 1,)``; ``spacing`` is ``"linspace"`` (in t, shifted) or one of
         :data:`SIGMA_SPACINGS` (e.g. Karras et al. 2022, eq. 5) over the flow times between the linspace list's
         ends, as diffusers' FlowMatchEulerDiscreteScheduler does (in VE sigma, whose top is ~1e7, nearly every
-        step would sit at t > 0.99). Every sampler uses the same flow times, so ``convention`` is accepted and unused."""
+        step would sit at t > 0.99). Every sampler uses the same flow times, so ``convention`` is accepted and
+        unused."""
         if spacing in SIGMA_SPACINGS:
             times = self.flow_times(steps)
             sigmas = self.t_to_sigma(spaced_sigmas(spacing, steps, float(times[-1]), float(times[0]), rho).double())
