@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
+import numpy.polynomial.polynomial as P
 import torch
 
 from ldm.schedules import ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT
@@ -135,13 +137,13 @@ def sample_euler_ancestral(model, x, sigmas, generator=None, callback=None, eta:
     return sample_ddim(model, x, sigmas, generator, callback, eta=eta)
 
 
-def _heun(model, x, sigmas, callback, flow_time: bool):
-    """Heun's method (Karras et al. 2022, Algorithm 1) in sigma or in flow time ``t = sigma / (1 + sigma)``. The
-    Euler predictor ``x' = x0 + sigma' (x - x0) / sigma`` is exact for a constant x0, so the slopes at both ends
-    differ by ``(x0 - x0') / sigma'`` (in t: ``(x0 - x0') / t'``), and the trapezoidal corrector adds
-    ``(sigma' - sigma) / sigma' * (x0 - x0') / 2`` to the predictor, times ``(1 + sigma') / (1 + sigma)`` in flow
-    time (VE variables, ``x_t = x / (1 + sigma)``). Written so, no float32 cancellation at huge sigma. The last step
-    to sigma = 0 is plain Euler."""
+@torch.no_grad()
+def sample_heun(model, x, sigmas, generator=None, callback=None):
+    """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; diffusers' HeunDiscreteScheduler):
+    an Euler predictor and a trapezoidal corrector averaging ``dx/dsigma``. The predictor
+    ``x' = x0 + sigma' (x - x0) / sigma`` is exact for a constant x0, so the slopes at both ends differ by
+    ``(x0 - x0') / sigma'`` and the corrector adds ``(sigma' - sigma) / sigma' * (x0 - x0') / 2`` to the predictor
+    (written so, no float32 cancellation at a large sigma). The last step to sigma = 0 is plain Euler."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = model(x, _sigma(sigma, x))
@@ -150,19 +152,9 @@ def _heun(model, x, sigmas, callback, flow_time: bool):
         else:
             x_pred = x0 + (x - x0) / sigma * sigma_next
             x0_next = model(x_pred, _sigma(sigma_next, x))
-            weight = (sigma_next - sigma) / sigma_next
-            if flow_time:
-                weight = weight * (1 + sigma_next) / (1 + sigma)
-            x = x_pred + weight * (x0 - x0_next) / 2
+            x = x_pred + (sigma_next - sigma) / sigma_next * (x0 - x0_next) / 2
         x = apply_step_callback(callback, i, sigma, x, x0)
     return x
-
-
-@torch.no_grad()
-def sample_heun(model, x, sigmas, generator=None, callback=None):
-    """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; diffusers' HeunDiscreteScheduler):
-    Euler predictor, trapezoidal corrector averaging ``dx/dsigma``; see :func:`_heun`."""
-    return _heun(model, x, sigmas, callback, flow_time=False)
 
 
 @torch.no_grad()
@@ -211,6 +203,93 @@ def sample_dpmpp_2m_sde(model, x, sigmas, generator=None, callback=None, eta: fl
         x0_prev = x0
         x = apply_step_callback(callback, i, sigma, x, x0)
     return x
+
+
+def lms_coefficients(nodes: Sequence[float], sigma_next: float) -> list[float]:
+    """The weights of a linear multistep step from ``nodes[0]`` to ``sigma_next``: the integrals
+    ``int_{nodes[0]}^{sigma_next} l_j(s) ds`` of the Lagrange basis polynomials ``l_j`` over ``nodes`` (the sigmas
+    of the stored slopes, newest first), so ``x' = x + sum_j w_j d_j`` integrates the polynomial through the slopes
+    (Adams-Bashforth with variable steps). Computed exactly in float64 in the variable ``s - nodes[0]`` (diffusers
+    integrates the same polynomials by quadrature)."""
+    shifted = np.asarray(nodes, dtype=np.float64) - float(nodes[0])  # the newest node at 0
+    h = float(sigma_next) - float(nodes[0])
+    weights = []
+    for j in range(len(shifted)):
+        others = np.delete(shifted, j)
+        basis = P.polyfromroots(others) / np.prod(shifted[j] - others)
+        weights.append(float(P.polyval(h, P.polyint(basis))))
+    return weights
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, generator=None, callback=None, order: int = 4):
+    """Linear multistep (k-diffusion's ``sample_lms``; diffusers' ``LMSDiscreteScheduler``, A1111's "LMS") on
+    ``dx/dsigma = (x - D(x, sigma)) / sigma``: the slope is the polynomial through the last ``order`` slopes,
+    integrated over the step (:func:`lms_coefficients`); the first steps use the slopes there are (the first is
+    Euler, written as in :func:`sample_euler`). Fourth order on a smooth path once ``order`` slopes are stored; the
+    Euler start keeps the global error's leading term at second order."""
+    slopes, nodes = [], []  # newest first
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        slopes, nodes = ([(x - x0) / sigma] + slopes)[:order], ([float(sigma)] + nodes)[:order]
+        if len(slopes) == 1:
+            x = x0 + slopes[0] * sigma_next
+        else:
+            x = x + sum(w * d for w, d in zip(lms_coefficients(nodes, float(sigma_next)), slopes))
+        x = apply_step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, generator=None, callback=None):
+    """DPM2 (k-diffusion's ``sample_dpm_2``, after DPM-Solver-2, Lu et al. 2022, Alg. 1 with r = 1/2; diffusers'
+    ``KDPM2DiscreteScheduler``, A1111's "DPM2"): the explicit midpoint rule on ``dx/dsigma`` with the midpoint at
+    the geometric mean ``sigma_mid = sqrt(sigma sigma')`` (halfway in log sigma). ``x' = x + (sigma' - sigma) d_mid``
+    with ``d_mid`` the slope at ``x_mid = x0 + sigma_mid d``, written as
+    ``x0 + sigma' d + (sigma' - sigma) / sigma_mid (x0 - x0_mid)`` (no float32 cancellation at a large sigma). The
+    step to sigma = 0 is Euler (lands on x0). Second order, two network calls per step."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        if sigma_next == 0:
+            x = x0
+        else:
+            d = (x - x0) / sigma
+            sigma_mid = (sigma.log() + sigma_next.log()).div(2).exp()
+            x0_mid = model(x0 + d * sigma_mid, _sigma(sigma_mid, x))
+            x = x0 + d * sigma_next + (sigma_next - sigma) / sigma_mid * (x0 - x0_mid)
+        x = apply_step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+def in_flow_time(sampler: Callable) -> Callable:
+    """A sampler run on a rectified-flow model in flow time ``t = sigma / (1 + sigma)`` on ``x_t = x / (1 + sigma)``
+    (ComfyUI's sampling of flow models, sigma = t): there ``dx_t/dt = (x_t - x0) / t``, the VE ODE's form, so the
+    sampler's steps apply unchanged. Multistep and midpoint rules then interpolate in t, which stays in [0, 1],
+    instead of in sigma, whose first value on a flow model is ~1.7e7. Times are converted in float64; the callback
+    sees VE variables."""
+
+    def sample(model, x, sigmas, generator=None, callback=None, **options):
+        sigmas64 = sigmas.double()
+        times = sigmas64 / (1 + sigmas64)  # (n + 1,)
+
+        def model_t(x_t, t):  # t (B,) float64
+            sigma = t / (1 - t)
+            return model(x_t * (1 + sigma).view(-1, 1, 1, 1).to(x_t.dtype), sigma.to(sigmas.dtype))
+
+        def callback_t(i, t, x_t, x0):
+            scale = float(1 + sigmas64[i + 1])
+            replaced = callback(i, sigmas[i], x_t * scale, x0)
+            return None if replaced is None else replaced / scale
+
+        x_t = sampler(model_t, x / float(1 + sigmas64[0]), times, generator,
+                      None if callback is None else callback_t, **options)
+        return x_t * float(1 + sigmas64[-1])
+
+    sample.__name__ = sample.__qualname__ = f"{sampler.__name__}_in_flow_time"
+    sample.__doc__ = f"{sampler.__name__} in flow time; see :func:`in_flow_time`."
+    return sample
 
 
 def _unipc_update(x, x0_history, lambdas, lambda_next, variant: str, x0_new=None):
@@ -300,11 +379,11 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
 
 @torch.no_grad()
 def sample_flow_heun(model, x, sigmas, generator=None, callback=None):
-    """Heun's method on the rectified-flow ODE in flow time, ``dx_t/dt = v = (x_t - x0) / t`` (what diffusers'
+    """Heun's method on the rectified-flow ODE in flow time, ``dx_t/dt = (x_t - x0) / t`` (what diffusers'
     FlowMatchHeunDiscreteScheduler and ComfyUI run for flow models): the trapezoid averages the velocities at both
     ends of a step. Its corrector is bounded even from a flow model's first sigma (~1.7e7), where the trapezoid in
-    sigma (:func:`sample_heun`) multiplies ``x0 - x0'`` by about ``sigma / sigma'``; see :func:`_heun`."""
-    return _heun(model, x, sigmas, callback, flow_time=True)
+    sigma (:func:`sample_heun`) multiplies ``x0 - x0'`` by about ``sigma / sigma'``."""
+    return in_flow_time(sample_heun)(model, x, sigmas, generator, callback)
 
 
 @dataclass(frozen=True)
@@ -339,6 +418,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(sample_euler, 1, False),
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
     "heun": SamplerSpec(sample_heun, 2, False, flow_fn=sample_flow_heun),
+    "lms": SamplerSpec(sample_lms, 4, False, flow_fn=in_flow_time(sample_lms)),
+    "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_fn=in_flow_time(sample_dpm_2)),
     "flow_euler": SamplerSpec(sample_flow_euler, 1, False),
     "unipc": SamplerSpec(sample_unipc, 3, False, quantize_karras_timesteps=True, timestep_convention="dpm"),
     "unipc_bh1": SamplerSpec(sample_unipc_bh1, 3, False, quantize_karras_timesteps=True, timestep_convention="dpm"),

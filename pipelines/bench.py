@@ -27,8 +27,12 @@ DIFFUSERS_SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc_bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
 }
 # on flow-matching models (SD3)
 DIFFUSERS_FLOW_SCHEDULERS = {

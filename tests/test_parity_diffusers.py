@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       StableDiffusionPipeline, UniPCMultistepScheduler)
+                       KDPM2DiscreteScheduler, LMSDiscreteScheduler, StableDiffusionPipeline,
+                       UniPCMultistepScheduler)
 
 from pipelines.text_to_image import TextToImagePipeline
 
@@ -43,6 +44,13 @@ CASES = [
     ("unipc_bh1-eps-linspace", "unipc_bh1", UniPCMultistepScheduler,
      {"timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"},
      {"solver_type": "bh1", "lower_order_final": False}, 8),
+    # LMS and DPM2 (diffusers has no zero-terminal-SNR option for either; diffusers integrates LMS's Lagrange
+    # polynomials by quadrature, we in closed form). Not with Karras sigmas: diffusers' Euler-family schedulers ramp
+    # between the ends of the leading / trailing timestep list, ours between the schedule's ends.
+    ("lms-eps-leading", "lms", LMSDiscreteScheduler, {}, {}, 10),
+    ("lms-v-leading", "lms", LMSDiscreteScheduler, {"prediction_type": "v_prediction"}, {}, 10),
+    ("dpm_2-eps-leading", "dpm_2", KDPM2DiscreteScheduler, {}, {}, 8),
+    ("dpm_2-v-leading", "dpm_2", KDPM2DiscreteScheduler, {"prediction_type": "v_prediction"}, {}, 6),
 ]
 
 

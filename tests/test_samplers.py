@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from ldm.samplers import (SAMPLERS, get_sampler, renoise, repaint_path, sample_ddim, sample_ddpm, sample_euler,
-                          sample_euler_ancestral, sample_flow_heun, sample_heun)
+from ldm.samplers import (SAMPLERS, get_sampler, in_flow_time, lms_coefficients, renoise, repaint_path, sample_ddim,
+                          sample_ddpm, sample_dpm_2, sample_euler, sample_euler_ancestral, sample_flow_heun,
+                          sample_heun, sample_lms)
 from ldm.schedules import DiscreteSchedule, karras_sigmas
 
 MU, S = 0.3, 0.5
@@ -76,6 +77,61 @@ def test_flow_heun_is_second_order_and_bounded_from_a_flow_models_first_sigma():
     assert error["sample_heun"] > 100, error
 
 
+@pytest.mark.parametrize("nodes, expected", [
+    ((2.0,), (1.0,)),  # Euler
+    ((2.0, 3.0), (1.5, -0.5)),  # Adams-Bashforth 2 with equal steps: h (3/2, -1/2)
+    ((2.0, 3.0, 4.0, 5.0), (55 / 24, -59 / 24, 37 / 24, -9 / 24)),  # Adams-Bashforth 4
+])
+def test_lms_coefficients_are_adams_bashforth_on_equal_steps(nodes, expected):
+    """Stepping from sigma 2 to 1 (h = -1) with the slopes at the nodes, newest first: the classical
+    Adams-Bashforth weights times h."""
+    assert lms_coefficients(nodes, 1.0) == pytest.approx([-w for w in expected], rel=1e-12)
+
+
+def test_lms_coefficients_integrate_the_polynomial_through_unequal_nodes():
+    """With slopes d(s) = s^2 at three unequal nodes the quadratic is exact: sum w_j d_j = int s^2 ds."""
+    nodes, target = (0.9, 2.5, 7.0), 0.2
+    weights = lms_coefficients(nodes, target)
+    assert sum(w * n**2 for w, n in zip(weights, nodes)) == pytest.approx((target**3 - nodes[0] ** 3) / 3, rel=1e-12)
+
+
+def test_in_flow_time_keeps_euler_and_shows_the_callback_ve_variables():
+    """Euler is the same step in sigma and in flow time, with the callback seeing (and replacing) the VE state."""
+    t = torch.linspace(1 - 1e-6, 0, 9, dtype=torch.float64)
+    sigmas = (t / (1 - t)).float()  # (9,) from ~1e6 to 0
+    x = start_noise(float(sigmas[0]))
+
+    def pin_first_channel(i, sigma, x_i, x0):
+        x_i = x_i.clone()
+        x_i[:, 0] = 1.0
+        return x_i
+
+    for callback in (None, pin_first_channel):
+        torch.testing.assert_close(in_flow_time(sample_euler)(gaussian_denoiser, x, sigmas, callback=callback),
+                                   sample_euler(gaussian_denoiser, x, sigmas, callback=callback),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", [sample_lms, sample_dpm_2])
+def test_lms_and_dpm_2_in_flow_time_converge_from_a_flow_models_first_sigma(sampler):
+    """In flow time (how ComfyUI samples flow models) both land near the exact answer from sigma ~1e7
+    (t = 1 - 1e-7) in 8 equal steps, and converge at second order in t: DPM2 is a midpoint rule, and LMS's Euler
+    first step dominates its error where the path bends at the start (in sigma, where it is straight, LMS shows
+    its fourth order: test_ode_samplers_converge_at_their_order)."""
+    t = torch.linspace(1 - 1e-7, 0, 9, dtype=torch.float64)
+    sigmas = t / (1 - t)
+    x = start_noise(float(sigmas[0])).double()
+    assert (in_flow_time(sampler)(gaussian_denoiser, x, sigmas) - exact_ode(x, float(sigmas[0]), 0.0)).abs().max() < 0.05
+    errors = []
+    for n in (32, 64):
+        t = torch.linspace(1 - 1e-3, 1e-3, n + 1, dtype=torch.float64)
+        sigmas = t / (1 - t)
+        x = start_noise(float(sigmas[0])).double()
+        errors.append((in_flow_time(sampler)(gaussian_denoiser, x, sigmas)
+                       - exact_ode(x, float(sigmas[0]), float(sigmas[-1]))).abs().max().item())
+    assert 3.0 < errors[0] / errors[1] < 5.4, errors
+
+
 STOCHASTIC = {name: spec for name, spec in SAMPLERS.items() if spec.stochastic} | {"ddim_eta1": None}
 
 
@@ -132,7 +188,7 @@ def test_callback_can_replace_the_state():
     assert torch.all(out[:, 0] == 1.0) and not torch.all(out[:, 1] == 1.0)
 
 
-@pytest.mark.parametrize("name", ["unipc", "unipc_bh1", "euler", "heun"])
+@pytest.mark.parametrize("name", ["unipc", "unipc_bh1", "euler", "heun", "lms", "dpm_2"])
 def test_a_soft_blend_every_step_gives_the_same_result_with_every_ode_sampler(name):
     """A callback that pulls one channel halfway to 1 after every step (a soft inpainting mask) defines the same
     discrete dynamics for every ODE sampler: on that channel they agree with DPM-Solver++(2M) to 1e-4 or so.
