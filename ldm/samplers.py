@@ -241,24 +241,42 @@ def sample_lms(model, x, sigmas, generator=None, callback=None, order: int = 4):
     return x
 
 
+def _dpm_2_step(model, x, x0, sigma, sigma_next):
+    """One DPM2 step from ``sigma`` to ``sigma_next`` > 0 given ``x0 = D(x, sigma)``: the explicit midpoint rule on
+    ``dx/dsigma`` with the midpoint at ``sigma_mid = sqrt(sigma sigma')``. ``x' = x + (sigma' - sigma) d_mid`` with
+    ``d_mid`` the slope at ``x_mid = x0 + sigma_mid d``, written as ``x0 + sigma' d + (sigma' - sigma) / sigma_mid
+    (x0 - x0_mid)`` (no float32 cancellation at a large sigma)."""
+    d = (x - x0) / sigma
+    sigma_mid = (sigma.log() + sigma_next.log()).div(2).exp()
+    x0_mid = model(x0 + d * sigma_mid, _sigma(sigma_mid, x))
+    return x0 + d * sigma_next + (sigma_next - sigma) / sigma_mid * (x0 - x0_mid)
+
+
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, generator=None, callback=None):
     """DPM2 (k-diffusion's ``sample_dpm_2``, after DPM-Solver-2, Lu et al. 2022, Alg. 1 with r = 1/2; diffusers'
-    ``KDPM2DiscreteScheduler``, A1111's "DPM2"): the explicit midpoint rule on ``dx/dsigma`` with the midpoint at
-    the geometric mean ``sigma_mid = sqrt(sigma sigma')`` (halfway in log sigma). ``x' = x + (sigma' - sigma) d_mid``
-    with ``d_mid`` the slope at ``x_mid = x0 + sigma_mid d``, written as
-    ``x0 + sigma' d + (sigma' - sigma) / sigma_mid (x0 - x0_mid)`` (no float32 cancellation at a large sigma). The
-    step to sigma = 0 is Euler (lands on x0). Second order, two network calls per step."""
+    ``KDPM2DiscreteScheduler``, A1111's "DPM2"): the midpoint rule in sigma, midpoint halfway in log sigma
+    (:func:`_dpm_2_step`). The step to sigma = 0 is Euler (lands on x0). Second order, two network calls a step."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = model(x, _sigma(sigma, x))
-        if sigma_next == 0:
-            x = x0
-        else:
-            d = (x - x0) / sigma
-            sigma_mid = (sigma.log() + sigma_next.log()).div(2).exp()
-            x0_mid = model(x0 + d * sigma_mid, _sigma(sigma_mid, x))
-            x = x0 + d * sigma_next + (sigma_next - sigma) / sigma_mid * (x0 - x0_mid)
+        x = x0 if sigma_next == 0 else _dpm_2_step(model, x, x0, sigma, sigma_next)
+        x = apply_step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """Ancestral DPM2 (k-diffusion's ``sample_dpm_2_ancestral``; diffusers' ``KDPM2AncestralDiscreteScheduler``,
+    A1111's "DPM2 a"): a DPM2 step down to ``sigma_down``, then fresh noise of std ``sigma_up``
+    (:func:`ancestral_step`, as :func:`sample_euler_ancestral`)."""
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        x0 = model(x, _sigma(sigma, x))
+        sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
+        x = x0 if sigma_down == 0 else _dpm_2_step(model, x, x0, sigma, sigma_down)
+        if sigma_up > 0:
+            x = x + randn_like(x, generator) * sigma_up
         x = apply_step_callback(callback, i, sigma, x, x0)
     return x
 
@@ -420,6 +438,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "heun": SamplerSpec(sample_heun, 2, False, flow_fn=sample_flow_heun),
     "lms": SamplerSpec(sample_lms, 4, False, flow_fn=in_flow_time(sample_lms)),
     "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_fn=in_flow_time(sample_dpm_2)),
+    "dpm_2_a": SamplerSpec(sample_dpm_2_ancestral, 2, True),
     "flow_euler": SamplerSpec(sample_flow_euler, 1, False),
     "unipc": SamplerSpec(sample_unipc, 3, False, quantize_karras_timesteps=True, timestep_convention="dpm"),
     "unipc_bh1": SamplerSpec(sample_unipc_bh1, 3, False, quantize_karras_timesteps=True, timestep_convention="dpm"),

@@ -29,6 +29,7 @@ DIFFUSERS_SCHEDULERS = {
     "heun": ("HeunDiscreteScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),

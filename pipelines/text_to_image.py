@@ -377,7 +377,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         check_finite("eta", eta, 0.0, 1.0)
         if eta and sampler != "ddim":
             raise ValueError(f"eta is the ddim sampler's stochasticity; sampler {sampler!r} has none (use eta=0, or a "
-                             "stochastic sampler: ddpm, euler_a, dpmpp_2m_sde)")
+                             "stochastic sampler: ddpm, euler_a, dpm_2_a, dpmpp_2m_sde)")
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
         check_guidance_scale(pag_scale, "pag_scale")
         pag_layers = check_pag_layers(pag_layers)

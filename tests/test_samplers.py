@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ldm.samplers import (SAMPLERS, get_sampler, in_flow_time, lms_coefficients, renoise, repaint_path, sample_ddim,
-                          sample_ddpm, sample_dpm_2, sample_euler, sample_euler_ancestral, sample_flow_heun,
-                          sample_heun, sample_lms)
+                          sample_ddpm, sample_dpm_2, sample_dpm_2_ancestral, sample_euler, sample_euler_ancestral,
+                          sample_flow_heun, sample_heun, sample_lms)
 from ldm.schedules import DiscreteSchedule, karras_sigmas
 
 MU, S = 0.3, 0.5
@@ -160,6 +160,13 @@ def test_ddpm_posterior_equals_ddim_eta_one_and_euler_ancestral():
             for fn, kw in ((sample_ddpm, {}), (sample_ddim, {"eta": 1.0}), (sample_euler_ancestral, {}))]
     torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(runs[1], runs[2], atol=1e-4, rtol=1e-4)
+
+
+def test_dpm_2_ancestral_without_noise_is_dpm_2():
+    sigmas = torch.cat([karras_sigmas(10, 0.01, 10.0), torch.zeros(1)])
+    x = start_noise(10.0)
+    torch.testing.assert_close(sample_dpm_2_ancestral(gaussian_denoiser, x, sigmas, eta=0.0),
+                               sample_dpm_2(gaussian_denoiser, x, sigmas))
 
 
 def test_per_element_generators_make_batch_items_independent_of_the_batch():
