@@ -22,7 +22,9 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential",
 # spacings that place sigmas directly between the schedule's ends rather than through a timestep grid
 SIGMA_SPACINGS = ("karras", "exponential", "beta")
 # whose timestep lists a sampler reproduces: diffusers' EulerDiscrete-, DDIM- or DPMSolverMultistepScheduler
-TIMESTEP_CONVENTIONS = ("euler", "ddim", "dpm")
+TIMESTEP_CONVENTIONS = ("euler", "ddim", "dpm", "lcm")
+LCM_ORIGINAL_STEPS = 50
+"""The distillation schedule's length of latent consistency models (diffusers' ``original_inference_steps``)."""
 
 # A zero-terminal-SNR schedule puts the first sigma at infinity; the VE view needs it finite. diffusers' Euler,
 # Heun and DPM-Solver clip the terminal alpha_bar to 2^-24 (sigma ~ 4096); its DDIM and DDPM keep alpha_bar = 0
@@ -125,10 +127,13 @@ class DiscreteSchedule:
         2023, table 2): ``leading`` = k * (T // n) + offset, ``trailing`` = round(T - k * T / n) - 1, ``linspace``
         = linspace(0, T - 1, n), fractional for ``convention="euler"`` (EulerDiscreteScheduler), rounded for
         ``"ddim"`` (DDIMScheduler). ``"dpm"`` (DPMSolverMultistepScheduler) spaces n + 1 points and drops the
-        last for ``leading`` (k * (T // (n + 1)) + offset) and ``linspace`` (rounded)."""
+        last for ``leading`` (k * (T // (n + 1)) + offset) and ``linspace`` (rounded). ``"lcm"`` ignores the spacing
+        and picks n of the distillation schedule's timesteps (:func:`lcm_timesteps`)."""
         T = self.num_train_timesteps
         if convention not in TIMESTEP_CONVENTIONS:
             raise ValueError(f"unknown timestep convention {convention!r}; known: {', '.join(TIMESTEP_CONVENTIONS)}")
+        if convention == "lcm":
+            return lcm_timesteps(steps, T)
         if spacing in ("leading", "trailing") and steps > T:  # leading would repeat t = 0, trailing other steps
             raise ValueError(f"num_inference_steps {steps} exceeds the schedule's {T} training steps with "
                              f"{spacing!r} spacing; use at most {T} (or 'linspace' / 'karras')")
@@ -159,6 +164,17 @@ class DiscreteSchedule:
         else:
             sigmas = self.t_to_sigma(torch.from_numpy(self.timesteps(steps, spacing, steps_offset, convention)))
         return append_final_sigma(sigmas, final_sigma, self.sigma_min)
+
+
+def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_steps: int = LCM_ORIGINAL_STEPS) -> np.ndarray:
+    """Timesteps of latent consistency sampling (Luo et al. 2023, sec. 4.2; diffusers' ``LCMScheduler``): the model
+    was distilled on the ``original_steps`` timesteps ``k T / original_steps - 1`` (k = 1 ... original_steps);
+    sampling takes ``steps`` of them, evenly by index from the top: ``(steps,)`` descending, 999 first."""
+    if not 1 <= steps <= original_steps:
+        raise ValueError(f"the lcm sampler takes 1 to {original_steps} steps (its distillation schedule's), got {steps}")
+    stride = num_train_timesteps // original_steps
+    schedule = (np.arange(original_steps, 0, -1) * stride - 1).astype(np.float64)  # (original_steps,) descending
+    return schedule[np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)]
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:

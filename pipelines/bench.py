@@ -32,6 +32,7 @@ DIFFUSERS_SCHEDULERS = {
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "unipc_bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
 }

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       KDPM2DiscreteScheduler, LMSDiscreteScheduler, StableDiffusionPipeline,
+                       KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, StableDiffusionPipeline,
                        UniPCMultistepScheduler)
 
 from pipelines.text_to_image import TextToImagePipeline
@@ -78,6 +78,18 @@ def test_latents_match_diffusers(tiny_model_factory, case):
     scale = theirs.abs().max()
     assert scale > 0.1
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(scale)), rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, ZERO_SNR_V], ids=["eps", "v-zerosnr"])
+def test_lcm_matches_diffusers_lcm_scheduler_noise_for_noise(tiny_model_factory, overrides):
+    """A stochastic sampler compared draw for draw: both take the step noise from the same generator."""
+    folder = tiny_model_factory(**overrides)
+    settings = dict(latents=noise(), num_inference_steps=4, guidance_scale=1.5, output_type="latent")
+    ours = TextToImagePipeline.from_pretrained(folder)(PROMPT, sampler="lcm", progress=False,
+                                                       generator=torch.Generator().manual_seed(7), **settings).images
+    theirs = diffusers_pipeline(folder, LCMScheduler, {})(PROMPT, generator=torch.Generator().manual_seed(7),
+                                                          **settings).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
 
 
 def test_images_match_diffusers_with_negative_prompt_and_batch(tiny_model_factory):

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
                        FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
 
-from ldm.schedules import (ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, DiscreteSchedule, FlowSchedule, make_betas,
+from ldm.schedules import (ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, DiscreteSchedule, FlowSchedule, lcm_timesteps,
+                           make_betas,
                            rescale_zero_terminal_snr)
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
@@ -128,3 +129,17 @@ def test_karras_ramp_of_a_zero_snr_schedule_starts_at_eulers_stand_in():
     euler = DiscreteSchedule.from_config(config, ZERO_SNR_ALPHA_BAR).sigma_list(20, "karras")
     torch.testing.assert_close(ddim, euler)
     assert 4000 < float(ddim[0]) < 4200
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 50])
+def test_lcm_timesteps_equal_diffusers_lcm_scheduler(steps):
+    scheduler = LCMScheduler()
+    scheduler.set_timesteps(steps)
+    assert lcm_timesteps(steps).tolist() == scheduler.timesteps.tolist()
+    if steps == 4:
+        assert lcm_timesteps(steps).tolist() == [999, 759, 499, 259]
+
+
+def test_lcm_takes_at_most_its_distillation_steps():
+    with pytest.raises(ValueError, match="1 to 50 steps"):
+        lcm_timesteps(51)
