@@ -209,7 +209,8 @@ def lms_coefficients(nodes: Sequence[float], sigma_next: float) -> list[float]:
     """The weights of a linear multistep step from ``nodes[0]`` to ``sigma_next``: the integrals
     ``int_{nodes[0]}^{sigma_next} l_j(s) ds`` of the Lagrange basis polynomials ``l_j`` over ``nodes`` (the sigmas
     of the stored slopes, newest first), so ``x' = x + sum_j w_j d_j`` integrates the polynomial through the slopes
-    (Adams-Bashforth with variable steps). Computed exactly in float64 in the variable ``s - nodes[0]`` (diffusers
+    (Adams-Bashforth with variable steps; Hairer, Norsett & Wanner, "Solving ODEs I", sec. III.5). Computed
+    exactly in float64 in the variable ``s - nodes[0]`` (diffusers
     integrates the same polynomials by quadrature)."""
     shifted = np.asarray(nodes, dtype=np.float64) - float(nodes[0])  # the newest node at 0
     h = float(sigma_next) - float(nodes[0])
@@ -241,44 +242,38 @@ def sample_lms(model, x, sigmas, generator=None, callback=None, order: int = 4):
     return x
 
 
-def _dpm_2_step(model, x, x0, sigma, sigma_next):
-    """One DPM2 step from ``sigma`` to ``sigma_next`` > 0 given ``x0 = D(x, sigma)``: the explicit midpoint rule on
-    ``dx/dsigma`` with the midpoint at ``sigma_mid = sqrt(sigma sigma')``. ``x' = x + (sigma' - sigma) d_mid`` with
-    ``d_mid`` the slope at ``x_mid = x0 + sigma_mid d``, written as ``x0 + sigma' d + (sigma' - sigma) / sigma_mid
-    (x0 - x0_mid)`` (no float32 cancellation at a large sigma)."""
-    d = (x - x0) / sigma
-    sigma_mid = (sigma.log() + sigma_next.log()).div(2).exp()
-    x0_mid = model(x0 + d * sigma_mid, _sigma(sigma_mid, x))
-    return x0 + d * sigma_next + (sigma_next - sigma) / sigma_mid * (x0 - x0_mid)
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """Ancestral DPM2 (k-diffusion's ``sample_dpm_2_ancestral``; diffusers' ``KDPM2AncestralDiscreteScheduler``,
+    A1111's "DPM2 a"): a DPM2 step (:func:`sample_dpm_2`) down to ``sigma_down``, then fresh noise of std
+    ``sigma_up`` (:func:`ancestral_step`). The DPM2 step ``x' = x + (sigma' - sigma) d_mid`` takes the slope
+    ``d_mid`` at ``x_mid = x0 + sigma_mid d``, ``sigma_mid = sqrt(sigma sigma')``, and is written as
+    ``x0 + sigma' d + (sigma' - sigma) / sigma_mid (x0 - x0_mid)`` (no float32 cancellation at a large sigma); a
+    step to 0 is Euler (lands on x0)."""
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        x0 = model(x, _sigma(sigma, x))
+        sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
+        if sigma_down == 0:
+            x = x0
+        else:
+            d = (x - x0) / sigma
+            sigma_mid = (sigma.log() + sigma_down.log()).div(2).exp()
+            x0_mid = model(x0 + d * sigma_mid, _sigma(sigma_mid, x))
+            x = x0 + d * sigma_down + (sigma_down - sigma) / sigma_mid * (x0 - x0_mid)
+        if sigma_up > 0:
+            x = x + randn_like(x, generator) * sigma_up
+        x = apply_step_callback(callback, i, sigma, x, x0)
+    return x
 
 
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, generator=None, callback=None):
     """DPM2 (k-diffusion's ``sample_dpm_2``, after DPM-Solver-2, Lu et al. 2022, Alg. 1 with r = 1/2; diffusers'
-    ``KDPM2DiscreteScheduler``, A1111's "DPM2"): the midpoint rule in sigma, midpoint halfway in log sigma
-    (:func:`_dpm_2_step`). The step to sigma = 0 is Euler (lands on x0). Second order, two network calls a step."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = model(x, _sigma(sigma, x))
-        x = x0 if sigma_next == 0 else _dpm_2_step(model, x, x0, sigma, sigma_next)
-        x = apply_step_callback(callback, i, sigma, x, x0)
-    return x
-
-
-@torch.no_grad()
-def sample_dpm_2_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
-    """Ancestral DPM2 (k-diffusion's ``sample_dpm_2_ancestral``; diffusers' ``KDPM2AncestralDiscreteScheduler``,
-    A1111's "DPM2 a"): a DPM2 step down to ``sigma_down``, then fresh noise of std ``sigma_up``
-    (:func:`ancestral_step`, as :func:`sample_euler_ancestral`)."""
-    for i in range(len(sigmas) - 1):
-        sigma = sigmas[i]
-        x0 = model(x, _sigma(sigma, x))
-        sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
-        x = x0 if sigma_down == 0 else _dpm_2_step(model, x, x0, sigma, sigma_down)
-        if sigma_up > 0:
-            x = x + randn_like(x, generator) * sigma_up
-        x = apply_step_callback(callback, i, sigma, x, x0)
-    return x
+    ``KDPM2DiscreteScheduler``, A1111's "DPM2"): the explicit midpoint rule on ``dx/dsigma`` with the midpoint
+    halfway in log sigma. Second order, two network calls a step. Ancestral DPM2 without noise, and computed by
+    it."""
+    return sample_dpm_2_ancestral(model, x, sigmas, generator, callback, eta=0.0)
 
 
 @torch.no_grad()
@@ -290,26 +285,28 @@ def sample_lcm(model, x, sigmas, generator=None, callback=None):
     (``c_skip = 0.25 / ((10 t)^2 + 0.25)``, ``c_out``) are within 7e-6 of (0, 1) at every timestep it visits
     (t >= 19), so x0 is used as it is."""
     for i in range(len(sigmas) - 1):
-        x0 = model(x, _sigma(sigmas[i], x))
-        x = x0 if sigmas[i + 1] == 0 else x0 + randn_like(x, generator) * sigmas[i + 1]
-        x = apply_step_callback(callback, i, sigmas[i], x, x0)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        x = x0 if sigma_next == 0 else x0 + randn_like(x, generator) * sigma_next
+        x = apply_step_callback(callback, i, sigma, x, x0)
     return x
 
 
 def in_flow_time(sampler: Callable) -> Callable:
     """A sampler run on a rectified-flow model in flow time ``t = sigma / (1 + sigma)`` on ``x_t = x / (1 + sigma)``
     (ComfyUI's sampling of flow models, sigma = t): there ``dx_t/dt = (x_t - x0) / t``, the VE ODE's form, so the
-    sampler's steps apply unchanged. Multistep and midpoint rules then interpolate in t, which stays in [0, 1],
-    instead of in sigma, whose first value on a flow model is ~1.7e7. Times are converted in float64; the callback
-    sees VE variables."""
+    sampler's steps apply unchanged (rectified flow: Liu et al. 2022). Multistep and midpoint rules then
+    interpolate in t, which stays in [0, 1], instead of in sigma, whose first value on a flow model is ~1.7e7.
+    Times keep the sigmas' dtype (t = 1 - 2^-24 at a flow model's first sigma is exact in float32; mps has no
+    float64), converted through float64 on the CPU; the callback sees VE variables."""
 
     def sample(model, x, sigmas, generator=None, callback=None, **options):
-        sigmas64 = sigmas.double()
-        times = sigmas64 / (1 + sigmas64)  # (n + 1,)
+        sigmas64 = sigmas.detach().cpu().double()
+        times = (sigmas64 / (1 + sigmas64)).to(sigmas.device, sigmas.dtype)  # (n + 1,)
 
-        def model_t(x_t, t):  # t (B,) float64
+        def model_t(x_t, t):  # t (B,)
             sigma = t / (1 - t)
-            return model(x_t * (1 + sigma).view(-1, 1, 1, 1).to(x_t.dtype), sigma.to(sigmas.dtype))
+            return model(x_t * (1 + sigma).view(-1, 1, 1, 1).to(x_t.dtype), sigma)
 
         def callback_t(i, t, x_t, x0):
             scale = float(1 + sigmas64[i + 1])
@@ -410,13 +407,11 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
     return sample_euler(model, x, sigmas, generator, callback)
 
 
-@torch.no_grad()
-def sample_flow_heun(model, x, sigmas, generator=None, callback=None):
-    """Heun's method on the rectified-flow ODE in flow time, ``dx_t/dt = (x_t - x0) / t`` (what diffusers'
-    FlowMatchHeunDiscreteScheduler and ComfyUI run for flow models): the trapezoid averages the velocities at both
-    ends of a step. Its corrector is bounded even from a flow model's first sigma (~1.7e7), where the trapezoid in
-    sigma (:func:`sample_heun`) multiplies ``x0 - x0'`` by about ``sigma / sigma'``."""
-    return in_flow_time(sample_heun)(model, x, sigmas, generator, callback)
+sample_flow_heun = in_flow_time(sample_heun)
+"""Heun in flow time (diffusers' FlowMatchHeunDiscreteScheduler, ComfyUI): bounded from a flow model's first sigma,
+where the trapezoid in sigma multiplies ``x0 - x0'`` by about ``sigma / sigma'``."""
+sample_flow_lms = in_flow_time(sample_lms)
+sample_flow_dpm_2 = in_flow_time(sample_dpm_2)
 
 
 @dataclass(frozen=True)
@@ -451,8 +446,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(sample_euler, 1, False),
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
     "heun": SamplerSpec(sample_heun, 2, False, flow_fn=sample_flow_heun),
-    "lms": SamplerSpec(sample_lms, 4, False, flow_fn=in_flow_time(sample_lms)),
-    "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_fn=in_flow_time(sample_dpm_2)),
+    "lms": SamplerSpec(sample_lms, 4, False, flow_fn=sample_flow_lms),
+    "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_fn=sample_flow_dpm_2),
     "dpm_2_a": SamplerSpec(sample_dpm_2_ancestral, 2, True),
     "lcm": SamplerSpec(sample_lcm, 1, True, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT, timestep_convention="lcm"),
     "flow_euler": SamplerSpec(sample_flow_euler, 1, False),

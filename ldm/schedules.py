@@ -156,14 +156,15 @@ class DiscreteSchedule:
         lists of :func:`spaced_sigmas` between the same ends; other spacings are :meth:`timesteps`
         with ``convention``. ``final_sigma`` is ``"zero"`` (end on a clean sample) or ``"sigma_min"`` (end at the
         schedule's smallest sigma, like DDIM with ``set_alpha_to_one=False``)."""
-        if spacing in SIGMA_SPACINGS:
+        if spacing in SIGMA_SPACINGS and convention != "lcm":  # LCM keeps its own timesteps, as LCMScheduler
             # DDIM / DDPM's stand-in for alpha_bar = 0 (sigma ~4e9) must not set where the ramp starts: from
             # there 19 of 20 steps would sit above SD's sigma_max; start at Euler's stand-in (~4096) as diffusers
             top = min(self.sigma_max, ((1 - ZERO_SNR_ALPHA_BAR) / ZERO_SNR_ALPHA_BAR) ** 0.5)
             sigmas = spaced_sigmas(spacing, steps, self.sigma_min, top, rho)
         else:
             sigmas = self.t_to_sigma(torch.from_numpy(self.timesteps(steps, spacing, steps_offset, convention)))
-        return append_final_sigma(sigmas, final_sigma, self.sigma_min)
+        # LCM ends on x0 whatever the folder's final_sigmas_type, as diffusers' LCMScheduler
+        return append_final_sigma(sigmas, "zero" if convention == "lcm" else final_sigma, self.sigma_min)
 
 
 def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_steps: int = LCM_ORIGINAL_STEPS) -> np.ndarray:

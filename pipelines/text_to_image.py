@@ -53,6 +53,10 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
     def __init__(self, components: Components, name: str | None = None):
         self.unet = components.unet.eval()
+        if getattr(self.unet.config, "time_cond_proj_dim", None):
+            raise ValueError(f"this UNet takes a guidance-scale embedding (time_cond_proj_dim="
+                             f"{self.unet.config.time_cond_proj_dim}): a guidance-distilled model such as a full LCM, "
+                             "which this pipeline does not run (LCM-LoRA on a standard UNet works, sampler='lcm')")
         self.vae = components.vae.eval()
         self.text_encoder = components.text_encoder.eval() if components.text_encoder is not None else None
         # SDXL's refiner has only the second tower; its tokenizer then serves word positions (prompt-to-prompt)
@@ -377,7 +381,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         check_finite("eta", eta, 0.0, 1.0)
         if eta and sampler != "ddim":
             raise ValueError(f"eta is the ddim sampler's stochasticity; sampler {sampler!r} has none (use eta=0, or a "
-                             "stochastic sampler: ddpm, euler_a, dpm_2_a, dpmpp_2m_sde)")
+                             "stochastic sampler: ddpm, euler_a, dpm_2_a, dpmpp_2m_sde, lcm)")
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
         check_guidance_scale(pag_scale, "pag_scale")
         pag_layers = check_pag_layers(pag_layers)

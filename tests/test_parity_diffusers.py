@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, StableDiffusionPipeline,
+                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, StableDiffusionPipeline,
                        UniPCMultistepScheduler)
 
 from pipelines.text_to_image import TextToImagePipeline
@@ -80,15 +80,25 @@ def test_latents_match_diffusers(tiny_model_factory, case):
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(scale)), rtol=0)
 
 
-@pytest.mark.parametrize("overrides", [{}, ZERO_SNR_V], ids=["eps", "v-zerosnr"])
-def test_lcm_matches_diffusers_lcm_scheduler_noise_for_noise(tiny_model_factory, overrides):
-    """A stochastic sampler compared draw for draw: both take the step noise from the same generator."""
+STOCHASTIC_CASES = [
+    # (id, our sampler, diffusers scheduler class, scheduler overrides, steps, CFG)
+    ("lcm-eps", "lcm", LCMScheduler, {}, 4, 1.5),
+    ("lcm-v-zerosnr", "lcm", LCMScheduler, ZERO_SNR_V, 4, 1.5),
+    ("dpm_2_a-eps-leading", "dpm_2_a", KDPM2AncestralDiscreteScheduler, {}, 6, 7.5),
+    ("dpm_2_a-v-leading", "dpm_2_a", KDPM2AncestralDiscreteScheduler, {"prediction_type": "v_prediction"}, 6, 7.5),
+]
+
+
+@pytest.mark.parametrize("case", STOCHASTIC_CASES, ids=[c[0] for c in STOCHASTIC_CASES])
+def test_stochastic_samplers_match_diffusers_draw_for_draw(tiny_model_factory, case):
+    """Both pipelines take each step's noise from the same generator, in the same order."""
+    _, sampler, scheduler_cls, overrides, steps, guidance = case
     folder = tiny_model_factory(**overrides)
-    settings = dict(latents=noise(), num_inference_steps=4, guidance_scale=1.5, output_type="latent")
-    ours = TextToImagePipeline.from_pretrained(folder)(PROMPT, sampler="lcm", progress=False,
+    settings = dict(latents=noise(), num_inference_steps=steps, guidance_scale=guidance, output_type="latent")
+    ours = TextToImagePipeline.from_pretrained(folder)(PROMPT, sampler=sampler, progress=False,
                                                        generator=torch.Generator().manual_seed(7), **settings).images
-    theirs = diffusers_pipeline(folder, LCMScheduler, {})(PROMPT, generator=torch.Generator().manual_seed(7),
-                                                          **settings).images
+    theirs = diffusers_pipeline(folder, scheduler_cls, {})(PROMPT, generator=torch.Generator().manual_seed(7),
+                                                           **settings).images
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
 
 

@@ -1,4 +1,5 @@
 """TextToImagePipeline behaviour on a tiny random model: seeds, prompts, loading, attention hook, dtypes."""
+import json
 import shutil
 
 import numpy as np
@@ -192,3 +193,14 @@ def test_a_folder_asking_for_exponential_or_beta_sigmas_is_sampled_on_diffusers_
     theirs = UniPCMultistepScheduler.from_pretrained(folder, subfolder="scheduler")
     theirs.set_timesteps(9)
     np.testing.assert_allclose(visited, theirs.sigmas[:-1].numpy(), rtol=1e-5)
+
+
+def test_a_unet_with_a_guidance_embedding_is_refused_with_a_clear_error(tiny_model_factory, tmp_path):
+    """A full LCM (guidance-distilled, ``time_cond_proj_dim``) would run without its embedding and draw wrong
+    images; the pipeline says so instead."""
+    folder = tmp_path / "lcm"
+    shutil.copytree(tiny_model_factory(), folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps(config | {"time_cond_proj_dim": 8}))
+    with pytest.raises(ValueError, match="guidance-scale embedding"):
+        TextToImagePipeline.from_pretrained(folder)

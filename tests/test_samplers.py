@@ -71,8 +71,9 @@ def test_flow_heun_is_second_order_and_bounded_from_a_flow_models_first_sigma():
     sigmas = t / (1 - t)  # (9,) from ~1e7 to 0
     x = start_noise(float(sigmas[0])).double()
     exact = exact_ode(x, float(sigmas[0]), 0.0)
-    error = {f.__name__: (f(gaussian_denoiser, x, sigmas) - exact).abs().max().item()
-             for f in (sample_flow_heun, sample_heun, sample_euler)}
+    error = {name: (f(gaussian_denoiser, x, sigmas) - exact).abs().max().item()
+             for name, f in (("sample_flow_heun", sample_flow_heun), ("sample_heun", sample_heun),
+                             ("sample_euler", sample_euler))}
     assert error["sample_flow_heun"] < 0.1 and error["sample_flow_heun"] < error["sample_euler"] / 3, error
     assert error["sample_heun"] > 100, error
 

@@ -143,3 +143,12 @@ def test_lcm_timesteps_equal_diffusers_lcm_scheduler(steps):
 def test_lcm_takes_at_most_its_distillation_steps():
     with pytest.raises(ValueError, match="1 to 50 steps"):
         lcm_timesteps(51)
+
+
+def test_lcm_keeps_its_timesteps_and_ends_on_x0_whatever_the_spacing_and_final_sigma():
+    schedule = DiscreteSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                             "beta_end": 0.012})
+    expected = schedule.sigma_list(4, "leading", convention="lcm")
+    assert expected[-1] == 0 and torch.equal(expected[:-1], schedule.t_to_sigma(torch.tensor([999, 759, 499, 259])))
+    for spacing, final in (("karras", "zero"), ("trailing", "sigma_min")):
+        assert torch.equal(schedule.sigma_list(4, spacing, final_sigma=final, convention="lcm"), expected)
