@@ -20,7 +20,7 @@ from ldm.attention import IdentitySelfAttention, install_attention_hook, self_at
 from ldm.denoiser import Denoiser
 from ldm.guidance import CFGDenoiser, check_guidance_scale
 from ldm.loading import Components, load_components
-from ldm.samplers import get_sampler, randn_like
+from ldm.samplers import SAMPLERS, get_sampler, randn_like
 from ldm.schedules import SIGMA_SPACINGS, TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import (EMPHASIS_SYNTAXES, T5_TOKENS, emphasize, encode_tokens, encode_tokens_and_pooled, plain_text,
                       sd3_context, split_conjunction, tokenize_batch, tokenize_weighted_batch)
@@ -380,8 +380,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 raise ValueError(f"{name} must be a multiple of {self.vae_scale_factor}, got {size}")
         check_finite("eta", eta, 0.0, 1.0)
         if eta and sampler != "ddim":
+            stochastic = ", ".join(name for name, spec in SAMPLERS.items() if spec.stochastic)
             raise ValueError(f"eta is the ddim sampler's stochasticity; sampler {sampler!r} has none (use eta=0, or a "
-                             "stochastic sampler: ddpm, euler_a, dpm_2_a, dpmpp_2m_sde, lcm)")
+                             f"stochastic sampler: {stochastic})")
         check_finite("guidance_rescale", guidance_rescale, 0.0, 1.0)
         check_guidance_scale(pag_scale, "pag_scale")
         pag_layers = check_pag_layers(pag_layers)
