@@ -293,10 +293,11 @@ def sample_lcm(model, x, sigmas, generator=None, callback=None):
 
 
 def in_flow_time(sampler: Callable) -> Callable:
-    """A sampler run on a rectified-flow model in flow time ``t = sigma / (1 + sigma)`` on ``x_t = x / (1 + sigma)``
-    (ComfyUI's sampling of flow models, sigma = t): there ``dx_t/dt = (x_t - x0) / t``, the VE ODE's form, so the
-    sampler's steps apply unchanged (rectified flow: Liu et al. 2022). Multistep and midpoint rules then
-    interpolate in t, which stays in [0, 1], instead of in sigma, whose first value on a flow model is ~1.7e7.
+    """A sampler run in flow time ``t = sigma / (1 + sigma)`` on ``x_t = x / (1 + sigma)`` (ComfyUI's sampling of
+    flow models, sigma = t; any VE path maps there): ``dx_t/dt = (x_t - x0) / t``, the VE ODE's form, so the
+    sampler's steps apply unchanged (rectified flow: Liu et al. 2022). Trapezoid and midpoint rules then
+    interpolate in t, which stays in [0, 1], instead of in sigma, whose first value is ~1.7e7 on a flow model and
+    4096 on a zero-terminal-SNR schedule.
     Times keep the sigmas' dtype (t = 1 - 2^-24 at a flow model's first sigma is exact in float32; mps has no
     float64), converted through float64 on the CPU; the callback sees VE variables."""
 
@@ -410,8 +411,9 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
 sample_flow_heun = in_flow_time(sample_heun)
 """Heun in flow time (diffusers' FlowMatchHeunDiscreteScheduler, ComfyUI): bounded from a flow model's first sigma,
 where the trapezoid in sigma multiplies ``x0 - x0'`` by about ``sigma / sigma'``."""
-sample_flow_lms = in_flow_time(sample_lms)
 sample_flow_dpm_2 = in_flow_time(sample_dpm_2)
+"""DPM2 in flow time: in sigma its midpoint slope multiplies an error of the midpoint's x0 by
+``(sigma - sigma') / sqrt(sigma sigma')``, about 24 from a zero-SNR schedule's first sigma (4096) to 7."""
 
 
 @dataclass(frozen=True)
@@ -419,20 +421,25 @@ class SamplerSpec:
     """A registered sampler: its function, order, whether it draws noise, whether the network gets integer
     timesteps for Karras sigmas (diffusers' DPM-Solver and UniPC round them), the alpha_bar standing for zero at
     the end of a zero-terminal-SNR schedule (see ``ldm.schedules``), and whose timestep lists it follows
-    (``ldm.schedules.TIMESTEP_CONVENTIONS``: the diffusers scheduler of the same method). ``flow_fn``, where set,
-    replaces ``fn`` on flow models."""
+    (``ldm.schedules.TIMESTEP_CONVENTIONS``: the diffusers scheduler of the same method). ``flow_time_fn``, where
+    set, replaces ``fn`` when the sigma list starts at infinite noise's stand-in (flow models, sigma ~1.7e7, and
+    zero-terminal-SNR schedules, sigma = 4096): there the method in sigma amplifies the error of the network's
+    first, least reliable x0 estimate by about ``sigma / sigma'``, and in flow time it does not. LMS has none: its
+    polynomial in flow time extrapolates the velocity from that first estimate, and in sigma it does not (see
+    README, "Samplers")."""
 
     fn: Callable
     order: int
     stochastic: bool
     quantize_karras_timesteps: bool = False
     terminal_alpha_bar: float = ZERO_SNR_ALPHA_BAR
-    flow_fn: Callable | None = None
+    flow_time_fn: Callable | None = None
     timestep_convention: str = "euler"
 
-    def function(self, flow: bool) -> Callable:
-        """The sampling function for a flow model (``flow=True``) or a discrete-schedule one."""
-        return self.flow_fn if flow and self.flow_fn is not None else self.fn
+    def function(self, infinite_noise_start: bool) -> Callable:
+        """The sampling function for a flow model or a zero-terminal-SNR schedule (``infinite_noise_start=True``)
+        or another schedule."""
+        return self.flow_time_fn if infinite_noise_start and self.flow_time_fn is not None else self.fn
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -445,9 +452,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
                                 timestep_convention="dpm"),
     "euler": SamplerSpec(sample_euler, 1, False),
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
-    "heun": SamplerSpec(sample_heun, 2, False, flow_fn=sample_flow_heun),
-    "lms": SamplerSpec(sample_lms, 4, False, flow_fn=sample_flow_lms),
-    "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_fn=sample_flow_dpm_2),
+    "heun": SamplerSpec(sample_heun, 2, False, flow_time_fn=sample_flow_heun),
+    "lms": SamplerSpec(sample_lms, 4, False),
+    "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_time_fn=sample_flow_dpm_2),
     "dpm_2_a": SamplerSpec(sample_dpm_2_ancestral, 2, True),
     "lcm": SamplerSpec(sample_lcm, 1, True, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT, timestep_convention="lcm"),
     "flow_euler": SamplerSpec(sample_flow_euler, 1, False),

@@ -108,6 +108,12 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
     def is_flow(self) -> bool:
         return "FlowMatch" in self.scheduler_config.get("_class_name", "")
 
+    @property
+    def starts_at_infinite_noise(self) -> bool:
+        """Whether full-strength sampling starts at zero SNR (a flow model's t = 1, a zero-terminal-SNR schedule's
+        last timestep; Lin et al. 2023), whose sigma only stands in for infinity."""
+        return self.is_flow or bool(self.scheduler_config.get("rescale_betas_zero_snr", False))
+
     def schedule(self, sampler: str = "euler") -> DiscreteSchedule | FlowSchedule:
         """The folder's noise schedule; a zero-terminal-SNR schedule ends at the sampler's stand-in for
         alpha_bar = 0 (see ``ldm.schedules``)."""
@@ -524,7 +530,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
         self.attention.step = first_step
         try:
-            sample = get_sampler(request.sampler).function(flow=self.is_flow)
+            sample = get_sampler(request.sampler).function(infinite_noise_start=self.starts_at_infinite_noise)
             return sample(model, x.to(self.device), sigmas.to(self.device), generator=request.generators,
                           callback=on_step, **options)
         finally:

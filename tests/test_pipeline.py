@@ -204,3 +204,30 @@ def test_a_unet_with_a_guidance_embedding_is_refused_with_a_clear_error(tiny_mod
     (folder / "unet" / "config.json").write_text(json.dumps(config | {"time_cond_proj_dim": 8}))
     with pytest.raises(ValueError, match="guidance-scale embedding"):
         TextToImagePipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "lms"])
+def test_a_zero_snr_schedule_runs_heun_and_dpm_2_in_flow_time(pipe, tiny_model_factory, monkeypatch, sampler):
+    """From a zero-terminal-SNR schedule's first sigma (4096) the pipeline runs Heun and DPM2 in flow time, as on
+    flow models (tests/test_samplers.py shows why); LMS, and every sampler on other schedules, run in sigma."""
+    import dataclasses
+
+    from ldm import samplers
+
+    zero_snr = TextToImagePipeline.from_pretrained(tiny_model_factory(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"))
+    assert zero_snr.starts_at_infinite_noise and not pipe.starts_at_infinite_noise
+    spec, calls = samplers.SAMPLERS[sampler], []
+
+    def recorded(function, name):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+        return run
+
+    monkeypatch.setitem(samplers.SAMPLERS, sampler, dataclasses.replace(
+        spec, fn=recorded(spec.fn, "sigma"),
+        flow_time_fn=None if spec.flow_time_fn is None else recorded(spec.flow_time_fn, "flow time")))
+    latents_of(zero_snr, sampler=sampler, num_inference_steps=3)
+    latents_of(pipe, sampler=sampler, num_inference_steps=3)
+    assert calls == (["flow time", "sigma"] if sampler in ("heun", "dpm_2") else ["sigma", "sigma"])
