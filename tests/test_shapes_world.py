@@ -127,6 +127,23 @@ def test_heldout_split_always_contains_a_heldout_combination():
     assert {len(scene.objects) for scene in scenes} == {1, 2}
 
 
+@pytest.mark.parametrize("probability, low, high", [(0.0, 0.0, 0.0), (0.3, 0.25, 0.45), (1.0, 1.0, 1.0)])
+def test_one_object_probability_sets_the_mix_of_scenes(probability, low, high):
+    """The share of one-object scenes follows ``one_object_probability`` (the train split's held-out filter drops
+    two-object scenes more often, so it lands a little above it); the dataset passes it on."""
+    rng = np.random.default_rng(0)
+    single = np.mean([len(sample_scene(rng, "train", 64, probability).objects) == 1 for _ in range(400)])
+    assert low <= single <= high
+    dataset = ShapesDataset(20, seed=0, size=64, one_object_probability=probability)
+    assert low <= np.mean([len(dataset[i]["scene"].objects) == 1 for i in range(20)]) <= max(high, 0.6)
+
+
+@pytest.mark.parametrize("probability", [-0.1, 1.5, float("nan"), "0.5"])
+def test_bad_one_object_probability_raises(probability):
+    with pytest.raises(ValueError, match="one_object_probability must be a probability"):
+        ShapesDataset(4, seed=0, one_object_probability=probability)
+
+
 def test_all_split_mixes_seen_and_heldout():
     flags = [is_heldout(scene) for scene in _scenes(500, "all")]
     assert 0.1 < np.mean(flags) < 0.6

@@ -284,6 +284,9 @@ def test_drop_color_prob_leaves_colour_words_out_of_cached_captions(tmp_path, co
                 assert texts[0].replace(" ", "") == dataset[i]["caption"].lower().replace(" ", "")
     with pytest.raises(ValueError, match="--drop-color-prob must be in"):
         train_denoiser.run(denoiser_args(tmp_path / "bad", vae_dir, text_dir, "--drop-color-prob", "nan"))
+    with pytest.raises(ValueError, match="--one-object-prob must be in"):
+        train_denoiser.run(denoiser_args(tmp_path / "bad", vae_dir, text_dir, "--one-object-prob", "-0.2"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_render_workers_build_the_same_latent_cache(tmp_path, components):
@@ -461,10 +464,11 @@ def test_default_recipe_assembles_a_diffusers_folder(tmp_path):
         "--work-dir", str(tmp_path / "work"), "--output", str(out), "--preset", "tiny", "--image-size", "16",
         "--crop-size", "8", "--vae-steps", "2", "--vae-batch-size", "4", "--text-steps", "2",
         "--text-batch-size", "8", "--denoiser-steps", "2", "--denoiser-batch-size", "4", "--num-images", "8",
-        "--drop-color-prob", "0.5", "--mixed-precision", "no", "--sample-every", "0"])
+        "--drop-color-prob", "0.5", "--one-object-prob", "0.25", "--mixed-precision", "no", "--sample-every", "0"])
     assert report["total_bytes"] <= default_model.MAX_BYTES
-    with safe_open(str(tmp_path / "work" / "unet" / "latents.safetensors"), "pt") as f:  # the flag reached the stage
-        assert json.loads(f.metadata()["meta"])["drop_color_prob"] == 0.5
+    with safe_open(str(tmp_path / "work" / "unet" / "latents.safetensors"), "pt") as f:  # the flags reached the stage
+        meta = json.loads(f.metadata()["meta"])
+        assert meta["drop_color_prob"] == 0.5 and meta["one_object_prob"] == 0.25
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
     assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]

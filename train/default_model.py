@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=common.positive_int, default=1)
     for name, value in FULL.items():
         p.add_argument("--" + name.replace("_", "-"), type=common.positive_int, default=value)
-    train_denoiser.add_caption_args(p)  # --drop-color-prob, passed to the denoiser stage
+    train_denoiser.add_caption_args(p)  # --drop-color-prob, --one-object-prob: to the denoiser stage
     p.add_argument("--checkpoint-every", type=common.non_negative_int, default=500)
     p.add_argument("--sample-every", type=common.non_negative_int, default=1000)
     p.add_argument("--max-mb", type=float, default=MAX_BYTES / 1e6, help="size limit of --output in MB (1e6 bytes)")
@@ -85,7 +85,8 @@ def run_stages(args: argparse.Namespace) -> dict[str, Path]:
          _common_flags(args, runs["unet"], args.denoiser_steps, args.denoiser_batch_size)
          + ["--vae", str(runs["vae"] / "final"), "--text-encoder", str(runs["text"] / "final" / "text_encoder"),
             "--tokenizer", str(runs["text"] / "final" / "tokenizer"), "--image-size", str(args.image_size),
-            "--num-images", str(args.num_images), "--drop-color-prob", str(args.drop_color_prob)]),
+            "--num-images", str(args.num_images), "--drop-color-prob", str(args.drop_color_prob),
+            "--one-object-prob", str(args.one_object_prob)]),
     ]
     for name, steps, stage_run, flags in stages:
         if _stage_done(runs[name], steps):
@@ -246,7 +247,7 @@ def model_card(runs: dict[str, Path]) -> str:
 def run(argv: list[str] | None = None) -> dict:
     """Run the recipe with command-line ``argv``; returns losses, throughput, metrics and the output folder."""
     args = build_parser().parse_args(argv)
-    train_denoiser.check_probabilities(args, ("drop_color_prob",))  # before any stage writes anything
+    train_denoiser.check_probabilities(args, ("drop_color_prob", "one_object_prob"))  # before any stage writes anything
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     runs = run_stages(args)
     report = assemble(runs["vae"] / "final", runs["text"] / "final" / "text_encoder", runs["unet"] / "final" / "unet",

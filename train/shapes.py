@@ -147,6 +147,13 @@ def _check_choice(kind: str, value: str, options) -> None:
         raise ValueError(f"unknown {kind} {value!r}; expected one of {sorted(options)}")
 
 
+def check_probability(name: str, value) -> float:
+    """Return ``value`` as a float if it is a number in [0, 1], else raise ValueError (NaN included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
 # --------------------------------------------------------------------------- scenes
 
 
@@ -238,10 +245,12 @@ def _sample_two_object_scene(rng: np.random.Generator, background: str, image_si
             return Scene(background, (subject, reference), relation, image_size)
 
 
-def _sample_any_scene(rng: np.random.Generator, image_size: int) -> Scene:
-    """A base-world scene without regard to the held-out combinations."""
+def _sample_any_scene(rng: np.random.Generator, image_size: int,
+                      one_object_probability: float = ONE_OBJECT_PROBABILITY) -> Scene:
+    """A base-world scene without regard to the held-out combinations: one object with probability
+    ``one_object_probability``, else two."""
     background = _pick(rng, tuple(BACKGROUND_COLORS))
-    if rng.random() < ONE_OBJECT_PROBABILITY:
+    if rng.random() < one_object_probability:
         position = _pick(rng, tuple(POSITIONS))
         return Scene(background, (_random_object(rng, position, image_size),), None, image_size)
     return _sample_two_object_scene(rng, background, image_size)
@@ -257,16 +266,19 @@ def is_heldout(scene) -> bool:
     return any(is_heldout_object(obj) for obj in scene.objects)
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", image_size: int = 128) -> Scene:
+def sample_scene(rng: np.random.Generator, split: str = "train", image_size: int = 128,
+                 one_object_probability: float = ONE_OBJECT_PROBABILITY) -> Scene:
     """Sample a base-world scene of ``split``: "train", "heldout" or "all".
 
     "train" never contains a held-out combination, "heldout" always contains at least one,
-    "all" ignores them. Scenes are drawn from the same distribution conditioned on the split.
+    "all" ignores them. Scenes are drawn from the same distribution conditioned on the split;
+    before that condition, a scene has one object with probability ``one_object_probability``.
     """
     _check_choice("split", split, SPLITS)
     image_size = check_image_size(image_size)
+    one_object_probability = check_probability("one_object_probability", one_object_probability)
     while True:
-        scene = _sample_any_scene(rng, image_size)
+        scene = _sample_any_scene(rng, image_size, one_object_probability)
         if split == "all" or is_heldout(scene) == (split == "heldout"):
             return scene
 
@@ -577,12 +589,14 @@ class ShapesDataset(torch.utils.data.Dataset):
     "scene" (``Scene``). Use ``collate_shapes`` as the DataLoader's ``collate_fn``.
     """
 
-    def __init__(self, length: int, seed: int, size: int = 128, split: str = "train"):
+    def __init__(self, length: int, seed: int, size: int = 128, split: str = "train",
+                 one_object_probability: float = ONE_OBJECT_PROBABILITY):
         self.length = _check_natural("length", length, 1)
         self.seed = _check_natural("seed", seed, 0)
         self.size = check_image_size(size)
         _check_choice("split", split, SPLITS)
         self.split = split
+        self.one_object_probability = check_probability("one_object_probability", one_object_probability)
 
     def __len__(self) -> int:
         return self.length
@@ -591,7 +605,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for ShapesDataset of length {self.length}")
         rng = np.random.default_rng([self.seed, int(index)])
-        scene = sample_scene(rng, self.split, self.size)
+        scene = sample_scene(rng, self.split, self.size, self.one_object_probability)
         text = caption(scene, rng)
         pixels = torch.from_numpy(np.array(render(scene))).permute(2, 0, 1)
         return {"image": pixels.float() / 127.5 - 1.0, "caption": text, "scene": scene}

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from train import common
+from train.shapes import ONE_OBJECT_PROBABILITY
 
 SCHEDULE_CONFIG: dict = {
     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
@@ -87,9 +88,13 @@ def add_caption_args(group) -> None:
     group.add_argument("--drop-color-prob", type=float, default=0.0,
                        help="probability that a cached caption variant leaves out the colour words ('a circle at "
                             "the top'), so shape words are learnt apart from the colours seen with them")
+    group.add_argument("--one-object-prob", type=float, default=ONE_OBJECT_PROBABILITY,
+                       help="probability that a render shows one object rather than two (before the split's "
+                            "held-out filter); lower it to train more on two-object scenes and their relations")
 
 
-def check_probabilities(args: argparse.Namespace, flags: tuple[str, ...] = ("uncond_prob", "drop_color_prob")):
+def check_probabilities(args: argparse.Namespace,
+                        flags: tuple[str, ...] = ("uncond_prob", "drop_color_prob", "one_object_prob")):
     """A clear error for a probability flag outside [0, 1] (or NaN)."""
     for flag in flags:
         if not 0.0 <= getattr(args, flag) <= 1.0:
@@ -219,7 +224,8 @@ def _cache_meta(args: argparse.Namespace, vae) -> dict:
     return {"vae_config": {k: v for k, v in dict(vae.config).items() if not k.startswith("_")},
             "vae_weights_abs_sum": round(weights, 3), "num_images": args.num_images,
             "caption_variants": args.caption_variants, "data_seed": args.data_seed, "image_size": args.image_size,
-            "split": args.split, "drop_color_prob": args.drop_color_prob, "version": 1}
+            "split": args.split, "drop_color_prob": args.drop_color_prob, "one_object_prob": args.one_object_prob,
+            "version": 1}
 
 
 class CaptionedRenders(torch.utils.data.Dataset):
@@ -231,7 +237,8 @@ class CaptionedRenders(torch.utils.data.Dataset):
     def __init__(self, args: argparse.Namespace, tokenizer):
         from train.shapes import ShapesDataset
 
-        self.dataset = ShapesDataset(args.num_images, args.data_seed, args.image_size, args.split)
+        self.dataset = ShapesDataset(args.num_images, args.data_seed, args.image_size, args.split,
+                                     args.one_object_prob)
         self.args, self.tokenizer = args, tokenizer
 
     def __len__(self) -> int:
