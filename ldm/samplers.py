@@ -205,6 +205,71 @@ def sample_dpmpp_2m_sde(model, x, sigmas, generator=None, callback=None, eta: fl
     return x
 
 
+def dpmpp_multistep_update(x, sigma, sigma_next, x0_history, h_history, eta: float = 0.0,
+                           curvature_weight: float = 2.0):
+    """The deterministic part of one DPM-Solver++ multistep update in VE variables from ``sigma`` to ``sigma_next``,
+    of order ``len(x0_history)`` (1 to 3; the x0 estimates at this and the previous sigmas, newest last;
+    ``h_history`` the previous steps' ``h = log(sigma / sigma')``, newest last). The exact update is
+    ``x' = (sigma'/sigma) e^{-eta h} x + int (1 + eta) e^{-(1 + eta)(lambda' - u)} x0(u) du`` over
+    ``lambda = -log sigma`` (Lu et al. 2022, "DPM-Solver++", eq. 8; eta = 1: the data-prediction SDE of sec. 5, as
+    k-diffusion's ``sample_dpmpp_3m_sde`` with ``h' = (1 + eta) h``); x0 is expanded in lambda: order 1 is DDIM,
+    order 2 the midpoint form of DPM-Solver++(2M), order 3 DPM-Solver++(3M): with ``u = (lambda - lambda_i) / h``
+    the x0 estimates fit ``x0 + d1 u + d2 u^2``, whose integral is ``phi_2 d1 + 2 phi_3 d2`` with
+    ``phi_2 = (e^{-h'} - 1) / h' + 1``, ``phi_3 = phi_2 / h' - 1/2`` (``h' = (1 + eta) h``): exact when x0 is
+    quadratic in lambda. diffusers' ``DPMSolverMultistepScheduler(solver_order=3)``, k-diffusion and ComfyUI
+    weigh ``d2`` by ``phi_3``, half its integral, so their 3M converges at second order (tests/test_samplers.py);
+    ``curvature_weight=1`` reproduces theirs (for comparisons), the default 2 is the integral."""
+    h = sigma.log() - sigma_next.log()
+    h_eta = h * (1 + eta)
+    x0 = x0_history[-1]
+    out = sigma_next / sigma * torch.exp(-eta * h) * x - torch.expm1(-h_eta) * x0
+    if len(x0_history) == 2:
+        r = h_history[-1] / h
+        out = out - 0.5 * torch.expm1(-h_eta) / r * (x0 - x0_history[-2])
+    elif len(x0_history) == 3:
+        r0, r1 = h_history[-1] / h, h_history[-2] / h
+        d1_0 = (x0 - x0_history[-2]) / r0
+        d1_1 = (x0_history[-2] - x0_history[-3]) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)  # h x0'(lambda)
+        d2 = (d1_0 - d1_1) / (r0 + r1)  # h^2 x0''(lambda) / 2
+        phi_2 = torch.expm1(-h_eta) / h_eta + 1
+        phi_3 = phi_2 / h_eta - 0.5
+        out = out + phi_2 * d1 - curvature_weight * phi_3 * d2
+    return out
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """DPM-Solver++(3M) SDE (Lu et al. 2022, sec. 5, at third order; k-diffusion's and ComfyUI's
+    ``dpmpp_3m_sde``): :func:`dpmpp_multistep_update` plus fresh noise ``sigma' sqrt(1 - e^{-2 eta h})``. First
+    order on the first step, second on the next; on a run of fewer than 15 steps the last two steps drop to
+    second and first order (diffusers' ``lower_order_final``); a step to sigma = 0 returns x0."""
+    x0_history, h_history = [], []
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        x0_history = (x0_history + [x0])[-3:]
+        if sigma_next == 0:
+            x = x0
+        else:
+            order = min(len(x0_history), steps - i if steps < 15 else 3)
+            x = dpmpp_multistep_update(x, sigma, sigma_next, x0_history[-order:], h_history, eta)
+            h = sigma.log() - sigma_next.log()
+            if eta > 0:
+                x = x + randn_like(x, generator) * sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
+            h_history = (h_history + [h])[-2:]
+        x = apply_step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m(model, x, sigmas, generator=None, callback=None):
+    """DPM-Solver++(3M) (Lu et al. 2022; diffusers' ``DPMSolverMultistepScheduler(solver_order=3)``): third-order
+    multistep, one network call a step; :func:`sample_dpmpp_3m_sde` without noise."""
+    return sample_dpmpp_3m_sde(model, x, sigmas, generator, callback, eta=0.0)
+
+
 def lms_coefficients(nodes: Sequence[float], sigma_next: float) -> list[float]:
     """The weights of a linear multistep step from ``nodes[0]`` to ``sigma_next``: the integrals
     ``int_{nodes[0]}^{sigma_next} l_j(s) ds`` of the Lagrange basis polynomials ``l_j`` over ``nodes`` (the sigmas
@@ -449,6 +514,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
                         timestep_convention="ddim"),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, 2, False, quantize_karras_timesteps=True, timestep_convention="dpm"),
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, 2, True, quantize_karras_timesteps=True,
+                                timestep_convention="dpm"),
+    "dpmpp_3m": SamplerSpec(sample_dpmpp_3m, 3, False, quantize_karras_timesteps=True, timestep_convention="dpm"),
+    "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, 3, True, quantize_karras_timesteps=True,
                                 timestep_convention="dpm"),
     "euler": SamplerSpec(sample_euler, 1, False),
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),

@@ -32,6 +32,10 @@ DIFFUSERS_SCHEDULERS = {
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    # diffusers' third-order update weighs the curvature term by half (see ldm.samplers.dpmpp_multistep_update):
+    # the same work per step, a different result
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "unipc_bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),

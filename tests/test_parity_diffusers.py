@@ -80,6 +80,38 @@ def test_latents_match_diffusers(tiny_model_factory, case):
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(scale)), rtol=0)
 
 
+THIRD_ORDER_CASES = [
+    # (id, scheduler overrides, steps): below 15 steps the last two steps drop to orders 2 and 1 in both
+    ("eps-leading-10", {}, 10),
+    ("eps-leading-16", {}, 16),
+    ("v-zerosnr-trailing-16", ZERO_SNR_V, 16),
+]
+
+
+@pytest.mark.parametrize("case", THIRD_ORDER_CASES, ids=[c[0] for c in THIRD_ORDER_CASES])
+def test_dpmpp_3m_matches_diffusers_but_for_the_curvature_weight(tiny_model_factory, monkeypatch, case):
+    """With diffusers' weight on the curvature term (``curvature_weight=1``, see ``dpmpp_multistep_update``) our
+    ``dpmpp_3m`` equals ``DPMSolverMultistepScheduler(solver_order=3)``; with ours (the exact integral) it differs
+    from the third step on."""
+    import functools
+
+    from ldm import samplers
+
+    _, overrides, steps = case
+    folder = tiny_model_factory(**overrides)
+    settings = dict(latents=noise(), num_inference_steps=steps, guidance_scale=7.5, output_type="latent")
+    theirs = diffusers_pipeline(folder, DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++",
+                                                                     "solver_order": 3})(PROMPT, **settings).images
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    exact = pipe(PROMPT, sampler="dpmpp_3m", progress=False, **settings).images
+    monkeypatch.setattr(samplers, "dpmpp_multistep_update",
+                        functools.partial(samplers.dpmpp_multistep_update, curvature_weight=1.0))
+    weighted_as_diffusers = pipe(PROMPT, sampler="dpmpp_3m", progress=False, **settings).images
+    tolerance = 1e-4 * max(1.0, float(theirs.abs().max()))
+    torch.testing.assert_close(weighted_as_diffusers, theirs, atol=tolerance, rtol=0)
+    assert (exact - theirs).abs().max() > 10 * tolerance
+
+
 STOCHASTIC_CASES = [
     # (id, our sampler, diffusers scheduler class, scheduler overrides, steps, CFG)
     ("lcm-eps", "lcm", LCMScheduler, {}, 4, 1.5),
