@@ -9,6 +9,7 @@ The shape follows k-diffusion's ``sampling.py`` (Crowson), the maths the papers 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -307,25 +308,38 @@ def sample_lms(model, x, sigmas, generator=None, callback=None, order: int = 4):
     return x
 
 
+def _dpm_2_midpoint(model, x, x0, sigma, sigma_down, time: str = "sigma"):
+    """DPM2's step from ``sigma`` to ``sigma_down`` given ``x0 = D(x, sigma)``: the midpoint rule in the time
+    variable s, ``x' = x0 + s' d + (s' - s) / s_mid (x0 - x0_mid)`` with ``d = (x - x0) / s``, the midpoint
+    ``x_mid = x0 + s_mid d`` at ``s_mid = sqrt(s s')`` (no float32 cancellation at a large s). ``time="sigma"``:
+    s = sigma on x; ``"flow"``: s = t = sigma / (1 + sigma) on ``x_t = x / (1 + sigma)`` (see :func:`in_flow_time`),
+    bounded where sigma starts at infinite noise's stand-in."""
+    if time == "flow":
+        s, s_down, scale_down = sigma / (1 + sigma), sigma_down / (1 + sigma_down), 1 + sigma_down
+        x = x / (1 + sigma)
+    else:
+        s, s_down, scale_down = sigma, sigma_down, 1.0
+    d = (x - x0) / s
+    s_mid = (s.log() + s_down.log()).div(2).exp()
+    x_mid = x0 + d * s_mid
+    if time == "flow":
+        sigma_mid = s_mid / (1 - s_mid)
+        x0_mid = model(x_mid * (1 + sigma_mid), _sigma(sigma_mid, x))
+    else:
+        x0_mid = model(x_mid, _sigma(s_mid, x))
+    return (x0 + d * s_down + (s_down - s) / s_mid * (x0 - x0_mid)) * scale_down
+
+
 @torch.no_grad()
-def sample_dpm_2_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+def sample_dpm_2_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0, time: str = "sigma"):
     """Ancestral DPM2 (k-diffusion's ``sample_dpm_2_ancestral``; diffusers' ``KDPM2AncestralDiscreteScheduler``,
-    A1111's "DPM2 a"): a DPM2 step (:func:`sample_dpm_2`) down to ``sigma_down``, then fresh noise of std
-    ``sigma_up`` (:func:`ancestral_step`). The DPM2 step ``x' = x + (sigma' - sigma) d_mid`` takes the slope
-    ``d_mid`` at ``x_mid = x0 + sigma_mid d``, ``sigma_mid = sqrt(sigma sigma')``, and is written as
-    ``x0 + sigma' d + (sigma' - sigma) / sigma_mid (x0 - x0_mid)`` (no float32 cancellation at a large sigma); a
-    step to 0 is Euler (lands on x0)."""
+    A1111's "DPM2 a"): a DPM2 step (:func:`_dpm_2_midpoint`, in ``time``) down to ``sigma_down``, then fresh
+    noise of std ``sigma_up`` (:func:`ancestral_step`); a step to 0 is Euler (lands on x0)."""
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         x0 = model(x, _sigma(sigma, x))
         sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
-        if sigma_down == 0:
-            x = x0
-        else:
-            d = (x - x0) / sigma
-            sigma_mid = (sigma.log() + sigma_down.log()).div(2).exp()
-            x0_mid = model(x0 + d * sigma_mid, _sigma(sigma_mid, x))
-            x = x0 + d * sigma_down + (sigma_down - sigma) / sigma_mid * (x0 - x0_mid)
+        x = x0 if sigma_down == 0 else _dpm_2_midpoint(model, x, x0, sigma, sigma_down, time)
         if sigma_up > 0:
             x = x + randn_like(x, generator) * sigma_up
         x = apply_step_callback(callback, i, sigma, x, x0)
@@ -333,12 +347,12 @@ def sample_dpm_2_ancestral(model, x, sigmas, generator=None, callback=None, eta:
 
 
 @torch.no_grad()
-def sample_dpm_2(model, x, sigmas, generator=None, callback=None):
+def sample_dpm_2(model, x, sigmas, generator=None, callback=None, time: str = "sigma"):
     """DPM2 (k-diffusion's ``sample_dpm_2``, after DPM-Solver-2, Lu et al. 2022, Alg. 1 with r = 1/2; diffusers'
-    ``KDPM2DiscreteScheduler``, A1111's "DPM2"): the explicit midpoint rule on ``dx/dsigma`` with the midpoint
-    halfway in log sigma. Second order, two network calls a step. Ancestral DPM2 without noise, and computed by
+    ``KDPM2DiscreteScheduler``, A1111's "DPM2"): the explicit midpoint rule on ``dx/ds`` with the midpoint
+    halfway in log s. Second order, two network calls a step. Ancestral DPM2 without noise, and computed by
     it."""
-    return sample_dpm_2_ancestral(model, x, sigmas, generator, callback, eta=0.0)
+    return sample_dpm_2_ancestral(model, x, sigmas, generator, callback, eta=0.0, time=time)
 
 
 @torch.no_grad()
@@ -476,9 +490,10 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
 sample_flow_heun = in_flow_time(sample_heun)
 """Heun in flow time (diffusers' FlowMatchHeunDiscreteScheduler, ComfyUI): bounded from a flow model's first sigma,
 where the trapezoid in sigma multiplies ``x0 - x0'`` by about ``sigma / sigma'``."""
-sample_flow_dpm_2 = in_flow_time(sample_dpm_2)
+sample_flow_dpm_2 = functools.partial(sample_dpm_2, time="flow")
 """DPM2 in flow time: in sigma its midpoint slope multiplies an error of the midpoint's x0 by
 ``(sigma - sigma') / sqrt(sigma sigma')``, about 24 from a zero-SNR schedule's first sigma (4096) to 7."""
+sample_flow_dpm_2_ancestral = functools.partial(sample_dpm_2_ancestral, time="flow")
 
 
 @dataclass(frozen=True)
@@ -523,7 +538,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "heun": SamplerSpec(sample_heun, 2, False, flow_time_fn=sample_flow_heun),
     "lms": SamplerSpec(sample_lms, 4, False),
     "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_time_fn=sample_flow_dpm_2),
-    "dpm_2_a": SamplerSpec(sample_dpm_2_ancestral, 2, True),
+    "dpm_2_a": SamplerSpec(sample_dpm_2_ancestral, 2, True, flow_time_fn=sample_flow_dpm_2_ancestral),
     "lcm": SamplerSpec(sample_lcm, 1, True, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT, timestep_convention="lcm"),
     "flow_euler": SamplerSpec(sample_flow_euler, 1, False),
     "unipc": SamplerSpec(sample_unipc, 3, False, quantize_karras_timesteps=True, timestep_convention="dpm"),

@@ -206,10 +206,10 @@ def test_a_unet_with_a_guidance_embedding_is_refused_with_a_clear_error(tiny_mod
         TextToImagePipeline.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "lms"])
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpm_2_a", "lms"])
 def test_a_zero_snr_schedule_runs_heun_and_dpm_2_in_flow_time(pipe, tiny_model_factory, monkeypatch, sampler):
-    """From a zero-terminal-SNR schedule's first sigma (4096) the pipeline runs Heun and DPM2 in flow time, as on
-    flow models (tests/test_samplers.py shows why); LMS, and every sampler on other schedules, run in sigma."""
+    """From a zero-terminal-SNR schedule's first sigma (4096) the pipeline runs Heun and (ancestral) DPM2 in flow
+    time, as on flow models (tests/test_samplers.py shows why); LMS, and every sampler on other schedules, run in sigma."""
     import dataclasses
 
     from ldm import samplers
@@ -230,4 +230,4 @@ def test_a_zero_snr_schedule_runs_heun_and_dpm_2_in_flow_time(pipe, tiny_model_f
         flow_time_fn=None if spec.flow_time_fn is None else recorded(spec.flow_time_fn, "flow time")))
     latents_of(zero_snr, sampler=sampler, num_inference_steps=3)
     latents_of(pipe, sampler=sampler, num_inference_steps=3)
-    assert calls == (["flow time", "sigma"] if sampler in ("heun", "dpm_2") else ["sigma", "sigma"])
+    assert calls == (["sigma", "sigma"] if sampler == "lms" else ["flow time", "sigma"])
