@@ -9,7 +9,6 @@ The shape follows k-diffusion's ``sampling.py`` (Crowson), the maths the papers 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -17,7 +16,7 @@ import numpy as np
 import numpy.polynomial.polynomial as P
 import torch
 
-from ldm.schedules import ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT
+from ldm.schedules import ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, FlowSchedule
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -158,68 +157,21 @@ def sample_heun(model, x, sigmas, generator=None, callback=None):
     return x
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, generator=None, callback=None):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in ``lambda = -log(sigma)``: multistep second order,
-    first order on the first step and on the final step to sigma = 0."""
-    x0_prev, h_prev = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = model(x, _sigma(sigma, x))
-        if sigma_next == 0:
-            x = x0
-        else:
-            h = sigma.log() - sigma_next.log()
-            x0_combined = x0
-            if x0_prev is not None:
-                r = h_prev / h
-                x0_combined = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (sigma_next / sigma) * x - torch.expm1(-h) * x0_combined
-            h_prev = h
-        x0_prev = x0
-        x = apply_step_callback(callback, i, sigma, x, x0)
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 5; k-diffusion's midpoint variant): the data-prediction SDE
-    solver, injecting noise ``sigma' * sqrt(1 - exp(-2 eta h))`` each step."""
-    x0_prev, h_prev = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = model(x, _sigma(sigma, x))
-        if sigma_next == 0:
-            x = x0
-        else:
-            h = sigma.log() - sigma_next.log()
-            eta_h = eta * h
-            x = sigma_next / sigma * torch.exp(-eta_h) * x - torch.expm1(-h - eta_h) * x0
-            if x0_prev is not None:
-                r = h_prev / h
-                x = x - 0.5 * torch.expm1(-h - eta_h) * (1 / r) * (x0 - x0_prev)
-            if eta > 0:
-                x = x + randn_like(x, generator) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt()
-            h_prev = h
-        x0_prev = x0
-        x = apply_step_callback(callback, i, sigma, x, x0)
-    return x
-
-
 def dpmpp_multistep_update(x, sigma, sigma_next, x0_history, h_history, eta: float = 0.0,
                            curvature_weight: float = 2.0):
     """The deterministic part of one DPM-Solver++ multistep update in VE variables from ``sigma`` to ``sigma_next``,
     of order ``len(x0_history)`` (1 to 3; the x0 estimates at this and the previous sigmas, newest last;
     ``h_history`` the previous steps' ``h = log(sigma / sigma')``, newest last). The exact update is
     ``x' = (sigma'/sigma) e^{-eta h} x + int (1 + eta) e^{-(1 + eta)(lambda' - u)} x0(u) du`` over
-    ``lambda = -log sigma`` (Lu et al. 2022, "DPM-Solver++", eq. 8; eta = 1: the data-prediction SDE of sec. 5, as
-    k-diffusion's ``sample_dpmpp_3m_sde`` with ``h' = (1 + eta) h``); x0 is expanded in lambda: order 1 is DDIM,
-    order 2 the midpoint form of DPM-Solver++(2M), order 3 DPM-Solver++(3M): with ``u = (lambda - lambda_i) / h``
-    the x0 estimates fit ``x0 + d1 u + d2 u^2``, whose integral is ``phi_2 d1 + 2 phi_3 d2`` with
-    ``phi_2 = (e^{-h'} - 1) / h' + 1``, ``phi_3 = phi_2 / h' - 1/2`` (``h' = (1 + eta) h``): exact when x0 is
-    quadratic in lambda. diffusers' ``DPMSolverMultistepScheduler(solver_order=3)``, k-diffusion and ComfyUI
-    weigh ``d2`` by ``phi_3``, half its integral, so their 3M converges at second order (tests/test_samplers.py);
-    ``curvature_weight=1`` reproduces theirs (for comparisons), the default 2 is the integral."""
+    ``lambda = -log sigma`` (Lu et al. 2022, "DPM-Solver++", eq. 8; eta = 1: the data-prediction SDE of sec. 5;
+    ``h' = (1 + eta) h`` as in k-diffusion), with x0 expanded in lambda. Order 1 is DDIM; order 2 the midpoint
+    form of DPM-Solver++(2M) (diffusers' default); order 3 DPM-Solver++(3M): with ``u = (lambda - lambda_i) / h``
+    the x0 estimates fit ``x0 + d1 u + d2 u^2``, whose integral is ``phi_2 d1 - 2 phi_3 d2`` with
+    ``phi_2 = (e^{-h'} - 1) / h' + 1`` and ``phi_3 = phi_2 / h' - 1/2`` (about -h'/6): exact when x0 is quadratic in
+    lambda. diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` and k-diffusion's / ComfyUI's 3M and 3M SDE
+    weigh ``d2`` by ``-phi_3``, half its integral, so their 3M converges at second order (tests/test_samplers.py);
+    ``curvature_weight=1`` gives that weighting (for comparisons). (diffusers' third-order SDE update weighs ``d2``
+    by ``-(1 + phi_3)``, which does not vanish as h -> 0: neither weight reproduces it.)"""
     h = sigma.log() - sigma_next.log()
     h_eta = h * (1 + eta)
     x0 = x0_history[-1]
@@ -239,22 +191,23 @@ def dpmpp_multistep_update(x, sigma, sigma_next, x0_history, h_history, eta: flo
     return out
 
 
-@torch.no_grad()
-def sample_dpmpp_3m_sde(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
-    """DPM-Solver++(3M) SDE (Lu et al. 2022, sec. 5, at third order; k-diffusion's and ComfyUI's
-    ``dpmpp_3m_sde``): :func:`dpmpp_multistep_update` plus fresh noise ``sigma' sqrt(1 - e^{-2 eta h})``. First
-    order on the first step, second on the next; on a run of fewer than 15 steps the last two steps drop to
-    second and first order (diffusers' ``lower_order_final``); a step to sigma = 0 returns x0."""
+def _dpmpp_multistep(model, x, sigmas, generator, callback, max_order: int, eta: float):
+    """DPM-Solver++ multistep of order up to ``max_order`` (Lu et al. 2022, Algorithm 2 and its third-order
+    form): :func:`dpmpp_multistep_update`, plus for ``eta > 0`` fresh noise ``sigma' sqrt(1 - e^{-2 eta h})`` (the
+    data-prediction SDE's, sec. 5). The order grows by one a step while the history fills; on a sigma list of
+    fewer than 15 steps its last two steps drop to orders 2 and 1 (diffusers' ``lower_order_final``, which counts
+    the whole run's steps: an img2img piece of a longer run drops where diffusers does not); a step to sigma = 0
+    returns x0."""
     x0_history, h_history = [], []
     steps = len(sigmas) - 1
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = model(x, _sigma(sigma, x))
-        x0_history = (x0_history + [x0])[-3:]
+        x0_history = (x0_history + [x0])[-max_order:]
         if sigma_next == 0:
             x = x0
         else:
-            order = min(len(x0_history), steps - i if steps < 15 else 3)
+            order = min(len(x0_history), steps - i if steps < 15 else max_order)
             x = dpmpp_multistep_update(x, sigma, sigma_next, x0_history[-order:], h_history, eta)
             h = sigma.log() - sigma_next.log()
             if eta > 0:
@@ -265,10 +218,31 @@ def sample_dpmpp_3m_sde(model, x, sigmas, generator=None, callback=None, eta: fl
 
 
 @torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, generator=None, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; diffusers' ``DPMSolverMultistepScheduler``): second-order
+    multistep in ``lambda = -log(sigma)``, one network call a step."""
+    return _dpmpp_multistep(model, x, sigmas, generator, callback, max_order=2, eta=0.0)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 5; k-diffusion's midpoint variant, diffusers'
+    ``sde-dpmsolver++``): the data-prediction SDE solver at second order."""
+    return _dpmpp_multistep(model, x, sigmas, generator, callback, max_order=2, eta=eta)
+
+
+@torch.no_grad()
 def sample_dpmpp_3m(model, x, sigmas, generator=None, callback=None):
-    """DPM-Solver++(3M) (Lu et al. 2022; diffusers' ``DPMSolverMultistepScheduler(solver_order=3)``): third-order
-    multistep, one network call a step; :func:`sample_dpmpp_3m_sde` without noise."""
-    return sample_dpmpp_3m_sde(model, x, sigmas, generator, callback, eta=0.0)
+    """DPM-Solver++(3M): third-order multistep, one network call a step, with the curvature term integrated
+    exactly (diffusers' ``solver_order=3`` weighs it by half; see :func:`dpmpp_multistep_update`)."""
+    return _dpmpp_multistep(model, x, sigmas, generator, callback, max_order=3, eta=0.0)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """DPM-Solver++(3M) SDE (Lu et al. 2022, sec. 5, at third order; ComfyUI's ``dpmpp_3m_sde`` but for the
+    curvature weight and its order-2 warm-up step, here diffusers' midpoint form)."""
+    return _dpmpp_multistep(model, x, sigmas, generator, callback, max_order=3, eta=eta)
 
 
 def lms_coefficients(nodes: Sequence[float], sigma_next: float) -> list[float]:
@@ -308,26 +282,27 @@ def sample_lms(model, x, sigmas, generator=None, callback=None, order: int = 4):
     return x
 
 
+DPM_2_TIMES = ("sigma", "flow")
+
+
 def _dpm_2_midpoint(model, x, x0, sigma, sigma_down, time: str = "sigma"):
     """DPM2's step from ``sigma`` to ``sigma_down`` given ``x0 = D(x, sigma)``: the midpoint rule in the time
     variable s, ``x' = x0 + s' d + (s' - s) / s_mid (x0 - x0_mid)`` with ``d = (x - x0) / s``, the midpoint
     ``x_mid = x0 + s_mid d`` at ``s_mid = sqrt(s s')`` (no float32 cancellation at a large s). ``time="sigma"``:
-    s = sigma on x; ``"flow"``: s = t = sigma / (1 + sigma) on ``x_t = x / (1 + sigma)`` (see :func:`in_flow_time`),
-    bounded where sigma starts at infinite noise's stand-in."""
-    if time == "flow":
-        s, s_down, scale_down = sigma / (1 + sigma), sigma_down / (1 + sigma_down), 1 + sigma_down
-        x = x / (1 + sigma)
-    else:
-        s, s_down, scale_down = sigma, sigma_down, 1.0
+    s = sigma on x; ``"flow"``: s = t = sigma / (1 + sigma) on ``x_t = x / (1 + sigma)``, as :func:`in_flow_time`
+    runs whole samplers (ancestral DPM2 needs it per step: its noise is added in VE variables)."""
+    if time not in DPM_2_TIMES:
+        raise ValueError(f"unknown DPM2 time variable {time!r}; known: {', '.join(DPM_2_TIMES)}")
+    flow = time == "flow"
+    s, s_down = (FlowSchedule.sigma_to_t(sigma), FlowSchedule.sigma_to_t(sigma_down)) if flow else (sigma, sigma_down)
+    x = x / (1 + sigma) if flow else x
     d = (x - x0) / s
     s_mid = (s.log() + s_down.log()).div(2).exp()
     x_mid = x0 + d * s_mid
-    if time == "flow":
-        sigma_mid = s_mid / (1 - s_mid)
-        x0_mid = model(x_mid * (1 + sigma_mid), _sigma(sigma_mid, x))
-    else:
-        x0_mid = model(x_mid, _sigma(s_mid, x))
-    return (x0 + d * s_down + (s_down - s) / s_mid * (x0 - x0_mid)) * scale_down
+    sigma_mid = s_mid / (1 - s_mid) if flow else s_mid
+    x0_mid = model(x_mid * (1 + sigma_mid) if flow else x_mid, _sigma(sigma_mid, x))
+    x_down = x0 + d * s_down + (s_down - s) / s_mid * (x0 - x0_mid)
+    return x_down * (1 + sigma_down) if flow else x_down
 
 
 @torch.no_grad()
@@ -347,12 +322,20 @@ def sample_dpm_2_ancestral(model, x, sigmas, generator=None, callback=None, eta:
 
 
 @torch.no_grad()
-def sample_dpm_2(model, x, sigmas, generator=None, callback=None, time: str = "sigma"):
+def sample_flow_dpm_2_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """Ancestral DPM2 with its DPM2 steps in flow time: from a flow model's or zero-terminal-SNR schedule's first
+    sigma, where in sigma the midpoint slope multiplies the difference of its two x0 estimates by
+    ``(sigma - sigma') / sqrt(sigma sigma')``."""
+    return sample_dpm_2_ancestral(model, x, sigmas, generator, callback, eta, time="flow")
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, generator=None, callback=None):
     """DPM2 (k-diffusion's ``sample_dpm_2``, after DPM-Solver-2, Lu et al. 2022, Alg. 1 with r = 1/2; diffusers'
-    ``KDPM2DiscreteScheduler``, A1111's "DPM2"): the explicit midpoint rule on ``dx/ds`` with the midpoint
-    halfway in log s. Second order, two network calls a step. Ancestral DPM2 without noise, and computed by
+    ``KDPM2DiscreteScheduler``, A1111's "DPM2"): the explicit midpoint rule on ``dx/dsigma`` with the midpoint
+    halfway in log sigma. Second order, two network calls a step. Ancestral DPM2 without noise, and computed by
     it."""
-    return sample_dpm_2_ancestral(model, x, sigmas, generator, callback, eta=0.0, time=time)
+    return sample_dpm_2_ancestral(model, x, sigmas, generator, callback, eta=0.0)
 
 
 @torch.no_grad()
@@ -382,7 +365,7 @@ def in_flow_time(sampler: Callable) -> Callable:
 
     def sample(model, x, sigmas, generator=None, callback=None, **options):
         sigmas64 = sigmas.detach().cpu().double()
-        times = (sigmas64 / (1 + sigmas64)).to(sigmas.device, sigmas.dtype)  # (n + 1,)
+        times = FlowSchedule.sigma_to_t(sigmas64).to(sigmas.device, sigmas.dtype)  # (n + 1,)
 
         def model_t(x_t, t):  # t (B,)
             sigma = t / (1 - t)
@@ -490,10 +473,9 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
 sample_flow_heun = in_flow_time(sample_heun)
 """Heun in flow time (diffusers' FlowMatchHeunDiscreteScheduler, ComfyUI): bounded from a flow model's first sigma,
 where the trapezoid in sigma multiplies ``x0 - x0'`` by about ``sigma / sigma'``."""
-sample_flow_dpm_2 = functools.partial(sample_dpm_2, time="flow")
-"""DPM2 in flow time: in sigma its midpoint slope multiplies an error of the midpoint's x0 by
+sample_flow_dpm_2 = in_flow_time(sample_dpm_2)
+"""DPM2 in flow time: in sigma its midpoint slope multiplies the difference of its two x0 estimates by
 ``(sigma - sigma') / sqrt(sigma sigma')``, about 24 from a zero-SNR schedule's first sigma (4096) to 7."""
-sample_flow_dpm_2_ancestral = functools.partial(sample_dpm_2_ancestral, time="flow")
 
 
 @dataclass(frozen=True)
@@ -502,9 +484,10 @@ class SamplerSpec:
     timesteps for Karras sigmas (diffusers' DPM-Solver and UniPC round them), the alpha_bar standing for zero at
     the end of a zero-terminal-SNR schedule (see ``ldm.schedules``), and whose timestep lists it follows
     (``ldm.schedules.TIMESTEP_CONVENTIONS``: the diffusers scheduler of the same method). ``flow_time_fn``, where
-    set, replaces ``fn`` when the sigma list starts at infinite noise's stand-in (flow models, sigma ~1.7e7, and
-    zero-terminal-SNR schedules, sigma = 4096): there the method in sigma amplifies the error of the network's
-    first, least reliable x0 estimate by about ``sigma / sigma'``, and in flow time it does not. LMS has none: its
+    set, replaces ``fn`` on models whose full-strength sampling starts at infinite noise's stand-in (flow models,
+    sigma ~1.7e7, and zero-terminal-SNR schedules, sigma = 4096), img2img pieces included: from there the method
+    in sigma amplifies the error of the network's first, least reliable x0 estimate by about ``sigma / sigma'``,
+    and in flow time it does not. LMS has none: its
     polynomial in flow time extrapolates the velocity from that first estimate, and in sigma it does not (see
     README, "Samplers")."""
 

@@ -32,7 +32,7 @@ DIFFUSERS_SCHEDULERS = {
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    # diffusers' third-order update weighs the curvature term by half (see ldm.samplers.dpmpp_multistep_update):
+    # diffusers weighs the third-order curvature term otherwise (see ldm.samplers.dpmpp_multistep_update):
     # the same work per step, a different result
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
     "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),

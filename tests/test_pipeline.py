@@ -209,7 +209,8 @@ def test_a_unet_with_a_guidance_embedding_is_refused_with_a_clear_error(tiny_mod
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpm_2_a", "lms"])
 def test_a_zero_snr_schedule_runs_heun_and_dpm_2_in_flow_time(pipe, tiny_model_factory, monkeypatch, sampler):
     """From a zero-terminal-SNR schedule's first sigma (4096) the pipeline runs Heun and (ancestral) DPM2 in flow
-    time, as on flow models (tests/test_samplers.py shows why); LMS, and every sampler on other schedules, run in sigma."""
+    time, as on flow models (tests/test_samplers.py shows why); LMS, and every sampler on other schedules, run in
+    sigma."""
     import dataclasses
 
     from ldm import samplers

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from ldm.samplers import (SAMPLERS, dpmpp_multistep_update, get_sampler, in_flow_time, lms_coefficients, renoise, repaint_path, sample_ddim,
-                          sample_ddpm, sample_dpm_2, sample_dpm_2_ancestral, sample_euler, sample_euler_ancestral,
-                          sample_dpmpp_3m, sample_flow_heun, sample_heun, sample_lcm, sample_lms)
+from ldm.samplers import (SAMPLERS, dpmpp_multistep_update, get_sampler, in_flow_time, lms_coefficients, renoise,
+                          repaint_path, sample_ddim, sample_ddpm, sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_3m,
+                          sample_euler, sample_euler_ancestral, sample_flow_heun, sample_heun, sample_lcm)
 from ldm.schedules import DiscreteSchedule, FlowSchedule, karras_sigmas
 
 MU, S = 0.3, 0.5
@@ -113,31 +113,32 @@ def test_in_flow_time_keeps_euler_and_shows_the_callback_ve_variables():
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_dpm_2_in_flow_time_is_in_flow_time_of_dpm_2():
-    """The registered flow-time DPM2 (its midpoint rule written in t) equals the generic wrapper around DPM2."""
+def test_ancestral_dpm_2_steps_in_flow_time_as_in_flow_time_runs_dpm_2():
+    """Without noise, ancestral DPM2 with its steps in flow time (the midpoint rule written in t) equals DPM2 run
+    by the generic :func:`in_flow_time` (the registered flow-time DPM2); an unknown time variable is refused."""
     t = torch.linspace(1 - 1e-7, 0, 9, dtype=torch.float64)
     sigmas = t / (1 - t)
     x = start_noise(float(sigmas[0])).double()
-    torch.testing.assert_close(SAMPLERS["dpm_2"].flow_time_fn(gaussian_denoiser, x, sigmas),
-                               in_flow_time(sample_dpm_2)(gaussian_denoiser, x, sigmas), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(SAMPLERS["dpm_2_a"].flow_time_fn(gaussian_denoiser, x, sigmas, eta=0.0),
+                               SAMPLERS["dpm_2"].flow_time_fn(gaussian_denoiser, x, sigmas), atol=1e-9, rtol=1e-9)
+    with pytest.raises(ValueError, match="unknown DPM2 time variable 'flows'"):
+        sample_dpm_2_ancestral(gaussian_denoiser, x, sigmas, time="flows")
 
 
-@pytest.mark.parametrize("sampler", [sample_lms, sample_dpm_2])
-def test_lms_and_dpm_2_in_flow_time_converge_from_a_flow_models_first_sigma(sampler):
-    """In flow time (how ComfyUI samples flow models) both land near the exact answer from sigma ~1e7
-    (t = 1 - 1e-7) in 8 equal steps, and converge at second order in t: DPM2 is a midpoint rule, and LMS's Euler
-    first step dominates its error where the path bends at the start (in sigma, where it is straight, LMS shows
-    its fourth order: test_ode_samplers_converge_at_their_order)."""
+def test_dpm_2_in_flow_time_converges_from_a_flow_models_first_sigma():
+    """In flow time (how ComfyUI samples flow models) DPM2 lands near the exact answer from sigma ~1e7
+    (t = 1 - 1e-7) in 8 equal steps, and converges at second order in t (a midpoint rule)."""
+    sampler = SAMPLERS["dpm_2"].flow_time_fn
     t = torch.linspace(1 - 1e-7, 0, 9, dtype=torch.float64)
     sigmas = t / (1 - t)
     x = start_noise(float(sigmas[0])).double()
-    assert (in_flow_time(sampler)(gaussian_denoiser, x, sigmas) - exact_ode(x, float(sigmas[0]), 0.0)).abs().max() < 0.05
+    assert (sampler(gaussian_denoiser, x, sigmas) - exact_ode(x, float(sigmas[0]), 0.0)).abs().max() < 0.05
     errors = []
     for n in (32, 64):
         t = torch.linspace(1 - 1e-3, 1e-3, n + 1, dtype=torch.float64)
         sigmas = t / (1 - t)
         x = start_noise(float(sigmas[0])).double()
-        errors.append((in_flow_time(sampler)(gaussian_denoiser, x, sigmas)
+        errors.append((sampler(gaussian_denoiser, x, sigmas)
                        - exact_ode(x, float(sigmas[0]), float(sigmas[-1]))).abs().max().item())
     assert 3.0 < errors[0] / errors[1] < 5.4, errors
 
