@@ -27,6 +27,9 @@ CASES = [
      {"algorithm_type": "dpmsolver++"}, 10),
     ("dpmpp_2m-eps-karras", "dpmpp_2m", DPMSolverMultistepScheduler, {"use_karras_sigmas": True},
      {"algorithm_type": "dpmsolver++"}, 12),
+    # ending on sigma_min, a run under 15 steps takes its last step at first order (diffusers' lower_order_final)
+    ("dpmpp_2m-eps-leading-sigma_min", "dpmpp_2m", DPMSolverMultistepScheduler, {"final_sigmas_type": "sigma_min"},
+     {"algorithm_type": "dpmsolver++"}, 10),
     ("ddim-v-leading", "ddim", DDIMScheduler, {"prediction_type": "v_prediction"}, {}, 10),
     ("euler-v-leading", "euler", EulerDiscreteScheduler, {"prediction_type": "v_prediction"}, {}, 10),
     ("ddim-v-zerosnr-trailing", "ddim", DDIMScheduler, ZERO_SNR_V, {}, 10),
