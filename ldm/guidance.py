@@ -25,6 +25,20 @@ def check_guidance_scale(scale: float, name: str = "guidance_scale") -> float:
     return float(scale)
 
 
+def guidance_scale_embedding(scale: float, dim: int) -> torch.Tensor:
+    """The sinusoidal embedding of a guidance scale that a guidance-distilled network takes instead of running
+    CFG (Meng et al. 2023, "On Distillation of Guided Diffusion Models", sec. 4.1; the w-condition of latent
+    consistency models, Luo et al. 2023, sec. 4.2): ``[sin(1000 (w - 1) f_k), cos(1000 (w - 1) f_k)]`` with
+    ``f_k = 10000^(-k / (dim/2 - 1))``, zero-padded to an odd ``dim``; diffusers' ``get_guidance_scale_embedding``
+    of ``w - 1``. ``(1, dim)`` float32."""
+    half = dim // 2
+    rate = torch.tensor(10000.0).log() / (half - 1)  # float32, rounded as diffusers rounds it
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -rate)  # (half,)
+    angles = 1000.0 * (check_guidance_scale(scale) - 1.0) * frequencies
+    embedding = torch.cat([angles.sin(), angles.cos()])
+    return torch.nn.functional.pad(embedding, (0, dim % 2))[None]
+
+
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
     """Guidance rescale (Lin et al. 2023, sec. 3.4, eq. 15-16): scale the guided prediction to the per-sample
     std of the conditional one, then mix ``phi`` of that with ``1 - phi`` of the plain guided prediction."""

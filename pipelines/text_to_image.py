@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ldm.attention import IdentitySelfAttention, install_attention_hook, self_attention_places
 from ldm.denoiser import Denoiser
-from ldm.guidance import CFGDenoiser, check_guidance_scale
+from ldm.guidance import CFGDenoiser, check_guidance_scale, guidance_scale_embedding
 from ldm.loading import Components, load_components
 from ldm.samplers import SAMPLERS, get_sampler, randn_like
 from ldm.schedules import SIGMA_SPACINGS, TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
@@ -53,10 +53,6 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
     def __init__(self, components: Components, name: str | None = None):
         self.unet = components.unet.eval()
-        if getattr(self.unet.config, "time_cond_proj_dim", None):
-            raise ValueError(f"this UNet takes a guidance-scale embedding (time_cond_proj_dim="
-                             f"{self.unet.config.time_cond_proj_dim}): a guidance-distilled model such as a full LCM, "
-                             "which this pipeline does not run (LCM-LoRA on a standard UNet works, sampler='lcm')")
         self.vae = components.vae.eval()
         self.text_encoder = components.text_encoder.eval() if components.text_encoder is not None else None
         # SDXL's refiner has only the second tower; its tokenizer then serves word positions (prompt-to-prompt)
@@ -107,6 +103,23 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
     @property
     def is_flow(self) -> bool:
         return "FlowMatch" in self.scheduler_config.get("_class_name", "")
+
+    @property
+    def is_guidance_distilled(self) -> bool:
+        """Whether the UNet takes the guidance scale as an embedding instead of running CFG (a full latent
+        consistency model: diffusers' ``time_cond_proj_dim``)."""
+        return bool(getattr(self.unet.config, "time_cond_proj_dim", None))
+
+    def guidance_condition(self, request: "Request | None") -> torch.Tensor | None:
+        """A guidance-distilled UNet's ``timestep_cond``, ``(1, D)``: the request's guidance scale embedded
+        (:func:`ldm.guidance.guidance_scale_embedding`); None for other networks."""
+        if not self.is_guidance_distilled:
+            return None
+        if request is None:
+            raise ValueError("this UNet is guidance-distilled (a full LCM: it takes the guidance scale as an "
+                             "embedding); it runs text-to-image, img2img and inpainting, not inversion or "
+                             "prompt-to-prompt")
+        return guidance_scale_embedding(request.guidance_scale, self.unet.config.time_cond_proj_dim)
 
     @property
     def starts_at_infinite_noise(self) -> bool:
@@ -284,6 +297,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
         control = request.control if request is not None else None
         whole: dict[tuple[int, int], torch.Tensor] = {}  # latent size -> everything_masked
+        guidance = self.guidance_condition(request)  # (1, D) or None
 
         def unet(x_in, timestep, cond):
             if self.is_mmdit:
@@ -307,6 +321,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 x_in = torch.cat([x_in, extra.repeat(x_in.shape[0] // extra.shape[0], 1, 1, 1)], 1)
             if added is not None:
                 residuals["added_cond_kwargs"] = added
+            if guidance is not None:
+                residuals["timestep_cond"] = guidance.to(x_in.device, self.dtype).expand(len(x_in), -1)
             network = self.network("unet", self.unet)
             return network(x_in.to(self.dtype), timestep, encoder_hidden_states=cond, **residuals).sample
 
@@ -482,6 +498,11 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             raise ValueError("perturbed-attention guidance and an attention controller (prompt-to-prompt) cannot "
                              "run together")
         perturbed = self.perturbed_pass(denoiser, request.pag_layers) if request.pag_scale > 0 else None
+        if self.is_guidance_distilled:  # the scale is in the network's embedding: one conditional pass
+            if any(request.negatives) or part_weights is not None or request.pag_scale > 0:
+                raise ValueError("a guidance-distilled UNet (a full LCM) runs no classifier-free guidance: it takes "
+                                 "no negative prompt, AND-composed prompt or perturbed-attention guidance")
+            return CFGDenoiser(denoiser, cond, uncond, 1.0)
         return CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights,
                            request.pag_scale, perturbed)
 

@@ -195,15 +195,48 @@ def test_a_folder_asking_for_exponential_or_beta_sigmas_is_sampled_on_diffusers_
     np.testing.assert_allclose(visited, theirs.sigmas[:-1].numpy(), rtol=1e-5)
 
 
-def test_a_unet_with_a_guidance_embedding_is_refused_with_a_clear_error(tiny_model_factory, tmp_path):
-    """A full LCM (guidance-distilled, ``time_cond_proj_dim``) would run without its embedding and draw wrong
-    images; the pipeline says so instead."""
-    folder = tmp_path / "lcm"
+@pytest.fixture(scope="module")
+def full_lcm_folder(tiny_model_factory, tmp_path_factory):
+    """The tiny model with a guidance-distilled UNet (``time_cond_proj_dim``: a full LCM), seeded weights."""
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("full-lcm") / "model"
     shutil.copytree(tiny_model_factory(), folder)
     config = json.loads((folder / "unet" / "config.json").read_text())
-    (folder / "unet" / "config.json").write_text(json.dumps(config | {"time_cond_proj_dim": 8}))
-    with pytest.raises(ValueError, match="guidance-scale embedding"):
-        TextToImagePipeline.from_pretrained(folder)
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 8})
+    unet.save_pretrained(folder / "unet")
+    return folder
+
+
+def test_a_full_lcm_equals_diffusers_lcm_pipeline_draw_for_draw(full_lcm_folder):
+    """A guidance-distilled UNet gets the guidance scale as its ``timestep_cond`` embedding and one conditional
+    pass a step: the same latents as diffusers' ``LatentConsistencyModelPipeline`` (LCMScheduler, the same
+    generator), and the scale changes them."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    settings = dict(latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                    num_inference_steps=4, output_type="latent")
+    pipe = TextToImagePipeline.from_pretrained(full_lcm_folder)
+    assert pipe.is_guidance_distilled
+    ours = {scale: pipe("a red circle", sampler="lcm", guidance_scale=scale, progress=False,
+                        generator=torch.Generator().manual_seed(7), **settings).images for scale in (8.0, 2.0)}
+    theirs = LatentConsistencyModelPipeline.from_pretrained(full_lcm_folder, safety_checker=None,
+                                                            feature_extractor=None, requires_safety_checker=False)
+    theirs.scheduler = LCMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    reference = theirs("a red circle", guidance_scale=8.0, generator=torch.Generator().manual_seed(7),
+                       **settings).images
+    torch.testing.assert_close(ours[8.0], reference, atol=1e-4 * max(1.0, float(reference.abs().max())), rtol=0)
+    assert (ours[8.0] - ours[2.0]).abs().max() > 1e-3
+
+
+def test_a_full_lcm_refuses_what_needs_classifier_free_guidance(full_lcm_folder):
+    pipe = TextToImagePipeline.from_pretrained(full_lcm_folder)
+    with pytest.raises(ValueError, match="runs no classifier-free guidance"):
+        latents_of(pipe, negative_prompt="blue", sampler="lcm", num_inference_steps=2)
+    with pytest.raises(ValueError, match="not inversion or prompt-to-prompt"):
+        pipe.prompt_to_prompt(["a red circle", "a blue circle"], seed=0, num_inference_steps=2, progress=False)
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpm_2_a", "lms"])
