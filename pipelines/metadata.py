@@ -43,9 +43,21 @@ FIELDS = (
     ("emphasis", "Emphasis", str),
     ("pag_scale", "PAG scale", float),
     ("pag_layers", "PAG layers", str),
+    ("schedule_type", "Schedule type", str),  # A1111's (1.9+) sigma spacing; read, never written
 )
 A1111_OFFSETS = {"clip_skip": 1}
 """A1111 counts differently: its "Clip skip: 2" (the penultimate CLIP layer) is diffusers' and our ``clip_skip=1``."""
+A1111_SAMPLERS = {
+    "DDIM": "ddim", "DDPM": "ddpm", "Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "LMS": "lms",
+    "DPM2": "dpm_2", "DPM2 a": "dpm_2_a", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 3M SDE": "dpmpp_3m_sde", "UniPC": "unipc", "LCM": "lcm",
+}
+"""The A1111 web UI's sampler names of the methods we have (its "DPM++ 3M SDE" weighs the curvature term as
+k-diffusion does: see ``ldm.samplers.dpmpp_multistep_update``). Others (e.g. "DPM++ SDE") are kept as written, and
+the pipeline's unknown-sampler error names them."""
+A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Beta": "beta", "Automatic": None}
+"""A1111's schedule types (a "Schedule type:" field, or before 1.9 a suffix of the sampler name) that are our sigma
+spacings; "Automatic" is the model's own."""
 
 
 def format_parameters(params: dict) -> str:
@@ -88,6 +100,21 @@ def parse_parameters(text: str) -> dict:
     if "size" in params:
         width, _, height = params.pop("size").partition("x")
         params["width"], params["height"] = int(width), int(height)
+    return from_a1111_names(params)
+
+
+def from_a1111_names(params: dict) -> dict:
+    """Translate the A1111 web UI's sampler and schedule names (``"DPM++ 2M Karras"``, or ``"DPM++ 2M"`` with
+    ``"Schedule type: Karras"``) to ours (``dpmpp_2m``, ``timestep_spacing="karras"``); our own names pass."""
+    sampler, schedule = params.get("sampler"), params.pop("schedule_type", None)
+    if sampler is not None and sampler not in A1111_SAMPLERS:
+        name, _, suffix = sampler.rpartition(" ")
+        if name in A1111_SAMPLERS and suffix in A1111_SCHEDULES and schedule is None:
+            sampler, schedule = name, suffix
+    if sampler in A1111_SAMPLERS:
+        params["sampler"] = A1111_SAMPLERS[sampler]
+    if schedule is not None and A1111_SCHEDULES.get(schedule) and "timestep_spacing" not in params:
+        params["timestep_spacing"] = A1111_SCHEDULES[schedule]
     return params
 
 

@@ -22,6 +22,21 @@ def test_parses_a1111_text():
     params = parse_parameters(text)
     assert params["prompt"] == "masterpiece, a cat" and params["negative_prompt"] == "lowres"
     assert (params["steps"], params["seed"], params["width"], params["height"]) == (25, 1234, 512, 768)
+    assert (params["sampler"], params["timestep_spacing"]) == ("dpmpp_2m", "karras")
+
+
+@pytest.mark.parametrize("settings, sampler, spacing", [
+    ("Sampler: DPM++ 2M, Schedule type: Karras", "dpmpp_2m", "karras"),  # A1111 1.9+
+    ("Sampler: Euler a, Schedule type: Automatic", "euler_a", None),
+    ("Sampler: DPM++ 3M SDE Exponential", "dpmpp_3m_sde", "exponential"),
+    ("Sampler: DPM2 a", "dpm_2_a", None),
+    ("Sampler: dpmpp_2m, Schedule: trailing", "dpmpp_2m", "trailing"),  # ours
+    ("Sampler: DPM++ SDE Karras", "DPM++ SDE Karras", None),  # a method we do not have: kept for the error
+])
+def test_a1111_sampler_and_schedule_names_become_ours(settings, sampler, spacing):
+    params = parse_parameters(f"a cat\nSteps: 20, {settings}, CFG scale: 7, Seed: 1, Size: 64x64")
+    assert params["sampler"] == sampler and params.get("timestep_spacing") == spacing
+    assert "schedule_type" not in params
 
 
 def test_generate_writes_parameters_and_from_regenerates_the_same_image(tiny_model_factory, tmp_path, capsys):
@@ -39,6 +54,24 @@ def test_generate_writes_parameters_and_from_regenerates_the_same_image(tiny_mod
     other = tmp_path / "c.png"
     assert main(["generate", "--from", str(first), "-o", str(other), "--seed", "8"]) == 0
     assert Image.open(first).tobytes() != Image.open(other).tobytes()
+
+
+def test_from_regenerates_an_a1111_image_with_our_names(tiny_model_factory, tmp_path):
+    """An image the A1111 web UI wrote ("Sampler: DPM++ 2M Karras") regenerates with dpmpp_2m on Karras sigmas."""
+    from PIL import PngImagePlugin
+
+    folder, source = tiny_model_factory(), tmp_path / "a1111.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red circle\nNegative prompt: blue\nSteps: 3, Sampler: DPM++ 2M Karras, "
+                                f"CFG scale: 5, Seed: 3, Size: 16x16, Model hash: 0123abcd, Model: {folder}")
+    Image.new("RGB", (16, 16)).save(source, pnginfo=info)
+    assert main(["generate", "--from", str(source), "-o", str(tmp_path / "again.png")]) == 0
+    params = parse_parameters(Image.open(tmp_path / "again.png").info["parameters"])
+    assert (params["sampler"], params["timestep_spacing"], params["negative_prompt"]) == ("dpmpp_2m", "karras", "blue")
+    assert main(["generate", "a red circle", "--negative", "blue", "--steps", "3", "--sampler", "dpmpp_2m",
+                 "--spacing", "karras", "--cfg", "5", "--seed", "3", "--size", "16", "--model", str(folder),
+                 "-o", str(tmp_path / "direct.png")]) == 0
+    assert Image.open(tmp_path / "again.png").tobytes() == Image.open(tmp_path / "direct.png").tobytes()
 
 
 def test_several_images_get_numbered_files_and_consecutive_seeds(tiny_model_factory, tmp_path):
