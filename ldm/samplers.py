@@ -138,6 +138,30 @@ def sample_euler_ancestral(model, x, sigmas, generator=None, callback=None, eta:
 
 
 @torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """Ancestral DPM-Solver++(2S) (Lu et al. 2022, "DPM-Solver++", Algorithm 1 with r = 1/2; k-diffusion's
+    ``sample_dpmpp_2s_ancestral``, A1111's "DPM++ 2S a"): a singlestep second-order data-prediction step down to
+    ``sigma_down`` (a DDIM step to the midpoint in ``lambda = -log sigma``, ``sigma_mid = sqrt(sigma sigma_down)``,
+    then the step from sigma taken with the midpoint's x0), then fresh noise of std ``sigma_up``
+    (:func:`ancestral_step`). Two network calls a step; ``eta = 0`` is DPM-Solver++(2S). A step to 0 returns x0."""
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        x0 = model(x, _sigma(sigma, x))
+        sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
+        if sigma_down == 0:
+            x = x0
+        else:
+            sigma_mid = (sigma.log() + sigma_down.log()).div(2).exp()
+            x_mid = x0 + sigma_mid / sigma * (x - x0)  # DDIM to the midpoint
+            x0_mid = model(x_mid, _sigma(sigma_mid, x))
+            x = x0_mid + sigma_down / sigma * (x - x0_mid)
+        if sigma_up > 0:
+            x = x + randn_like(x, generator) * sigma_up
+        x = apply_step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
 def sample_heun(model, x, sigmas, generator=None, callback=None):
     """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; diffusers' HeunDiscreteScheduler):
     an Euler predictor and a trapezoidal corrector averaging ``dx/dsigma``. The predictor
@@ -518,6 +542,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
                                 timestep_convention="dpm"),
     "euler": SamplerSpec(sample_euler, 1, False),
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
+    "dpmpp_2s_a": SamplerSpec(sample_dpmpp_2s_ancestral, 2, True),
     "heun": SamplerSpec(sample_heun, 2, False, flow_time_fn=sample_flow_heun),
     "lms": SamplerSpec(sample_lms, 4, False),
     "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_time_fn=sample_flow_dpm_2),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ldm.samplers import (SAMPLERS, dpmpp_multistep_update, get_sampler, in_flow_time, lms_coefficients, renoise,
-                          repaint_path, sample_ddim, sample_ddpm, sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_3m,
+                          repaint_path, sample_ddim, sample_ddpm, sample_dpm_2, sample_dpm_2_ancestral,
+                          sample_dpmpp_2s_ancestral, sample_dpmpp_3m,
                           sample_euler, sample_euler_ancestral, sample_flow_heun, sample_heun, sample_lcm)
 from ldm.schedules import DiscreteSchedule, FlowSchedule, karras_sigmas
 
@@ -218,7 +219,7 @@ INFINITE_NOISE_SCHEDULES = {
 
 
 @pytest.mark.parametrize("schedule", sorted(INFINITE_NOISE_SCHEDULES))
-@pytest.mark.parametrize("name", sorted(set(DETERMINISTIC) - {"unipc_bh1"} | {"dpm_2_a"}))
+@pytest.mark.parametrize("name", sorted(set(DETERMINISTIC) - {"unipc_bh1"} | {"dpm_2_a", "dpmpp_2s_a"}))
 def test_samplers_from_infinite_noise_do_not_amplify_the_first_x0_error(name, schedule):
     """From a zero-terminal-SNR schedule's or a flow model's first sigma (4096, 1.7e7), 5 steps: an x0 error of
     0.1 there moves the result of every deterministic sampler and of ancestral DPM2, as the pipeline picks them
@@ -252,6 +253,16 @@ def test_stochastic_samplers_sample_the_data_distribution(name):
     assert abs(out.std().item() / S - 1) < 0.03
     # the result is not the deterministic transport map: fresh noise really entered
     assert (out - exact_ode(x, 40.0, 0.0)).abs().mean() > 0.05
+
+
+def test_dpmpp_2s_without_noise_is_second_order():
+    """Ancestral DPM-Solver++(2S) with eta = 0 is DPM-Solver++(2S): its error falls ~4x per doubling of steps."""
+    errors = []
+    for steps in (8, 16, 32, 64):
+        sigmas, x = karras_sigmas(steps + 1, 0.05, 20.0), start_noise(20.0)
+        out = sample_dpmpp_2s_ancestral(gaussian_denoiser, x, sigmas, eta=0.0)
+        errors.append((out - exact_ode(x, 20.0, 0.05)).abs().max().item())
+    assert 3.0 < errors[-2] / errors[-1] < 5.4, errors
 
 
 def test_ddpm_posterior_equals_ddim_eta_one_and_euler_ancestral():
