@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "kl_optimal")
 # spacings that place sigmas directly between the schedule's ends rather than through a timestep grid
-SIGMA_SPACINGS = ("karras", "exponential", "beta")
+SIGMA_SPACINGS = ("karras", "exponential", "beta", "kl_optimal")
 # whose timestep lists a sampler reproduces: diffusers' EulerDiscrete-, DDIM- or DPMSolverMultistepScheduler
 TIMESTEP_CONVENTIONS = ("euler", "ddim", "dpm", "lcm")
 LCM_ORIGINAL_STEPS = 50
@@ -204,6 +204,15 @@ def beta_sigmas(steps: int, sigma_min: float, sigma_max: float, alpha: float = 0
     return torch.from_numpy(sigma_min + quantiles * (sigma_max - sigma_min)).float()
 
 
+def kl_optimal_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Sigmas evenly spaced in ``arctan(sigma)`` (Sabour et al. 2024, "Align Your Steps", sec. 3.3; ComfyUI's
+    "kl_optimal"). For unit-variance Gaussian data an Euler step from sigma to sigma' shrinks the exact solution by
+    ``cos(arctan sigma - arctan sigma')``, so among lists with the same ends this one makes Euler's result closest
+    to the exact one. ``(steps,)`` descending, without the final zero."""
+    angles = np.linspace(math.atan(sigma_max), math.atan(sigma_min), steps)
+    return torch.from_numpy(np.tan(angles)).float()
+
+
 def spaced_sigmas(spacing: str, steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """``(steps,)`` descending sigmas from ``sigma_max`` to ``sigma_min`` by one of :data:`SIGMA_SPACINGS`."""
     if spacing == "karras":
@@ -212,6 +221,8 @@ def spaced_sigmas(spacing: str, steps: int, sigma_min: float, sigma_max: float, 
         return exponential_sigmas(steps, sigma_min, sigma_max)
     if spacing == "beta":
         return beta_sigmas(steps, sigma_min, sigma_max)
+    if spacing == "kl_optimal":
+        return kl_optimal_sigmas(steps, sigma_min, sigma_max)
     raise ValueError(f"unknown sigma spacing {spacing!r}; known: {', '.join(SIGMA_SPACINGS)}")
 
 

@@ -1,13 +1,14 @@
 """Schedules and sigma lists equal diffusers' definitions."""
+import math
+
 import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
                        FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
 
-from ldm.schedules import (ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, DiscreteSchedule, FlowSchedule, lcm_timesteps,
-                           make_betas,
-                           rescale_zero_terminal_snr)
+from ldm.schedules import (SIGMA_SPACINGS, ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, DiscreteSchedule,
+                           FlowSchedule, lcm_timesteps, make_betas, rescale_zero_terminal_snr)
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
@@ -152,3 +153,26 @@ def test_lcm_keeps_its_timesteps_and_ends_on_x0_whatever_the_spacing_and_final_s
     assert expected[-1] == 0 and torch.equal(expected[:-1], schedule.t_to_sigma(torch.tensor([999, 759, 499, 259])))
     for spacing, final in (("karras", "zero"), ("trailing", "sigma_min")):
         assert torch.equal(schedule.sigma_list(4, spacing, final_sigma=final, convention="lcm"), expected)
+
+
+def test_kl_optimal_sigmas_bring_euler_closest_to_the_exact_answer_on_unit_gaussian_data():
+    """Unit-variance Gaussian data: D(x, sigma) = x / (1 + sigma^2), and an Euler step from sigma to sigma'
+    multiplies the exact solution x(sigma) ~ sqrt(1 + sigma^2) by cos(arctan sigma - arctan sigma'). Equal steps
+    in arctan sigma (kl_optimal) maximise the product of the cosines for given ends: Euler's result there is
+    cos(total / n)^n of the exact one, closer than on the Karras, exponential and beta lists."""
+    from ldm.samplers import sample_euler
+    from ldm.schedules import spaced_sigmas
+
+    def unit_gaussian(x, sigma):
+        return x / (1 + sigma.view(-1, 1, 1, 1) ** 2)
+
+    steps, sigma_min, sigma_max = 8, 0.03, 14.6
+    x = torch.ones(1, 1, 1, 1, dtype=torch.float64) * sigma_max
+    exact = math.sqrt(1 + sigma_min**2) / math.sqrt(1 + sigma_max**2) * sigma_max
+    ratios = {}
+    for spacing in SIGMA_SPACINGS:
+        sigmas = spaced_sigmas(spacing, steps, sigma_min, sigma_max).double()
+        ratios[spacing] = float(sample_euler(unit_gaussian, x, sigmas)) / exact
+    total = math.atan(sigma_max) - math.atan(sigma_min)
+    assert ratios["kl_optimal"] == pytest.approx(math.cos(total / (steps - 1)) ** (steps - 1), rel=1e-6)
+    assert all(ratios["kl_optimal"] > ratio for spacing, ratio in ratios.items() if spacing != "kl_optimal"), ratios
