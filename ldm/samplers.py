@@ -162,6 +162,34 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, generator=None, callback=None, e
 
 
 @torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """DPM-Solver++ SDE (k-diffusion's ``sample_dpmpp_sde``, A1111's "DPM++ SDE"): per step, an ancestral
+    first-order step to the midpoint in ``lambda = -log sigma`` (``sigma_mid = sqrt(sigma sigma')``), then an
+    ancestral step from sigma to sigma' with the midpoint's x0 (DPM-Solver++(2S) with ``r = 1/2``, Lu et al.
+    2022, Algorithm 1, plus noise). The two noises are increments of one Brownian motion in sigma over
+    ``[sigma_mid, sigma]`` and ``[sigma', sigma]`` (k-diffusion samples them from a Brownian tree): the second is
+    ``(sqrt(a) z_1 + sqrt(b - a) z_2) / sqrt(b)`` of the first's ``z_1`` and a fresh ``z_2``, with ``a, b`` the
+    intervals' lengths. Two network calls a step; a step to 0 returns x0."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, _sigma(sigma, x))
+        if sigma_next == 0:
+            x = x0
+        else:
+            sigma_mid = (sigma.log() + sigma_next.log()).div(2).exp()
+            first, second = randn_like(x, generator), randn_like(x, generator)
+            down, up = ancestral_step(sigma, sigma_mid, eta)
+            x_mid = x0 + down / sigma * (x - x0) + first * up
+            x0_mid = model(x_mid, _sigma(sigma_mid, x))
+            short, long = sigma - sigma_mid, sigma - sigma_next
+            increment = ((short / long).sqrt() * first + (1 - short / long).sqrt() * second)
+            down, up = ancestral_step(sigma, sigma_next, eta)
+            x = x0_mid + down / sigma * (x - x0_mid) + increment * up
+        x = apply_step_callback(callback, i, sigma, x, x0)
+    return x
+
+
+@torch.no_grad()
 def sample_heun(model, x, sigmas, generator=None, callback=None):
     """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; diffusers' HeunDiscreteScheduler):
     an Euler predictor and a trapezoidal corrector averaging ``dx/dsigma``. The predictor
@@ -543,6 +571,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(sample_euler, 1, False),
     "euler_a": SamplerSpec(sample_euler_ancestral, 1, True),
     "dpmpp_2s_a": SamplerSpec(sample_dpmpp_2s_ancestral, 2, True),
+    "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, 2, True),
     "heun": SamplerSpec(sample_heun, 2, False, flow_time_fn=sample_flow_heun),
     "lms": SamplerSpec(sample_lms, 4, False),
     "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_time_fn=sample_flow_dpm_2),

@@ -50,10 +50,11 @@ A1111_OFFSETS = {"clip_skip": 1}
 A1111_SAMPLERS = {
     "DDIM": "ddim", "DDPM": "ddpm", "Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "LMS": "lms",
     "DPM2": "dpm_2", "DPM2 a": "dpm_2_a", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
-    "DPM++ 3M SDE": "dpmpp_3m_sde", "DPM++ 2S a": "dpmpp_2s_a", "UniPC": "unipc", "LCM": "lcm",
+    "DPM++ 3M SDE": "dpmpp_3m_sde", "DPM++ 2S a": "dpmpp_2s_a", "DPM++ SDE": "dpmpp_sde", "UniPC": "unipc",
+    "LCM": "lcm",
 }
 """The A1111 web UI's sampler names of the methods we have (its "DPM++ 3M SDE" weighs the curvature term as
-k-diffusion does: see ``ldm.samplers.dpmpp_multistep_update``). Others (e.g. "DPM++ SDE") are kept as written, and
+k-diffusion does: see ``ldm.samplers.dpmpp_multistep_update``). Others (e.g. "Restart") are kept as written, and
 the pipeline's unknown-sampler error names them."""
 A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Beta": "beta", "Automatic": None}
 """A1111's schedule types (a "Schedule type:" field, or before 1.9 a suffix of the sampler name) that are our sigma

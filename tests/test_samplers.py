@@ -8,7 +8,7 @@ import torch
 
 from ldm.samplers import (SAMPLERS, dpmpp_multistep_update, get_sampler, in_flow_time, lms_coefficients, renoise,
                           repaint_path, sample_ddim, sample_ddpm, sample_dpm_2, sample_dpm_2_ancestral,
-                          sample_dpmpp_2s_ancestral, sample_dpmpp_3m,
+                          sample_dpmpp_2s_ancestral, sample_dpmpp_3m, sample_dpmpp_sde,
                           sample_euler, sample_euler_ancestral, sample_flow_heun, sample_heun, sample_lcm)
 from ldm.schedules import DiscreteSchedule, FlowSchedule, karras_sigmas
 
@@ -263,6 +263,28 @@ def test_dpmpp_2s_without_noise_is_second_order():
         out = sample_dpmpp_2s_ancestral(gaussian_denoiser, x, sigmas, eta=0.0)
         errors.append((out - exact_ode(x, 20.0, 0.05)).abs().max().item())
     assert 3.0 < errors[-2] / errors[-1] < 5.4, errors
+
+
+def test_dpmpp_sde_noises_are_increments_of_one_brownian_motion():
+    """DPM++ SDE's two noises per step are Brownian increments over [sigma_mid, sigma] and [sigma', sigma]: their
+    correlation is sqrt((sigma - sigma_mid) / (sigma - sigma')). Without noise it is DPM-Solver++(2S)."""
+    sigmas = torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64)
+    seen = []
+
+    def zero(x, sigma):  # x0 = 0: the state is the scaled start plus the noise
+        seen.append(x.clone())
+        return torch.zeros_like(x)
+
+    x = torch.zeros(1, 1, 400, 400, dtype=torch.float64)
+    sample_dpmpp_sde(zero, x, sigmas, generator=torch.Generator().manual_seed(0))
+    first, second = seen[1], seen[2]  # the midpoint's input (up_1 z_1), then the next step's (up_2 z_2)
+    sigma_mid = 2.0
+    correlation = torch.corrcoef(torch.stack([first.flatten(), second.flatten()]))[0, 1].item()
+    assert correlation == pytest.approx(math.sqrt((4.0 - sigma_mid) / (4.0 - 1.0)), abs=0.01)
+    x = start_noise(20.0).double()
+    sigmas = karras_sigmas(9, 0.05, 20.0).double()
+    torch.testing.assert_close(sample_dpmpp_sde(gaussian_denoiser, x, sigmas, eta=0.0),
+                               sample_dpmpp_2s_ancestral(gaussian_denoiser, x, sigmas, eta=0.0))
 
 
 def test_ddpm_posterior_equals_ddim_eta_one_and_euler_ancestral():
