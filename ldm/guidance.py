@@ -27,8 +27,8 @@ def check_guidance_scale(scale: float, name: str = "guidance_scale") -> float:
 
 def guidance_scale_embedding(scale: float, dim: int) -> torch.Tensor:
     """The sinusoidal embedding of a guidance scale that a guidance-distilled network takes instead of running
-    CFG (Meng et al. 2023, "On Distillation of Guided Diffusion Models", sec. 4.1; the w-condition of latent
-    consistency models, Luo et al. 2023, sec. 4.2): ``[sin(1000 (w - 1) f_k), cos(1000 (w - 1) f_k)]`` with
+    CFG (Meng et al. 2023, "On Distillation of Guided Diffusion Models"; the w-condition of latent consistency
+    models, Luo et al. 2023): ``[sin(1000 (w - 1) f_k), cos(1000 (w - 1) f_k)]`` with
     ``f_k = 10000^(-k / (dim/2 - 1))``, zero-padded to an odd ``dim``; diffusers' ``get_guidance_scale_embedding``
     of ``w - 1``. ``(1, dim)`` float32."""
     half = dim // 2

@@ -69,6 +69,12 @@ def _sigma(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return s.to(x.device).expand(x.shape[0])  # (B,)
 
 
+def log_midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sqrt(a b)``, halfway between two noise levels in log sigma (in lambda = -log sigma), via logs: no overflow
+    of the product at a flow model's first sigma."""
+    return (a.log() + b.log()).div(2).exp()
+
+
 def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0):
     """Split a step from ``sigma`` to ``sigma_next`` into a deterministic part down to ``sigma_down`` and fresh
     noise of std ``sigma_up``: ``sigma_up = eta * sigma_next * sqrt(sigma^2 - sigma_next^2) / sigma``. This is the
@@ -151,7 +157,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, generator=None, callback=None, e
         if sigma_down == 0:
             x = x0
         else:
-            sigma_mid = (sigma.log() + sigma_down.log()).div(2).exp()
+            sigma_mid = log_midpoint(sigma, sigma_down)
             x_mid = x0 + sigma_mid / sigma * (x - x0)  # DDIM to the midpoint
             x0_mid = model(x_mid, _sigma(sigma_mid, x))
             x = x0_mid + sigma_down / sigma * (x - x0_mid)
@@ -176,13 +182,13 @@ def sample_dpmpp_sde(model, x, sigmas, generator=None, callback=None, eta: float
         if sigma_next == 0:
             x = x0
         else:
-            sigma_mid = (sigma.log() + sigma_next.log()).div(2).exp()
+            sigma_mid = log_midpoint(sigma, sigma_next)
             first, second = randn_like(x, generator), randn_like(x, generator)
             down, up = ancestral_step(sigma, sigma_mid, eta)
             x_mid = x0 + down / sigma * (x - x0) + first * up
             x0_mid = model(x_mid, _sigma(sigma_mid, x))
             short, long = sigma - sigma_mid, sigma - sigma_next
-            increment = ((short / long).sqrt() * first + (1 - short / long).sqrt() * second)
+            increment = (short / long).sqrt() * first + (1 - short / long).sqrt() * second
             down, up = ancestral_step(sigma, sigma_next, eta)
             x = x0_mid + down / sigma * (x - x0_mid) + increment * up
         x = apply_step_callback(callback, i, sigma, x, x0)
@@ -349,7 +355,7 @@ def _dpm_2_midpoint(model, x, x0, sigma, sigma_down, time: str = "sigma"):
     s, s_down = (FlowSchedule.sigma_to_t(sigma), FlowSchedule.sigma_to_t(sigma_down)) if flow else (sigma, sigma_down)
     x = x / (1 + sigma) if flow else x
     d = (x - x0) / s
-    s_mid = (s.log() + s_down.log()).div(2).exp()
+    s_mid = log_midpoint(s, s_down)
     x_mid = x0 + d * s_mid
     sigma_mid = s_mid / (1 - s_mid) if flow else s_mid
     x0_mid = model(x_mid * (1 + sigma_mid) if flow else x_mid, _sigma(sigma_mid, x))

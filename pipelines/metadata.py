@@ -48,17 +48,18 @@ FIELDS = (
 A1111_OFFSETS = {"clip_skip": 1}
 """A1111 counts differently: its "Clip skip: 2" (the penultimate CLIP layer) is diffusers' and our ``clip_skip=1``."""
 A1111_SAMPLERS = {
-    "DDIM": "ddim", "DDPM": "ddpm", "Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "LMS": "lms",
-    "DPM2": "dpm_2", "DPM2 a": "dpm_2_a", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
-    "DPM++ 3M SDE": "dpmpp_3m_sde", "DPM++ 2S a": "dpmpp_2s_a", "DPM++ SDE": "dpmpp_sde", "UniPC": "unipc",
-    "LCM": "lcm",
+    "DDIM": "ddim", "Euler": "euler", "Euler a": "euler_a", "Heun": "heun", "LMS": "lms", "DPM2": "dpm_2",
+    "DPM2 a": "dpm_2_a", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde", "DPM++ 3M SDE": "dpmpp_3m_sde",
+    "DPM++ 2S a": "dpmpp_2s_a", "DPM++ SDE": "dpmpp_sde", "UniPC": "unipc_bh1", "LCM": "lcm",
 }
-"""The A1111 web UI's sampler names of the methods we have (its "DPM++ 3M SDE" weighs the curvature term as
-k-diffusion does: see ``ldm.samplers.dpmpp_multistep_update``). Others (e.g. "Restart") are kept as written, and
-the pipeline's unknown-sampler error names them."""
-A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Beta": "beta", "Automatic": None}
-"""A1111's schedule types (a "Schedule type:" field, or before 1.9 a suffix of the sampler name) that are our sigma
-spacings; "Automatic" is the model's own."""
+"""The A1111 web UI's sampler names and our nearest methods: the same method, not always the same numbers (its
+DPM2, DPM2 a and DPM++ 3M SDE drop the next-to-last sigma, its DPM++ 3M SDE weighs the curvature term as
+k-diffusion does, its UniPC is the bh1 variant unless "UniPC variant" says otherwise). Other names (e.g. "Restart")
+are kept as written, and the pipeline's unknown-sampler error names them."""
+A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Beta": "beta", "KL Optimal": "kl_optimal"}
+"""A1111's schedule types (a "Schedule type:" field, or before 1.9 a suffix of the sampler name) and our nearest
+sigma spacings (its "Beta" places timesteps, not sigmas, at the quantiles). Others are kept as written, and the
+pipeline's unknown-spacing error names them."""
 
 
 def format_parameters(params: dict) -> str:
@@ -106,7 +107,7 @@ def parse_parameters(text: str) -> dict:
 
 def from_a1111_names(params: dict) -> dict:
     """Translate the A1111 web UI's sampler and schedule names (``"DPM++ 2M Karras"``, or ``"DPM++ 2M"`` with
-    ``"Schedule type: Karras"``) to ours (``dpmpp_2m``, ``timestep_spacing="karras"``); our own names pass."""
+    ``"Schedule type: Karras"``) to our nearest (``dpmpp_2m``, ``timestep_spacing="karras"``); ours pass."""
     sampler, schedule = params.get("sampler"), params.pop("schedule_type", None)
     if sampler is not None and sampler not in A1111_SAMPLERS:
         name, _, suffix = sampler.rpartition(" ")
@@ -114,8 +115,8 @@ def from_a1111_names(params: dict) -> dict:
             sampler, schedule = name, suffix
     if sampler in A1111_SAMPLERS:
         params["sampler"] = A1111_SAMPLERS[sampler]
-    if schedule is not None and A1111_SCHEDULES.get(schedule) and "timestep_spacing" not in params:
-        params["timestep_spacing"] = A1111_SCHEDULES[schedule]
+    if schedule is not None and "timestep_spacing" not in params:
+        params["timestep_spacing"] = A1111_SCHEDULES.get(schedule, schedule)
     return params
 
 

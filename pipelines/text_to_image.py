@@ -21,7 +21,7 @@ from ldm.denoiser import Denoiser
 from ldm.guidance import CFGDenoiser, check_guidance_scale, guidance_scale_embedding
 from ldm.loading import Components, load_components
 from ldm.samplers import SAMPLERS, get_sampler, randn_like
-from ldm.schedules import SIGMA_SPACINGS, TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
+from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import (EMPHASIS_SYNTAXES, T5_TOKENS, emphasize, encode_tokens, encode_tokens_and_pooled, plain_text,
                       sd3_context, split_conjunction, tokenize_batch, tokenize_weighted_batch)
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_prompts
@@ -117,8 +117,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             return None
         if request is None:
             raise ValueError("this UNet is guidance-distilled (a full LCM: it takes the guidance scale as an "
-                             "embedding); it runs text-to-image, img2img and inpainting, not inversion or "
-                             "prompt-to-prompt")
+                             "embedding); only text-to-image, img2img and inpainting run it")
         return guidance_scale_embedding(request.guidance_scale, self.unet.config.time_cond_proj_dim)
 
     @property
@@ -270,7 +269,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
     def default_spacing(self) -> str:
         """The model folder's spacing: ``karras`` / ``exponential`` / ``beta`` if it asks for those sigmas (diffusers'
         ``use_karras_sigmas`` ...), else its ``timestep_spacing``."""
-        for spacing in SIGMA_SPACINGS:
+        for spacing in ("karras", "exponential", "beta"):  # diffusers' flags
             if self.scheduler_config.get(f"use_{spacing}_sigmas"):
                 return spacing
         if self.is_flow:
@@ -418,6 +417,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 parts = split_conjunction(text)  # raises on a non-finite sub-prompt weight
                 if pag_scale > 0 and (len(parts) > 1 or parts[0][1] != 1.0):
                     raise ValueError("perturbed-attention guidance runs on a plain prompt, not one composed with AND")
+        if self.is_guidance_distilled:
+            self.check_without_cfg(negatives, prompts if emphasis == "a1111" else (), guidance_rescale, pag_scale)
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         self.sigmas(num_inference_steps, sampler, spacing)  # raises on a step count the schedule cannot space
@@ -436,6 +437,17 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
                        control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers)
+
+    @staticmethod
+    def check_without_cfg(negatives: Sequence[str], composable: Sequence[str], guidance_rescale: float,
+                          pag_scale: float) -> None:
+        """A guidance-distilled UNet (a full LCM) runs one conditional pass: refuse the settings that need CFG's
+        unconditional pass (negative prompts, ``AND``-composed prompts among ``composable``, guidance rescale,
+        perturbed-attention guidance)."""
+        composed = any(len(split_conjunction(text)) > 1 for text in composable)
+        if any(negatives) or composed or guidance_rescale > 0 or pag_scale > 0:
+            raise ValueError("a guidance-distilled UNet (a full LCM) runs no classifier-free guidance: it takes no "
+                             "negative prompt, AND-composed prompt, guidance rescale or perturbed-attention guidance")
 
     def pag_places(self, layers: Sequence[str]) -> set[str]:
         """The UNet self-attention layers perturbed-attention guidance perturbs (see
@@ -498,10 +510,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             raise ValueError("perturbed-attention guidance and an attention controller (prompt-to-prompt) cannot "
                              "run together")
         perturbed = self.perturbed_pass(denoiser, request.pag_layers) if request.pag_scale > 0 else None
-        if self.is_guidance_distilled:  # the scale is in the network's embedding: one conditional pass
-            if any(request.negatives) or part_weights is not None or request.pag_scale > 0:
-                raise ValueError("a guidance-distilled UNet (a full LCM) runs no classifier-free guidance: it takes "
-                                 "no negative prompt, AND-composed prompt or perturbed-attention guidance")
+        if self.is_guidance_distilled:  # the scale is in the network's embedding (checked in prepare): one pass
             return CFGDenoiser(denoiser, cond, uncond, 1.0)
         return CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights,
                            request.pag_scale, perturbed)

@@ -1,6 +1,9 @@
+import json
+import shutil
 import socket
 
 import pytest
+import torch
 
 from pipelines.random_models import save_random_model
 
@@ -36,3 +39,18 @@ def tiny_model_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def full_lcm_folder(tiny_model_factory, tmp_path_factory):
+    """The tiny model with a guidance-distilled UNet (``time_cond_proj_dim``: a full LCM), seeded weights."""
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("full-lcm") / "model"
+    shutil.copytree(tiny_model_factory(), folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    with torch.random.fork_rng():  # diffusers initialises from the global generator
+        torch.manual_seed(3)
+        unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 8})
+    unet.save_pretrained(folder / "unet")
+    return folder

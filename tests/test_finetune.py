@@ -90,6 +90,14 @@ def test_class_images_of_another_prompt_are_refused(setup, tmp_path):
         run(args, "dreambooth")
 
 
+def test_a_guidance_distilled_base_is_refused_before_writing(setup, tmp_path, full_lcm_folder):
+    """A full LCM needs its guidance embedding in every forward pass, which the recipes do not give."""
+    _, subjects = setup
+    with pytest.raises(ValueError, match="guidance-distilled UNet"):
+        run(dreambooth_args(full_lcm_folder, subjects, tmp_path / "out", "--steps", "1"), "dreambooth")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_writes_nothing(setup, tmp_path, capsys):
     model, subjects = setup
     out = tmp_path / "out"

@@ -1,5 +1,4 @@
 """TextToImagePipeline behaviour on a tiny random model: seeds, prompts, loading, attention hook, dtypes."""
-import json
 import shutil
 
 import numpy as np
@@ -195,20 +194,6 @@ def test_a_folder_asking_for_exponential_or_beta_sigmas_is_sampled_on_diffusers_
     np.testing.assert_allclose(visited, theirs.sigmas[:-1].numpy(), rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def full_lcm_folder(tiny_model_factory, tmp_path_factory):
-    """The tiny model with a guidance-distilled UNet (``time_cond_proj_dim``: a full LCM), seeded weights."""
-    from diffusers import UNet2DConditionModel
-
-    folder = tmp_path_factory.mktemp("full-lcm") / "model"
-    shutil.copytree(tiny_model_factory(), folder)
-    config = json.loads((folder / "unet" / "config.json").read_text())
-    torch.manual_seed(3)
-    unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 8})
-    unet.save_pretrained(folder / "unet")
-    return folder
-
-
 def test_a_full_lcm_equals_diffusers_lcm_pipeline_draw_for_draw(full_lcm_folder):
     """A guidance-distilled UNet gets the guidance scale as its ``timestep_cond`` embedding and one conditional
     pass a step: the same latents as diffusers' ``LatentConsistencyModelPipeline`` (LCMScheduler, the same
@@ -231,11 +216,31 @@ def test_a_full_lcm_equals_diffusers_lcm_pipeline_draw_for_draw(full_lcm_folder)
     assert (ours[8.0] - ours[2.0]).abs().max() > 1e-3
 
 
-def test_a_full_lcm_refuses_what_needs_classifier_free_guidance(full_lcm_folder):
+def test_a_full_lcm_runs_img2img_and_batches_with_its_guidance_embedding(full_lcm_folder):
+    """img2img gets the embedding too (the scale changes the result), and a batch of two equals its images alone."""
+    pipe = TextToImagePipeline.from_pretrained(full_lcm_folder)
+    image = np.random.default_rng(0).uniform(0, 1, (16, 16, 3))
+    edits = [pipe.img2img(image, "a red circle", strength=0.6, sampler="lcm", num_inference_steps=4,
+                          guidance_scale=scale, seed=1, output_type="latent", progress=False).images
+             for scale in (8.0, 2.0)]
+    assert (edits[0] - edits[1]).abs().max() > 1e-3
+    batch = latents_of(pipe, ["a red circle", "a blue square"], sampler="lcm", num_inference_steps=4, seed=5,
+                       guidance_scale=6.0).images
+    alone = latents_of(pipe, "a blue square", sampler="lcm", num_inference_steps=4, seed=6, guidance_scale=6.0).images
+    torch.testing.assert_close(batch[1:], alone, atol=1e-4, rtol=1e-4)  # batched BLAS rounding
+
+
+@pytest.mark.parametrize("setting", [dict(negative_prompt="blue"), dict(guidance_rescale=0.5),
+                                     dict(pag_scale=2.0), dict(emphasis="a1111", prompt="a red circle AND a square")])
+def test_a_full_lcm_refuses_what_needs_classifier_free_guidance(full_lcm_folder, setting):
     pipe = TextToImagePipeline.from_pretrained(full_lcm_folder)
     with pytest.raises(ValueError, match="runs no classifier-free guidance"):
-        latents_of(pipe, negative_prompt="blue", sampler="lcm", num_inference_steps=2)
-    with pytest.raises(ValueError, match="not inversion or prompt-to-prompt"):
+        latents_of(pipe, **{"prompt": "a red circle", **setting}, sampler="lcm", num_inference_steps=2)
+
+
+def test_a_full_lcm_refuses_inversion_and_prompt_to_prompt(full_lcm_folder):
+    pipe = TextToImagePipeline.from_pretrained(full_lcm_folder)
+    with pytest.raises(ValueError, match="only text-to-image, img2img and inpainting run it"):
         pipe.prompt_to_prompt(["a red circle", "a blue circle"], seed=0, num_inference_steps=2, progress=False)
 
 

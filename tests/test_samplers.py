@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from ldm.samplers import (SAMPLERS, dpmpp_multistep_update, get_sampler, in_flow_time, lms_coefficients, renoise,
-                          repaint_path, sample_ddim, sample_ddpm, sample_dpm_2, sample_dpm_2_ancestral,
-                          sample_dpmpp_2s_ancestral, sample_dpmpp_3m, sample_dpmpp_sde,
+from ldm.samplers import (SAMPLERS, ancestral_step, dpmpp_multistep_update, get_sampler, in_flow_time,
+                          lms_coefficients, renoise, repaint_path, sample_ddim, sample_ddpm, sample_dpm_2,
+                          sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_3m, sample_dpmpp_sde,
                           sample_euler, sample_euler_ancestral, sample_flow_heun, sample_heun, sample_lcm)
 from ldm.schedules import DiscreteSchedule, FlowSchedule, karras_sigmas
 
@@ -219,15 +219,15 @@ INFINITE_NOISE_SCHEDULES = {
 
 
 @pytest.mark.parametrize("schedule", sorted(INFINITE_NOISE_SCHEDULES))
-@pytest.mark.parametrize("name", sorted(set(DETERMINISTIC) - {"unipc_bh1"} | {"dpm_2_a", "dpmpp_2s_a"}))
+@pytest.mark.parametrize("name", sorted(set(DETERMINISTIC) - {"unipc_bh1"} | {"dpm_2_a", "dpmpp_2s_a", "dpmpp_sde"}))
 def test_samplers_from_infinite_noise_do_not_amplify_the_first_x0_error(name, schedule):
     """From a zero-terminal-SNR schedule's or a flow model's first sigma (4096, 1.7e7), 5 steps: an x0 error of
-    0.1 there moves the result of every deterministic sampler and of ancestral DPM2, as the pipeline picks them
-    (the same noise in both runs), by under 0.02 (Euler 0.004). In sigma, Heun's trapezoid, DPM2's midpoint and
-    ancestral DPM2's amplify it to 1.26, 0.10 and 0.50 on the zero-SNR list (the shapes model drew 0 % and 46 %
-    of its single objects right with Heun and DPM2 at 5 steps and CFG 7.5, 58 % and 65 % in flow time); in flow
-    time LMS's polynomial extrapolates the velocity from it (0.08; 0 % against 54 % in sigma), so LMS stays in
-    sigma. (unipc_bh1 is unstable on flow models: see its README row.)"""
+    0.1 there moves the result of every deterministic sampler, ancestral DPM2, DPM++ 2S a and DPM++ SDE, as the
+    pipeline picks them (the same noise in both runs), by under 0.02 (Euler 0.004). In sigma, Heun's trapezoid,
+    DPM2's midpoint and ancestral DPM2's amplify it to 1.26, 0.10 and 0.50 on the zero-SNR list (the shapes model
+    drew 0 % and 46 % of its single objects right with Heun and DPM2 at 5 steps and CFG 7.5, 58 % and 65 % in flow
+    time); in flow time LMS's polynomial extrapolates the velocity from it (0.08; 0 % against 54 % in sigma), so
+    LMS stays in sigma. (unipc_bh1 is unstable on flow models: see its README row.)"""
     spec = SAMPLERS[name]
     schedule = INFINITE_NOISE_SCHEDULES[schedule](spec.terminal_alpha_bar)
     assert terminal_error_shift(spec.function(infinite_noise_start=True), schedule, spec.timestep_convention) < 0.02
@@ -285,6 +285,44 @@ def test_dpmpp_sde_noises_are_increments_of_one_brownian_motion():
     sigmas = karras_sigmas(9, 0.05, 20.0).double()
     torch.testing.assert_close(sample_dpmpp_sde(gaussian_denoiser, x, sigmas, eta=0.0),
                                sample_dpmpp_2s_ancestral(gaussian_denoiser, x, sigmas, eta=0.0))
+
+
+def test_dpmpp_2s_a_and_dpmpp_sde_take_k_diffusions_step_in_lambda():
+    """One step from sigma 3 to 1 as k-diffusion writes it in ``t = -log sigma``: a data-prediction step from t to
+    t' is ``(sigma(t') / sigma(t)) x - expm1(t - t') x0``; the midpoint is ``t + h / 2``; the noise is the
+    generator's next draw(s)."""
+    sigmas = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    x = start_noise(3.0).double()
+    x0 = gaussian_denoiser(x, sigmas[:1])
+
+    def data_step(x, x0, sigma, sigma_to):
+        t, t_to = -sigma.log(), -sigma_to.log()
+        return torch.exp(t - t_to) * x - torch.expm1(t - t_to) * x0
+
+    def midpoint(sigma, sigma_to):  # exp(-(t + h / 2))
+        t, t_next = -sigma.log(), -sigma_to.log()
+        return torch.exp(-(t + (t_next - t) / 2))
+
+    def draws(count):
+        generator = torch.Generator().manual_seed(4)
+        return [torch.randn(x.shape, generator=generator, dtype=torch.float32).double() for _ in range(count)]
+
+    down, up = ancestral_step(sigmas[0], sigmas[1])  # DPM++ 2S a
+    sigma_s = midpoint(sigmas[0], down)
+    x0_s = gaussian_denoiser(data_step(x, x0, sigmas[0], sigma_s), sigma_s.view(1))
+    expected = data_step(x, x0_s, sigmas[0], down) + draws(1)[0] * up
+    ours = sample_dpmpp_2s_ancestral(gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ours, expected)
+
+    first, second = draws(2)  # DPM++ SDE: an ancestral step to the midpoint, then one from sigma to sigma'
+    sigma_s = midpoint(sigmas[0], sigmas[1])
+    down, up = ancestral_step(sigmas[0], sigma_s)
+    x0_s = gaussian_denoiser(data_step(x, x0, sigmas[0], down) + first * up, sigma_s.view(1))
+    down, up = ancestral_step(sigmas[0], sigmas[1])
+    a, b = sigmas[0] - sigma_s, sigmas[0] - sigmas[1]  # the Brownian increments' intervals
+    expected = data_step(x, x0_s, sigmas[0], down) + ((a / b).sqrt() * first + (1 - a / b).sqrt() * second) * up
+    ours = sample_dpmpp_sde(gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ours, expected)
 
 
 def test_ddpm_posterior_equals_ddim_eta_one_and_euler_ancestral():

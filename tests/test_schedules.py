@@ -7,8 +7,9 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
                        FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
 
+from ldm.samplers import sample_euler
 from ldm.schedules import (SIGMA_SPACINGS, ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, DiscreteSchedule,
-                           FlowSchedule, lcm_timesteps, make_betas, rescale_zero_terminal_snr)
+                           FlowSchedule, lcm_timesteps, make_betas, rescale_zero_terminal_snr, spaced_sigmas)
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
@@ -160,9 +161,6 @@ def test_kl_optimal_sigmas_bring_euler_closest_to_the_exact_answer_on_unit_gauss
     multiplies the exact solution x(sigma) ~ sqrt(1 + sigma^2) by cos(arctan sigma - arctan sigma'). Equal steps
     in arctan sigma (kl_optimal) maximise the product of the cosines for given ends: Euler's result there is
     cos(total / n)^n of the exact one, closer than on the Karras, exponential and beta lists."""
-    from ldm.samplers import sample_euler
-    from ldm.schedules import spaced_sigmas
-
     def unit_gaussian(x, sigma):
         return x / (1 + sigma.view(-1, 1, 1, 1) ** 2)
 

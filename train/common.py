@@ -593,6 +593,14 @@ def add_loss_weighting_args(group, default: str, help: str) -> None:
     group.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weighting min_snr")
 
 
+def check_standard_unet(pipe) -> None:
+    """Refuse a guidance-distilled base UNet (a full LCM): it needs its guidance embedding in every forward pass,
+    which the training recipes do not give (without it the network sees an all-zero embedding)."""
+    if pipe.is_guidance_distilled:
+        raise ValueError(f"{pipe.path} has a guidance-distilled UNet (a full LCM); the recipes train standard UNets "
+                         "(LCM-LoRA runs on a standard base)")
+
+
 def check_loss_weighting(args: argparse.Namespace) -> None:
     if not args.min_snr_gamma >= 1.0:
         raise ValueError(f"--min-snr-gamma must be >= 1, got {args.min_snr_gamma}")

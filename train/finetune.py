@@ -456,6 +456,7 @@ def run(argv: list[str] | None = None, recipe: str = "dreambooth") -> dict:
     pipe = TextToImagePipeline.from_pretrained(base)
     if pipe.is_flow:
         raise ValueError(f"{base} is a flow-matching model; these recipes train UNet (VP) models")
+    common.check_standard_unet(pipe)
     if args.loss_weighting == "min_snr" and pipe.prediction_type != "v_prediction":
         raise ValueError(f"--loss-weighting min_snr is written for v-prediction models; {base} predicts "
                          f"{pipe.prediction_type}")

@@ -130,6 +130,7 @@ def run(argv: list[str] | None = None) -> dict:
     pipe = TextToImagePipeline.from_pretrained(Path(args.model) if args.model else DEFAULT_MODEL)
     if pipe.is_flow:
         raise ValueError(f"{pipe.path} is a flow-matching model; this recipe trains ControlNets for UNet models")
+    common.check_standard_unet(pipe)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     controlnet = build_controlnet(pipe.unet, pipe.vae_scale_factor, args.seed)
     config = {"base": str(pipe.path.resolve()), "control": args.control,

@@ -208,6 +208,7 @@ def run(argv: list[str] | None = None) -> dict:
     pipe = TextToImagePipeline(components)
     if pipe.is_flow or pipe.is_mmdit or pipe.is_sdxl:
         raise ValueError(f"{pipe.path} is not a single-tower UNet model; this recipe trains SD 1.x/2.x-style UNets")
+    common.check_standard_unet(pipe)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     unet = trainable_unet(pipe)
     config = {"base": str(pipe.path.resolve()),
