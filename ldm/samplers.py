@@ -143,28 +143,34 @@ def sample_euler_ancestral(model, x, sigmas, generator=None, callback=None, eta:
     return sample_ddim(model, x, sigmas, generator, callback, eta=eta)
 
 
-@torch.no_grad()
-def sample_dpmpp_2s_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
-    """Ancestral DPM-Solver++(2S) (Lu et al. 2022, "DPM-Solver++", Algorithm 1 with r = 1/2; k-diffusion's
-    ``sample_dpmpp_2s_ancestral``, A1111's "DPM++ 2S a"): a singlestep second-order data-prediction step down to
-    ``sigma_down`` (a DDIM step to the midpoint in ``lambda = -log sigma``, ``sigma_mid = sqrt(sigma sigma_down)``,
-    then the step from sigma taken with the midpoint's x0), then fresh noise of std ``sigma_up``
-    (:func:`ancestral_step`). Two network calls a step; ``eta = 0`` is DPM-Solver++(2S). A step to 0 returns x0."""
+def ancestral_steps(model, x, sigmas, generator, callback, eta: float, step: Callable):
+    """The ancestral loop (k-diffusion's): per sigma, x0, then ``step(model, x, x0, sigma, sigma_down)`` down to
+    ``sigma_down``, then fresh noise of std ``sigma_up`` (:func:`ancestral_step`); a step to 0 returns x0."""
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         x0 = model(x, _sigma(sigma, x))
         sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
-        if sigma_down == 0:
-            x = x0
-        else:
-            sigma_mid = log_midpoint(sigma, sigma_down)
-            x_mid = x0 + sigma_mid / sigma * (x - x0)  # DDIM to the midpoint
-            x0_mid = model(x_mid, _sigma(sigma_mid, x))
-            x = x0_mid + sigma_down / sigma * (x - x0_mid)
+        x = x0 if sigma_down == 0 else step(model, x, x0, sigma, sigma_down)
         if sigma_up > 0:
             x = x + randn_like(x, generator) * sigma_up
         x = apply_step_callback(callback, i, sigma, x, x0)
     return x
+
+
+def _dpmpp_2s_step(model, x, x0, sigma, sigma_down):
+    """DPM-Solver++(2S)'s step from sigma to ``sigma_down`` (Lu et al. 2022, Algorithm 1 with r = 1/2): DDIM to the
+    midpoint in ``lambda = -log sigma``, then the step from sigma taken with the midpoint's x0."""
+    sigma_mid = log_midpoint(sigma, sigma_down)
+    x0_mid = model(x0 + sigma_mid / sigma * (x - x0), _sigma(sigma_mid, x))
+    return x0_mid + sigma_down / sigma * (x - x0_mid)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """Ancestral DPM-Solver++(2S) (k-diffusion's ``sample_dpmpp_2s_ancestral``, A1111's "DPM++ 2S a"): a
+    :func:`_dpmpp_2s_step` down to ``sigma_down``, then fresh noise (:func:`ancestral_steps`). Two network calls a
+    step; ``eta = 0`` is DPM-Solver++(2S)."""
+    return ancestral_steps(model, x, sigmas, generator, callback, eta, _dpmpp_2s_step)
 
 
 @torch.no_grad()
@@ -349,8 +355,6 @@ def _dpm_2_midpoint(model, x, x0, sigma, sigma_down, time: str = "sigma"):
     ``x_mid = x0 + s_mid d`` at ``s_mid = sqrt(s s')`` (no float32 cancellation at a large s). ``time="sigma"``:
     s = sigma on x; ``"flow"``: s = t = sigma / (1 + sigma) on ``x_t = x / (1 + sigma)``, as :func:`in_flow_time`
     runs whole samplers (ancestral DPM2 needs it per step: its noise is added in VE variables)."""
-    if time not in DPM_2_TIMES:
-        raise ValueError(f"unknown DPM2 time variable {time!r}; known: {', '.join(DPM_2_TIMES)}")
     flow = time == "flow"
     s, s_down = (FlowSchedule.sigma_to_t(sigma), FlowSchedule.sigma_to_t(sigma_down)) if flow else (sigma, sigma_down)
     x = x / (1 + sigma) if flow else x
@@ -367,16 +371,13 @@ def _dpm_2_midpoint(model, x, x0, sigma, sigma_down, time: str = "sigma"):
 def sample_dpm_2_ancestral(model, x, sigmas, generator=None, callback=None, eta: float = 1.0, time: str = "sigma"):
     """Ancestral DPM2 (k-diffusion's ``sample_dpm_2_ancestral``; diffusers' ``KDPM2AncestralDiscreteScheduler``,
     A1111's "DPM2 a"): a DPM2 step (:func:`_dpm_2_midpoint`, in ``time``) down to ``sigma_down``, then fresh
-    noise of std ``sigma_up`` (:func:`ancestral_step`); a step to 0 is Euler (lands on x0)."""
-    for i in range(len(sigmas) - 1):
-        sigma = sigmas[i]
-        x0 = model(x, _sigma(sigma, x))
-        sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
-        x = x0 if sigma_down == 0 else _dpm_2_midpoint(model, x, x0, sigma, sigma_down, time)
-        if sigma_up > 0:
-            x = x + randn_like(x, generator) * sigma_up
-        x = apply_step_callback(callback, i, sigma, x, x0)
-    return x
+    noise (:func:`ancestral_steps`)."""
+    if time not in DPM_2_TIMES:
+        raise ValueError(f"unknown DPM2 time variable {time!r}; known: {', '.join(DPM_2_TIMES)}")
+
+    def step(model, x, x0, sigma, sigma_down):
+        return _dpm_2_midpoint(model, x, x0, sigma, sigma_down, time)
+    return ancestral_steps(model, x, sigmas, generator, callback, eta, step)
 
 
 @torch.no_grad()
