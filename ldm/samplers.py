@@ -546,9 +546,8 @@ class SamplerSpec:
     set, replaces ``fn`` on models whose full-strength sampling starts at infinite noise's stand-in (flow models,
     sigma ~1.7e7, and zero-terminal-SNR schedules, sigma = 4096), img2img pieces included: from there the method
     in sigma amplifies the error of the network's first, least reliable x0 estimate by about ``sigma / sigma'``,
-    and in flow time it does not. LMS has none: its
-    polynomial in flow time extrapolates the velocity from that first estimate, and in sigma it does not (see
-    README, "Samplers")."""
+    and in flow time it does not. LMS has none: its polynomial in flow time extrapolates the velocity from that
+    first estimate, and in sigma it does not (see README, "Samplers")."""
 
     fn: Callable
     order: int

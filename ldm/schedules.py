@@ -206,9 +206,9 @@ def beta_sigmas(steps: int, sigma_min: float, sigma_max: float, alpha: float = 0
 
 def kl_optimal_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """Sigmas evenly spaced in ``arctan(sigma)`` (the KL-optimal schedule of Sabour et al. 2024, "Align Your
-    Steps"; ComfyUI's "kl_optimal"). For unit-variance Gaussian data an Euler step from sigma to sigma' shrinks the exact solution by
-    ``cos(arctan sigma - arctan sigma')``, so among lists with the same ends this one makes Euler's result closest
-    to the exact one. ``(steps,)`` descending, without the final zero."""
+    Steps"; ComfyUI's "kl_optimal"). For unit-variance Gaussian data an Euler step from sigma to sigma' shrinks the
+    exact solution by ``cos(arctan sigma - arctan sigma')``, so among lists with the same ends this one makes
+    Euler's result closest to the exact one. ``(steps,)`` descending, without the final zero."""
     angles = np.linspace(math.atan(sigma_max), math.atan(sigma_min), steps)
     return torch.from_numpy(np.tan(angles)).float()
 

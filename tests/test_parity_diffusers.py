@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, StableDiffusionPipeline,
-                       UniPCMultistepScheduler)
+                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                       StableDiffusionPipeline, UniPCMultistepScheduler)
 
 from pipelines.text_to_image import TextToImagePipeline
 
