@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import numpy.polynomial.polynomial as P
 import torch
+import torch.nn.functional as F
 
 from ldm.schedules import ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, FlowSchedule
 
@@ -29,6 +30,23 @@ def randn_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
     return torch.cat([randn_like(x[i:i + 1], g) for i, g in enumerate(generator)])
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical linear interpolation (Shoemake 1985, "Animating rotation with quaternion curves", sec. 5) from
+    ``a`` to ``b`` ``(B, ...)``, per batch element: ``sin((1-t) w) / sin w * a + sin(t w) / sin w * b`` with ``w``
+    the angle between them (0 gives ``a``, 1 gives ``b``). Two independent Gaussian noises in many dimensions are
+    nearly orthogonal with equal norms, so every ``t`` gives a unit-variance draw, where the straight line
+    ``(1-t) a + t b`` has variance ``(1-t)^2 + t^2`` (1/2 half-way). Nearly parallel pairs take the straight line."""
+    cos = F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).clamp(-1, 1)  # (B,)
+    omega = torch.acos(cos)
+    sin = torch.sin(omega)
+    parallel = sin < 1e-6
+    safe = torch.where(parallel, torch.ones_like(sin), sin)
+    weight_a = torch.where(parallel, 1 - t, torch.sin((1 - t) * omega) / safe)
+    weight_b = torch.where(parallel, torch.full_like(sin, t), torch.sin(t * omega) / safe)
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    return weight_a.view(shape).to(a.dtype) * a + weight_b.view(shape).to(b.dtype) * b
 
 
 def renoise(x: torch.Tensor, sigma: float, sigma_up: float, generator: Generator) -> torch.Tensor:

@@ -72,7 +72,11 @@ SETTING_ARGUMENTS = {"negative_prompt": "negative_prompt", "steps": "num_inferen
                      "cfg_scale": "guidance_scale", "sampler": "sampler", "height": "height", "width": "width",
                      "seed": "seed", "eta": "eta", "guidance_rescale": "guidance_rescale",
                      "timestep_spacing": "timestep_spacing", "clip_skip": "clip_skip", "emphasis": "emphasis",
-                     "pag_scale": "pag_scale", "pag_layers": "pag_layers"}
+                     "pag_scale": "pag_scale", "pag_layers": "pag_layers", "variation_seed": "variation_seed",
+                     "variation_strength": "variation_strength"}
+HIRES_ARGUMENTS = {"hires_scale": "hires_scale", "hires_upscaler": "hires_upscaler", "hires_steps": "hires_steps",
+                   "strength": "hires_strength"}
+"""PNG-metadata names of a hires fix (whose second pass records its strength as "Denoising strength")."""
 
 
 def sampling_settings(args) -> dict:
@@ -80,7 +84,8 @@ def sampling_settings(args) -> dict:
     typed = {"negative_prompt": args.negative, "steps": args.steps, "cfg_scale": args.cfg,
              "sampler": args.sampler, "seed": args.seed, "timestep_spacing": args.spacing, "eta": args.eta,
              "guidance_rescale": args.rescale, "clip_skip": args.clip_skip, "emphasis": args.emphasis,
-             "pag_scale": args.pag_scale, "pag_layers": " ".join(args.pag_layers) if args.pag_layers else None}
+             "pag_scale": args.pag_scale, "pag_layers": " ".join(args.pag_layers) if args.pag_layers else None,
+             "variation_seed": args.variation_seed, "variation_strength": args.variation_strength}
     return {k: v for k, v in typed.items() if v is not None}
 
 
@@ -94,6 +99,11 @@ def generation_settings(args) -> dict:
     if "prompt" not in settings:
         raise UsageError("give a prompt, or --from an image that has generation parameters")
     settings.update(sampling_settings(args))
+    typed_hires = {"hires_scale": args.hires_scale, "hires_upscaler": args.hires_upscaler,
+                   "hires_steps": args.hires_steps, "strength": args.hires_strength}
+    settings.update({k: v for k, v in typed_hires.items() if v is not None})
+    if settings.get("hires_steps") == 0:  # the web UI's "same as the first pass"
+        settings["hires_steps"] = None
     if args.size:
         settings["width"], settings["height"] = parse_size(args.size)
     return settings
@@ -186,8 +196,13 @@ def cmd_generate(args) -> int:
         refiner["refiner"].name = str(args.refiner)
         for spec in args.embedding:  # the web UI gives an SDXL embedding's clip_g vectors to the refiner too
             refiner["refiner"].load_textual_inversion(*parse_embedding_spec(spec), allow_pickle=args.allow_pickle)
+    hires = {}
+    if settings.get("hires_scale") is not None:
+        hires = {arg: settings[key] for key, arg in HIRES_ARGUMENTS.items() if settings.get(key) is not None}
+    elif any(v is not None for v in (args.hires_upscaler, args.hires_strength, args.hires_steps)):
+        raise UsageError("--hires-upscaler, --hires-strength and --hires-steps set up a hires fix; give --hires-scale")
     save_images(pipe(settings["prompt"], num_images_per_prompt=args.n, **pipeline_arguments(settings),
-                     **control_arguments(args), **refiner), paths)
+                     **control_arguments(args), **refiner, **hires), paths)
     return 0
 
 
@@ -381,6 +396,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pag-layers", nargs="+", help="self-attention layers PAG perturbs, as regular expressions "
                                                         "over module names (default: mid)")
     parser.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k (default: random)")
+    parser.add_argument("--variation-seed", type=int, help="seed of the image to move towards (image k: + k; "
+                                                           "default: random), as the A1111 web UI's variation seed")
+    parser.add_argument("--variation-strength", type=float,
+                        help="0 (default) keeps the --seed image, 1 gives the --variation-seed one")
     add_clip_skip_option(parser)
     parser.add_argument("--emphasis", help="none (default): brackets are text, as diffusers; a1111: (word:1.2), "
                                            "(word), [word] and BREAK weigh tokens and 'p AND q:0.5' composes "
@@ -405,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--refiner", help="a second model folder (SDXL's refiner) that finishes the sampling")
     gen.add_argument("--refiner-switch", type=float, default=0.8,
                      help="fraction of the schedule after which --refiner takes over (default 0.8)")
+    gen.add_argument("--hires-scale", type=float, help="hires fix: enlarge by this factor and repaint (img2img)")
+    gen.add_argument("--hires-upscaler", help="latent (default), latent_antialiased, latent_bicubic, "
+                                              "latent_bicubic_antialiased, latent_nearest, latent_nearest_exact, "
+                                              "lanczos, nearest")
+    gen.add_argument("--hires-strength", type=float, help="the hires pass's img2img strength (default 0.7)")
+    gen.add_argument("--hires-steps", type=int, help="the hires pass's steps (default: --steps)")
     add_sampling_options(gen)
     add_model_options(gen)
     add_control_options(gen)

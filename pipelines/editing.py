@@ -5,18 +5,32 @@ inpainting is a per-step callback that re-blends the known region, inversion is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.guidance import CFGDenoiser
 from ldm.inversion import invert_ddim, null_text_optimization
-from ldm.samplers import apply_step_callback, randn_like, renoise, repaint_path
+from ldm.samplers import apply_step_callback, renoise, repaint_path
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_strength
 from pipelines.images import image_tensor, mask_tensor
+
+HIRES_UPSCALERS = {
+    "latent": ("latent", dict(mode="bilinear", antialias=False)),
+    "latent_antialiased": ("latent", dict(mode="bilinear", antialias=True)),
+    "latent_bicubic": ("latent", dict(mode="bicubic", antialias=False)),
+    "latent_bicubic_antialiased": ("latent", dict(mode="bicubic", antialias=True)),
+    "latent_nearest": ("latent", dict(mode="nearest")),
+    "latent_nearest_exact": ("latent", dict(mode="nearest-exact")),
+    "lanczos": ("pixels", Image.Resampling.LANCZOS),
+    "nearest": ("pixels", Image.Resampling.NEAREST),
+}
+"""How a hires fix enlarges the first pass: the A1111 web UI's built-in upscalers (its "Latent", "Latent
+(antialiased)", ..., "Lanczos", "Nearest"), as (space, interpolation)."""
 
 
 @dataclass
@@ -60,19 +74,65 @@ class EditingMixin:
     def img2img(self, image, prompt, strength: float = 0.6, callback=None, progress: bool = True, **settings):
         """SDEdit (Meng et al. 2022, sec. 3): noise the encoded image to the sigma a ``strength`` fraction down the
         sampler's list and denoise from there. 0 returns the image through the VAE; 1 is text-to-image.
-        ``settings`` are those of the text-to-image call (negative_prompt, num_inference_steps, sampler, ...)."""
+        ``image``: a picture, or clean latents ``(1, C, h, w)`` in the network's units (``output_type="latent"``
+        of a generation, as ComfyUI chains samplers). ``settings`` are those of the text-to-image call
+        (negative_prompt, num_inference_steps, sampler, ...)."""
         strength = check_strength(strength)
-        pixels = image_tensor(image, self.vae_scale_factor)
-        request = self.prepare(prompt, height=pixels.shape[2], width=pixels.shape[3], **settings)
-        x0 = self.encode(pixels).expand(request.batch, -1, -1, -1)
+        if isinstance(image, torch.Tensor):
+            x0 = self.check_latents(image)
+        else:
+            x0 = self.encode(image_tensor(image, self.vae_scale_factor))
+        factor = self.vae_scale_factor
+        request = self.prepare(prompt, height=x0.shape[2] * factor, width=x0.shape[3] * factor, **settings)
+        return self.sdedit(request, x0.expand(request.batch, -1, -1, -1), strength, callback, progress)
+
+    def sdedit(self, request, x0: torch.Tensor, strength: float, callback=None, progress: bool = True,
+               **extra):
+        """SDEdit's sampling for a prepared ``request`` from clean latents ``x0`` ``(B, C, h, w)`` (network units):
+        the first noise of each image's generator (and variation seed) scaled to the start sigma, then the
+        request's sampler down the rest of its list. ``extra``: parameters recorded beside ``strength``."""
         start = self.start_index(request.steps, strength)
         if start == request.steps:
-            return self.finish(request, x0, strength=strength)
+            return self.finish(request, x0, strength=strength, **extra)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)[start:]
         denoiser = self.denoiser(request.sampler, request.spacing, request=request)
-        x = x0 + float(sigmas[0]) * randn_like(x0, request.generators).to(x0.device)
+        x = x0 + float(sigmas[0]) * self.initial_noise(request).to(x0.device)
         x = self.denoise(request, denoiser, x, sigmas, callback, progress)
-        return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])), strength=strength)
+        return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])), strength=strength, **extra)
+
+    def hires_request(self, request, scale, upscaler: str, steps: int | None):
+        """The second pass of a hires fix (the A1111 web UI's "Hires. fix"): ``request`` at ``scale`` times the
+        size (each side a multiple of the VAE's factor), ``steps`` steps (None: as many as the first pass), its
+        noise drawn afresh from each image's seed (and variation seed) as the web UI does, or from the caller's
+        generators where it gave generators; the control image resized. Raises ValueError before any work."""
+        check_finite("hires_scale", scale, 1.0, 8.0)
+        if upscaler not in HIRES_UPSCALERS:
+            raise ValueError(f"unknown hires_upscaler {upscaler!r}; known: {', '.join(HIRES_UPSCALERS)}")
+        steps = request.steps if steps is None else check_positive_int("hires_steps", steps)
+        height, width = int(request.height * scale), int(request.width * scale)
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"hires_scale {scale:g} makes {width}x{height} pixels: each side must be a multiple of "
+                             f"{self.vae_scale_factor}")
+        self.sigmas(steps, request.sampler, request.spacing)
+        seeded = all(seed is not None for seed in request.seeds)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds] if seeded else request.generators
+        variation = request.variation_seeds and [torch.Generator("cpu").manual_seed(s) for s in request.variation_seeds]
+        control = None if request.control is None else F.interpolate(request.control, size=(height, width),
+                                                                      mode="bilinear", antialias=True)
+        return replace(request, height=height, width=width, steps=steps, generators=generators,
+                       variation_generators=variation or None, control=control)
+
+    def upscale_latents(self, latents: torch.Tensor, size: tuple[int, int], upscaler: str) -> torch.Tensor:
+        """Latents ``(B, C, h, w)`` (network units) for images of ``size`` (height, width) pixels: interpolated in
+        latent space (``latent*``: A1111's "Latent ..." upscalers, ``torch.nn.functional.interpolate``), or decoded,
+        resized as 8-bit images with PIL (``lanczos``, ``nearest``) and encoded again."""
+        method, options = HIRES_UPSCALERS[upscaler]
+        height, width = size
+        if method == "latent":
+            factor = self.vae_scale_factor
+            return F.interpolate(latents, size=(height // factor, width // factor), **options)
+        pictures = [picture.resize((width, height), options) for picture in self.to_pil(self.decode(latents))]
+        return self.encode(torch.cat([image_tensor(picture, self.vae_scale_factor) for picture in pictures]))
 
     @torch.no_grad()
     def flow_edit(self, image, source_prompt: str, target_prompt: str, strength: float = 0.8,
@@ -97,6 +157,8 @@ class EditingMixin:
         source_request = self.prepare(source_prompt, **{**settings, **size, "guidance_scale": source_guidance_scale})
         if request.control is not None:
             raise ValueError("flow_edit does not take a control_image")
+        if request.variation_strength > 0:
+            raise ValueError("flow_edit draws fresh noise at every step; a variation seed does not apply")
         x_src = x_src.expand(request.batch, -1, -1, -1)
         start = self.start_index(request.steps, strength)
         extra = dict(source_prompt=source_prompt, strength=strength, source_cfg_scale=source_guidance_scale,
@@ -148,7 +210,7 @@ class EditingMixin:
         latent_mask = F.interpolate(mask, size=x0.shape[2:], mode="area").to(x0.device)  # (1, 1, h, w)
         start = self.start_index(request.steps, strength)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)[start:]
-        noise = randn_like(x0, request.generators).to(x0.device)
+        noise = self.initial_noise(request).to(x0.device)
         extra_channels, step_callback = None, callback
         if self.is_inpainting_unet:
             masked = self.encode(pixels * (mask < 0.5))

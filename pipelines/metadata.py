@@ -21,12 +21,17 @@ FIELDS = (
     ("sampler", "Sampler", str),
     ("cfg_scale", "CFG scale", float),
     ("seed", "Seed", int),
+    ("variation_seed", "Variation seed", int),
+    ("variation_strength", "Variation seed strength", float),
     ("size", "Size", str),
     ("model", "Model", str),
     ("timestep_spacing", "Schedule", str),
     ("eta", "Eta", float),
     ("guidance_rescale", "CFG rescale", float),
-    ("strength", "Denoising strength", float),
+    ("strength", "Denoising strength", float),  # a hires fix's second pass, if there is one
+    ("hires_scale", "Hires upscale", float),
+    ("hires_steps", "Hires steps", int),
+    ("hires_upscaler", "Hires upscaler", str),
     ("jump_length", "RePaint jump length", int),
     ("jump_n_sample", "RePaint jump samples", int),
     ("edit", "Prompt-to-prompt", str),
@@ -56,6 +61,13 @@ A1111_SAMPLERS = {
 DPM2, DPM2 a and DPM++ 3M SDE drop the next-to-last sigma, its DPM++ 3M SDE weighs the curvature term as
 k-diffusion does, its UniPC is the bh1 variant unless "UniPC variant" says otherwise). Other names (e.g. "Restart")
 are kept as written, and the pipeline's unknown-sampler error names them."""
+A1111_UPSCALERS = {
+    "Latent": "latent", "Latent (antialiased)": "latent_antialiased", "Latent (bicubic)": "latent_bicubic",
+    "Latent (bicubic antialiased)": "latent_bicubic_antialiased", "Latent (nearest)": "latent_nearest",
+    "Latent (nearest-exact)": "latent_nearest_exact", "Lanczos": "lanczos", "Nearest": "nearest",
+}
+"""The A1111 web UI's built-in hires-fix upscalers and ours. Its model upscalers (ESRGAN, ...) are kept as written,
+and the pipeline's unknown-upscaler error names them."""
 A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Beta": "beta", "KL Optimal": "kl_optimal"}
 """A1111's schedule types (a "Schedule type:" field, or before 1.9 a suffix of the sampler name) and our nearest
 sigma spacings (its "Beta" places timesteps, not sigmas, at the quantiles). Others are kept as written, and the
@@ -106,8 +118,11 @@ def parse_parameters(text: str) -> dict:
 
 
 def from_a1111_names(params: dict) -> dict:
-    """Translate the A1111 web UI's sampler and schedule names (``"DPM++ 2M Karras"``, or ``"DPM++ 2M"`` with
-    ``"Schedule type: Karras"``) to our nearest (``dpmpp_2m``, ``timestep_spacing="karras"``); ours pass."""
+    """Translate the A1111 web UI's sampler, schedule and hires-upscaler names (``"DPM++ 2M Karras"``, or
+    ``"DPM++ 2M"`` with ``"Schedule type: Karras"``; ``"Latent (bicubic)"``) to our nearest (``dpmpp_2m``,
+    ``timestep_spacing="karras"``; ``latent_bicubic``); ours pass."""
+    if params.get("hires_upscaler") in A1111_UPSCALERS:
+        params["hires_upscaler"] = A1111_UPSCALERS[params["hires_upscaler"]]
     sampler, schedule = params.get("sampler"), params.pop("schedule_type", None)
     if sampler is not None and sampler not in A1111_SAMPLERS:
         name, _, suffix = sampler.rpartition(" ")

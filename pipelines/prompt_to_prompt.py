@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.prompt_to_prompt import AttentionStore, PromptToPrompt, word_tokens
-from ldm.samplers import randn_like
 
 
 def check_pair(prompts) -> tuple[str, str]:
@@ -68,10 +67,13 @@ class PromptToPromptMixin:
                              "inpaint)")
         request.seeds = [request.seeds[0]] * 2
         request.generators = same_noise_generators(request.generators)
+        if request.variation_seeds:
+            request.variation_seeds = [request.variation_seeds[0]] * 2
+            request.variation_generators = same_noise_generators(request.variation_generators)
         controller = self.p2p_controller(request, source, target, edit=edit, cross_replace_steps=cross_replace_steps,
                                          self_replace_steps=self_replace_steps, equalizer=equalizer,
                                          local_blend=local_blend)
-        noise = randn_like(torch.empty(self.latent_shape(request)), request.generators)
+        noise = self.initial_noise(request)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
         denoiser = self.denoiser(request.sampler, request.spacing)
         with self.controlled(controller):

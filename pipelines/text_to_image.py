@@ -20,7 +20,7 @@ from ldm.attention import IdentitySelfAttention, install_attention_hook, self_at
 from ldm.denoiser import Denoiser
 from ldm.guidance import CFGDenoiser, check_guidance_scale, guidance_scale_embedding
 from ldm.loading import Components, load_components
-from ldm.samplers import SAMPLERS, get_sampler, randn_like
+from ldm.samplers import SAMPLERS, get_sampler, randn_like, slerp
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import (EMPHASIS_SYNTAXES, T5_TOKENS, emphasize, encode_tokens, encode_tokens_and_pooled, plain_text,
                       sd3_context, split_conjunction, tokenize_batch, tokenize_weighted_batch)
@@ -381,7 +381,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 guidance_rescale: float = 0.0, eta: float = 0.0, timestep_spacing: str | None = None,
                 output_type: str = "pil", control_image=None, controlnet_conditioning_scale: float = 1.0,
                 clip_skip: int | None = None, emphasis: str = "none", pag_scale: float = 0.0,
-                pag_layers: Sequence[str] = ("mid",)) -> "Request":
+                pag_layers: Sequence[str] = ("mid",), variation_seed: int | None = None,
+                variation_strength: float = 0.0) -> "Request":
         """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
         negative prompts and seeds to the batch (prompt-major, as diffusers orders it). Compiled networks look
         for replaced weights here, once per request."""
@@ -432,11 +433,15 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         prompts = [p for p in prompts for _ in range(per_prompt)]
         negatives = [n for n in negatives for _ in range(per_prompt)]
         seeds, generators = self.seeds_and_generators(len(prompts), seed, generator)
+        variation_strength = check_finite("variation_strength", variation_strength, 0.0, 1.0)
+        variation_seeds, variation_generators = (self.seeds_and_generators(len(prompts), variation_seed, None)
+                                                 if variation_strength > 0 else (None, None))
         for compiled in self.compiled.values():  # replaced weights or adapters since the last request
             compiled.refresh()
         return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
-                       control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers)
+                       control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers,
+                       variation_seeds, variation_generators, variation_strength)
 
     @staticmethod
     def check_without_cfg(negatives: Sequence[str], composable: Sequence[str], guidance_rescale: float,
@@ -474,10 +479,15 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
     def initial_noise(self, request: "Request", latents: torch.Tensor | None = None) -> torch.Tensor:
         """Unit-variance starting noise ``(B, C, h, w)`` in the network's input space (diffusers' ``latents=``),
-        from each image's generator unless given."""
+        from each image's generator unless given. With a variation strength ``s`` > 0 (the A1111 web UI's
+        variation seed), each image's noise is :func:`ldm.samplers.slerp` ``(s, noise of its seed, noise of its
+        variation seed)``: a unit-variance draw that walks from one image (``s`` = 0) to the other (``s`` = 1)."""
         shape = self.latent_shape(request)
         if latents is None:
-            return randn_like(torch.empty(shape), request.generators)
+            noise = randn_like(torch.empty(shape), request.generators)
+            if request.variation_strength == 0:
+                return noise
+            return slerp(request.variation_strength, noise, randn_like(noise, request.variation_generators))
         if tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
         return latents.float().cpu()
@@ -577,12 +587,15 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                            emphasis=None if request.emphasis == "none" else request.emphasis,
                            **({"pag_scale": request.pag_scale, "pag_layers": " ".join(request.pag_layers)}
                               if request.pag_scale > 0 else {}),
+                           **({"variation_seed": v, "variation_strength": request.variation_strength}
+                              if request.variation_strength > 0 else {}),
                            **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
                               if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
                            **({"embeddings": " ".join(self.embeddings)} if self.embeddings else {}),
                            **extra)
-                      for p, n, s in zip(request.prompts, request.negatives, request.seeds)]
+                      for p, n, s, v in zip(request.prompts, request.negatives, request.seeds,
+                                            request.variation_seeds or [None] * request.batch)]
         if request.output_type == "latent":
             output = latents
         else:
@@ -599,7 +612,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                  control_image=None, controlnet_conditioning_scale: float = 1.0,
                  refiner: "TextToImagePipeline | None" = None, refiner_switch: float = 0.8,
                  clip_skip: int | None = None, emphasis: str = "none", pag_scale: float = 0.0,
-                 pag_layers: Sequence[str] = ("mid",)) -> GenerationOutput:
+                 pag_layers: Sequence[str] = ("mid",), variation_seed: int | None = None,
+                 variation_strength: float = 0.0, hires_scale: float | None = None, hires_upscaler: str = "latent",
+                 hires_strength: float = 0.7, hires_steps: int | None = None) -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
         or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`; ``emphasis="a1111"``
@@ -608,18 +623,35 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         (Ahn et al. 2024) on the self-attention layers ``pag_layers`` names (see :meth:`pag_places`), as
         diffusers' ``StableDiffusionPAGPipeline``. ``refiner``: a second
         pipeline (SDXL's refiner) that takes over at ``refiner_switch`` of the schedule (see :meth:`refiner_split`).
-        See README for every argument."""
+        ``variation_strength`` > 0 moves each image towards the one ``variation_seed`` (+ k) would give (see
+        :meth:`initial_noise`). ``hires_scale`` (the A1111 web UI's "Hires. fix") enlarges the result by that factor
+        with ``hires_upscaler`` (see :meth:`upscale_latents`) and repaints it with img2img at ``hires_strength`` in
+        ``hires_steps`` steps (see :meth:`hires_request`). See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
                                output_type, control_image, controlnet_conditioning_scale, clip_skip, emphasis,
-                               pag_scale, pag_layers)
+                               pag_scale, pag_layers, variation_seed, variation_strength)
+        hires = None
+        if hires_scale is not None:
+            if refiner is not None:
+                raise ValueError("a hires fix runs after the whole schedule; it cannot follow a refiner stage")
+            hires_strength = check_finite("hires_strength", hires_strength, 0.0, 1.0)
+            hires = self.hires_request(request, hires_scale, hires_upscaler, hires_steps)
         noise = self.initial_noise(request, latents)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
         denoiser = self.denoiser(request.sampler, request.spacing, request=request)
         x = noise * denoiser.noise_scale(sigmas[0])
         if refiner is None:
             x = self.denoise(request, denoiser, x, sigmas, callback, progress)
-            return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])))
+            first = denoiser.to_model_space(x, float(sigmas[-1]))
+            if hires is None:
+                return self.finish(request, first)
+            upscaled = self.upscale_latents(first, (hires.height, hires.width), hires_upscaler)
+            extra = dict(hires_scale=float(hires_scale), hires_upscaler=hires_upscaler, hires_steps=hires_steps)
+            result = self.sdedit(hires, upscaled, hires_strength, callback, progress, **extra)
+            for parameters in result.parameters:  # the web UI records the first pass's size
+                parameters.update(width=request.width, height=request.height)
+            return result
         split = self.refiner_split(refiner, sigmas, refiner_switch)
         if request.pag_scale > 0:
             refiner.pag_places(request.pag_layers)  # before the base stage runs
@@ -692,6 +724,9 @@ class Request:
     emphasis: str = "none"  # how brackets in prompts are read: ldm.text.EMPHASIS_SYNTAXES
     pag_scale: float = 0.0  # perturbed-attention guidance (0 = off)
     pag_layers: tuple[str, ...] = ("mid",)
+    variation_seeds: list[int] | None = None  # the A1111 web UI's variation seeds (None: no variation)
+    variation_generators: object = None
+    variation_strength: float = 0.0
 
     @property
     def batch(self) -> int:

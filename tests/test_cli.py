@@ -77,6 +77,38 @@ def test_from_regenerates_an_a1111_image_with_our_names(tiny_model_factory, tmp_
     assert Image.open(tmp_path / "again.png").tobytes() == Image.open(tmp_path / "direct.png").tobytes()
 
 
+def test_a1111_hires_fix_and_variation_seed_fields_become_ours():
+    params = parse_parameters("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Variation seed: 77, "
+                              "Variation seed strength: 0.25, Size: 512x512, Denoising strength: 0.5, "
+                              "Hires upscale: 1.5, Hires steps: 10, Hires upscaler: Latent (bicubic)")
+    assert (params["variation_seed"], params["variation_strength"]) == (77, 0.25)
+    assert (params["hires_scale"], params["hires_steps"], params["hires_upscaler"], params["strength"]) == (
+        1.5, 10, "latent_bicubic", 0.5)
+    assert parse_parameters("a\nSteps: 2, Seed: 1, Hires upscaler: 4x-UltraSharp")["hires_upscaler"] == "4x-UltraSharp"
+
+
+def test_hires_fix_and_variation_seed_regenerate_from_the_png(tiny_model_factory, tmp_path):
+    folder, first = tiny_model_factory(), tmp_path / "a.png"
+    assert main(["generate", "a blue square", "-o", str(first), "--model", str(folder), "--seed", "7", "--steps",
+                 "3", "--variation-seed", "40", "--variation-strength", "0.4", "--hires-scale", "2",
+                 "--hires-strength", "0.6", "--hires-upscaler", "latent_bicubic"]) == 0
+    text = Image.open(first).info["parameters"]
+    assert "Size: 16x16" in text and "Hires upscale: 2.0" in text and "Denoising strength: 0.6" in text
+    assert "Variation seed: 40" in text and Image.open(first).size == (32, 32)
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from", str(first), "-o", str(again)]) == 0
+    assert Image.open(first).tobytes() == Image.open(again).tobytes()
+    plain = tmp_path / "c.png"
+    assert main(["generate", "--from", str(first), "-o", str(plain), "--variation-strength", "0"]) == 0
+    assert Image.open(first).tobytes() != Image.open(plain).tobytes()
+
+
+def test_hires_options_without_a_hires_scale_are_a_usage_error(tiny_model_factory, tmp_path, capsys):
+    assert main(["generate", "x", "-o", str(tmp_path / "o.png"), "--model", str(tiny_model_factory()),
+                 "--hires-strength", "0.5"]) == 2
+    assert "give --hires-scale" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 def test_several_images_get_numbered_files_and_consecutive_seeds(tiny_model_factory, tmp_path):
     folder = tiny_model_factory()
     assert main(["generate", "x", "-o", str(tmp_path / "o.png"), "--model", str(folder), "--seed", "3",

@@ -69,6 +69,13 @@ def test_empty_prompt_is_unconditional_generation(pipe):
     ({"seed": -3}, "seed must be a non-negative integer"),
     ({"latents": torch.zeros(1, 4, 4, 4)}, "latents must have shape"),
     ({"num_images_per_prompt": 0}, "num_images_per_prompt must be"),
+    ({"variation_strength": 1.5}, "variation_strength must be a finite number in"),
+    ({"variation_strength": 0.5, "variation_seed": -1}, "seed must be a non-negative integer"),
+    ({"hires_scale": 1.1}, r"hires_scale 1.1 makes 17x17 pixels: each side must be a multiple of 2"),
+    ({"hires_scale": float("nan")}, "hires_scale must be a finite number"),
+    ({"hires_scale": 2, "hires_upscaler": "R-ESRGAN 4x+"}, "unknown hires_upscaler 'R-ESRGAN 4x\\+'; known: latent"),
+    ({"hires_scale": 2, "hires_strength": -0.1}, "hires_strength must be a finite number"),
+    ({"hires_scale": 2, "hires_steps": 0}, "hires_steps must be an integer >= 1"),
 ])
 def test_bad_settings_fail_with_one_clear_line(pipe, kwargs, message):
     prompt = kwargs.pop("prompt", "a red circle")
@@ -270,3 +277,59 @@ def test_a_zero_snr_schedule_runs_heun_and_dpm_2_in_flow_time(pipe, tiny_model_f
     latents_of(zero_snr, sampler=sampler, num_inference_steps=3)
     latents_of(pipe, sampler=sampler, num_inference_steps=3)
     assert calls == (["sigma", "sigma"] if sampler == "lms" else ["flow time", "sigma"])
+
+
+def test_slerp_walks_the_great_circle_and_keeps_gaussian_noise_unit_variance():
+    from ldm.samplers import slerp
+
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    torch.testing.assert_close(slerp(1 / 3, a, b), torch.tensor([[3**0.5 / 2, 0.5]]))  # 30 degrees of 90
+    assert torch.equal(slerp(0.0, a, b), a) and torch.equal(slerp(1.0, a, b), b)
+    torch.testing.assert_close(slerp(0.25, a, 2 * a), 1.25 * a)  # parallel: the straight line
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randn(2, 1, 4, 32, 32, generator=generator)
+    assert abs(float(slerp(0.5, first, second).std()) - 1) < 0.03
+    assert abs(float((0.5 * first + 0.5 * second).std()) - 0.5**0.5) < 0.03  # what a straight line would give
+
+
+def test_variation_strength_walks_from_the_seed_image_to_the_variation_seed_image(pipe):
+    base, other = latents_of(pipe, seed=3).images, latents_of(pipe, seed=9).images
+    assert torch.equal(latents_of(pipe, seed=3, variation_seed=9, variation_strength=0.0).images, base)
+    assert torch.equal(latents_of(pipe, seed=3, variation_seed=9, variation_strength=1.0).images, other)
+    batch = latents_of(pipe, seed=3, variation_seed=9, variation_strength=0.3, num_images_per_prompt=2)
+    assert [(p["seed"], p["variation_seed"], p["variation_strength"]) for p in batch.parameters] == [
+        (3, 9, 0.3), (4, 10, 0.3)]
+    assert 0 < (batch.images[:1] - base).abs().max() and 0 < (batch.images[:1] - other).abs().max()
+    alone = latents_of(pipe, seed=4, variation_seed=10, variation_strength=0.3).images
+    torch.testing.assert_close(batch.images[1:], alone, atol=1e-4, rtol=1e-4)
+    picture = np.random.default_rng(0).random((16, 16, 3))
+    edits = [pipe.img2img(picture, "a red circle", strength=0.5, num_inference_steps=6, output_type="latent",
+                          progress=False, **seeds).images
+             for seeds in ({"seed": 3, "variation_seed": 9, "variation_strength": 1.0}, {"seed": 9})]
+    assert torch.equal(*edits)  # img2img draws its noise the same way
+
+
+def test_hires_fix_is_an_upscale_then_img2img_from_each_images_seed(pipe):
+    import torch.nn.functional as F
+
+    settings = dict(prompt="a red circle", seed=5, num_images_per_prompt=2)
+    first = latents_of(pipe, **settings).images  # (2, 4, 8, 8)
+    out = latents_of(pipe, **settings, hires_scale=1.5, hires_strength=0.5, hires_steps=4)
+    assert out.images.shape == (2, 4, 12, 12)
+    upscaled = F.interpolate(first, size=(12, 12), mode="bilinear")
+    for k in range(2):
+        again = pipe.img2img(upscaled[k:k + 1], "a red circle", strength=0.5, seed=5 + k, num_inference_steps=4,
+                             sampler="euler", output_type="latent", progress=False).images
+        torch.testing.assert_close(out.images[k:k + 1], again, atol=1e-4, rtol=1e-4)
+    assert {key: out.parameters[1][key] for key in ("seed", "width", "height", "hires_scale", "hires_upscaler",
+                                                     "hires_steps", "strength")} == dict(
+        seed=6, width=16, height=16, hires_scale=1.5, hires_upscaler="latent", hires_steps=4, strength=0.5)
+    kept = latents_of(pipe, **settings, hires_scale=2, hires_strength=0.0, hires_upscaler="latent_nearest")
+    assert torch.equal(kept.images, first.repeat_interleave(2, -1).repeat_interleave(2, -2))
+    pixels = latents_of(pipe, **settings, hires_scale=2, hires_upscaler="lanczos", output_type="pil").images
+    assert pixels[0].size == (32, 32)
+
+
+def test_hires_fix_refuses_a_refiner_before_any_work(pipe):
+    with pytest.raises(ValueError, match="cannot follow a refiner stage"):
+        latents_of(pipe, hires_scale=2, refiner=pipe)

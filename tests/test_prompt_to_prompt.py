@@ -104,6 +104,17 @@ def test_a_generator_gives_both_rows_its_noise_as_a_seed_does(tiny_model_factory
     torch.testing.assert_close(generated, seeded, atol=0, rtol=0)
 
 
+def test_a_variation_seed_gives_both_rows_the_same_varied_noise(tiny_model_factory):
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    settings = dict(seed=5, num_inference_steps=3, sampler="ddim", output_type="latent", progress=False,
+                    variation_seed=8, variation_strength=0.5)
+    out = pipe.prompt_to_prompt(["a red circle", "a blue circle"], cross_replace_steps=0.0, self_replace_steps=0.0,
+                                **settings)
+    for row, prompt in enumerate(["a red circle", "a blue circle"]):
+        torch.testing.assert_close(out.images[row:row + 1], pipe(prompt, **settings).images, atol=1e-4, rtol=1e-4)
+    assert [p["variation_seed"] for p in out.parameters] == [8, 8]
+
+
 def test_without_control_the_edit_is_plain_generation_and_with_it_stays_near_the_source(tiny_model_factory):
     pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
     settings = dict(seed=3, num_inference_steps=8, sampler="ddim", output_type="latent", progress=False)
