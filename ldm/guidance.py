@@ -6,7 +6,9 @@ network output at fixed (x, sigma), guiding x0 equals guiding eps or v. The cond
 halves run as one batch of 2B. A composed prompt (several sub-prompts with weights, the A1111 web UI's ``AND``)
 guides by the weighted sum of its parts' differences from the unconditional prediction (Liu et al. 2022, eq. 10).
 Perturbed-attention guidance (Ahn et al. 2024, eq. 11) adds ``s * (x0_cond - x0_perturbed)``, where the perturbed
-prediction is the conditional one with chosen self-attention maps replaced by the identity.
+prediction is the conditional one with chosen self-attention maps replaced by the identity. Adaptive projected
+guidance (Sadat et al. 2024) projects the guidance difference of the x0 predictions before scaling it, which is
+not affine, so it acts on x0 (:class:`ProjectedGuidance`).
 """
 from __future__ import annotations
 
@@ -71,6 +73,46 @@ def check_part_weights(part_weights: torch.Tensor, cond: Any, uncond: Any) -> No
                          f"{batch} unconditional ones, got {batch_rows(cond)} and {batch_rows(uncond)}")
 
 
+GUIDANCE_METHODS = ("cfg", "apg")
+
+
+class ProjectedGuidance:
+    """Adaptive projected guidance, APG (Sadat, Hilliges & Weber 2024, "Eliminating Oversaturation and Artifacts of
+    High Guidance Scales in Diffusion Models", sec. 4 and Alg. 1), on the denoised (x0) predictions: the guided x0
+    is ``x0_c + (w - 1) * (d_orth + eta * d_par)``, where ``d = x0_c - x0_u`` (rescaled to norm at most
+    ``norm_threshold`` when that is > 0; first replaced by the running sum ``d_k + momentum * d_(k-1) + ...`` when
+    ``momentum`` != 0, the paper's reverse momentum being negative) is split into its component along ``x0_c``
+    (``d_par``, which the paper finds drives oversaturation) and the rest, per image. ``eta = 1``, no threshold
+    and no momentum is plain CFG; the paper's choice drops the parallel part (``eta = 0``). The running sum
+    starts again when sigma rises (a new sampling pass, or RePaint's jumps)."""
+
+    def __init__(self, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0):
+        checks = (("apg_eta", eta, -10.0, 10.0), ("apg_norm_threshold", norm_threshold, 0.0, math.inf),
+                  ("apg_momentum", momentum, -1.0, 0.999))
+        for name, value, low, high in checks:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high:
+                raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+        self.eta, self.norm_threshold, self.momentum = float(eta), float(norm_threshold), float(momentum)
+        self.running: torch.Tensor | None = None
+        self.last_sigma = math.inf
+
+    def update(self, difference: torch.Tensor, x0_cond: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The projected guidance direction for ``difference = x0_c - x0_u`` ``(B, C, H, W)`` at ``sigma``."""
+        if sigma > self.last_sigma:
+            self.running = None
+        self.last_sigma = sigma
+        if self.momentum:
+            self.running = difference if self.running is None else difference + self.momentum * self.running
+            difference = self.running
+        flat = difference.flatten(1).double()  # (B, N)
+        if self.norm_threshold > 0:
+            flat = flat * (self.norm_threshold / flat.norm(dim=1, keepdim=True)).clamp(max=1.0)
+        unit = torch.nn.functional.normalize(x0_cond.flatten(1).double(), dim=1)
+        parallel = (flat * unit).sum(1, keepdim=True) * unit
+        return ((flat - parallel) + self.eta * parallel).view_as(difference).to(difference.dtype)
+
+
 class CFGDenoiser:
     """``model(x, sigma) -> x0`` with classifier-free guidance over a :class:`Denoiser`.
 
@@ -87,11 +129,14 @@ class CFGDenoiser:
     ``pag_scale`` s > 0 adds perturbed-attention guidance: ``perturbed(x, sigma, cond)`` is the network output
     with the perturbation applied (see ``TextToImagePipeline.guided``), one more pass per step; rescale then acts
     on the sum, as diffusers' PAG pipelines apply it.
+
+    ``projection`` (a :class:`ProjectedGuidance`) replaces the guided combination by APG's on x0; it takes a plain
+    prompt without rescale or PAG.
     """
 
     def __init__(self, denoiser: Denoiser, cond: Any, uncond: Any = None, scale: float = 7.5, rescale: float = 0.0,
                  part_weights: torch.Tensor | None = None, pag_scale: float = 0.0,
-                 perturbed: Callable | None = None):
+                 perturbed: Callable | None = None, projection: ProjectedGuidance | None = None):
         self.denoiser = denoiser
         self.cond = cond
         self.uncond = uncond
@@ -110,6 +155,9 @@ class CFGDenoiser:
         if self.pag_scale > 0 and part_weights is not None:
             raise ValueError("perturbed-attention guidance runs on a plain prompt, not one composed with AND")
         self.perturbed = perturbed
+        if projection is not None and (part_weights is not None or self.rescale > 0 or self.pag_scale > 0):
+            raise ValueError("adaptive projected guidance takes a plain prompt, without guidance rescale or PAG")
+        self.projection = projection
 
     @property
     def guided(self) -> bool:
@@ -127,6 +175,10 @@ class CFGDenoiser:
         out = self.denoiser.model_output(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                          concat_cond(self.uncond, self.cond))  # (2B, C, H, W)
         out_uncond, out_cond = out.chunk(2)
+        if self.projection is not None:
+            x0_uncond, x0_cond = self.denoiser.to_x0(x, sigma, out_uncond), self.denoiser.to_x0(x, sigma, out_cond)
+            update = self.projection.update(x0_cond - x0_uncond, x0_cond, float(sigma.max()))
+            return x0_cond + (self.scale - 1) * update
         return self.denoiser.to_x0(x, sigma, self.guide(out_uncond, out_cond, out_perturbed))
 
     def composed(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

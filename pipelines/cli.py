@@ -73,7 +73,8 @@ SETTING_ARGUMENTS = {"negative_prompt": "negative_prompt", "steps": "num_inferen
                      "seed": "seed", "eta": "eta", "guidance_rescale": "guidance_rescale",
                      "timestep_spacing": "timestep_spacing", "clip_skip": "clip_skip", "emphasis": "emphasis",
                      "pag_scale": "pag_scale", "pag_layers": "pag_layers", "variation_seed": "variation_seed",
-                     "variation_strength": "variation_strength"}
+                     "variation_strength": "variation_strength", "guidance": "guidance", "apg_eta": "apg_eta",
+                     "apg_norm_threshold": "apg_norm_threshold", "apg_momentum": "apg_momentum"}
 HIRES_ARGUMENTS = {"hires_scale": "hires_scale", "hires_upscaler": "hires_upscaler", "hires_steps": "hires_steps",
                    "strength": "hires_strength"}
 """PNG-metadata names of a hires fix (whose second pass records its strength as "Denoising strength")."""
@@ -85,7 +86,9 @@ def sampling_settings(args) -> dict:
              "sampler": args.sampler, "seed": args.seed, "timestep_spacing": args.spacing, "eta": args.eta,
              "guidance_rescale": args.rescale, "clip_skip": args.clip_skip, "emphasis": args.emphasis,
              "pag_scale": args.pag_scale, "pag_layers": " ".join(args.pag_layers) if args.pag_layers else None,
-             "variation_seed": args.variation_seed, "variation_strength": args.variation_strength}
+             "variation_seed": args.variation_seed, "variation_strength": args.variation_strength,
+             "guidance": args.guidance, "apg_eta": args.apg_eta, "apg_norm_threshold": args.apg_norm_threshold,
+             "apg_momentum": args.apg_momentum}
     return {k: v for k, v in typed.items() if v is not None}
 
 
@@ -392,6 +395,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                                           "beta, kl_optimal (default: the model's)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     parser.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
+    parser.add_argument("--guidance", help="cfg (default) or apg: adaptive projected guidance (Sadat et al. 2024)")
+    parser.add_argument("--apg-eta", type=float, help="APG: weight of the guidance parallel to x0 (default 0)")
+    parser.add_argument("--apg-norm-threshold", type=float, help="APG: largest guidance norm (default 0: no limit)")
+    parser.add_argument("--apg-momentum", type=float, help="APG: momentum of the guidance, e.g. -0.5 (default 0)")
     parser.add_argument("--pag-scale", type=float, help="perturbed-attention guidance scale (default 0: off)")
     parser.add_argument("--pag-layers", nargs="+", help="self-attention layers PAG perturbs, as regular expressions "
                                                         "over module names (default: mid)")

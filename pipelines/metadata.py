@@ -46,6 +46,10 @@ FIELDS = (
     ("refiner_switch", "Refiner switch at", float),
     ("clip_skip", "Clip skip", int),
     ("emphasis", "Emphasis", str),
+    ("guidance", "Guidance", str),
+    ("apg_eta", "APG eta", float),
+    ("apg_norm_threshold", "APG norm threshold", float),
+    ("apg_momentum", "APG momentum", float),
     ("pag_scale", "PAG scale", float),
     ("pag_layers", "PAG layers", str),
     ("schedule_type", "Schedule type", str),  # A1111's (1.9+) sigma spacing; read, never written

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ldm.attention import IdentitySelfAttention, install_attention_hook, self_attention_places
 from ldm.denoiser import Denoiser
-from ldm.guidance import CFGDenoiser, check_guidance_scale, guidance_scale_embedding
+from ldm.guidance import (GUIDANCE_METHODS, CFGDenoiser, ProjectedGuidance, check_guidance_scale,
+                          guidance_scale_embedding)
 from ldm.loading import Components, load_components
 from ldm.samplers import SAMPLERS, get_sampler, randn_like, slerp
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
@@ -382,7 +383,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 output_type: str = "pil", control_image=None, controlnet_conditioning_scale: float = 1.0,
                 clip_skip: int | None = None, emphasis: str = "none", pag_scale: float = 0.0,
                 pag_layers: Sequence[str] = ("mid",), variation_seed: int | None = None,
-                variation_strength: float = 0.0) -> "Request":
+                variation_strength: float = 0.0, guidance: str = "cfg", apg_eta: float = 0.0,
+                apg_norm_threshold: float = 0.0, apg_momentum: float = 0.0) -> "Request":
         """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
         negative prompts and seeds to the batch (prompt-major, as diffusers orders it). Compiled networks look
         for replaced weights here, once per request."""
@@ -420,6 +422,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                     raise ValueError("perturbed-attention guidance runs on a plain prompt, not one composed with AND")
         if self.is_guidance_distilled:
             self.check_without_cfg(negatives, prompts if emphasis == "a1111" else (), guidance_rescale, pag_scale)
+        apg = self.check_guidance_method(guidance, (apg_eta, apg_norm_threshold, apg_momentum), prompts, emphasis,
+                                         guidance_rescale, pag_scale)
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         self.sigmas(num_inference_steps, sampler, spacing)  # raises on a step count the schedule cannot space
@@ -441,7 +445,25 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
                        control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers,
-                       variation_seeds, variation_generators, variation_strength)
+                       variation_seeds, variation_generators, variation_strength, guidance, apg)
+
+    def check_guidance_method(self, guidance: str, apg: tuple[float, float, float], prompts: Sequence[str],
+                              emphasis: str, guidance_rescale: float, pag_scale: float) -> tuple | None:
+        """``guidance`` is ``"cfg"`` or ``"apg"`` (adaptive projected guidance with ``apg`` = (eta, norm threshold,
+        momentum), see :class:`ldm.guidance.ProjectedGuidance`), which takes a plain prompt without rescale or
+        PAG on a model that runs CFG. Returns the APG settings, or None for CFG."""
+        if guidance not in GUIDANCE_METHODS:
+            raise ValueError(f"unknown guidance {guidance!r}; known: {', '.join(GUIDANCE_METHODS)}")
+        if guidance == "cfg":
+            if apg != (0.0, 0.0, 0.0):
+                raise ValueError("apg_eta, apg_norm_threshold and apg_momentum set up guidance='apg'")
+            return None
+        ProjectedGuidance(*apg)  # checks the numbers
+        composed = emphasis == "a1111" and any(len(split_conjunction(text)) > 1 for text in prompts)
+        if self.is_guidance_distilled or composed or guidance_rescale > 0 or pag_scale > 0:
+            raise ValueError("adaptive projected guidance acts on classifier-free guidance of a plain prompt: not "
+                             "with a guidance-distilled UNet, AND-composed prompts, guidance rescale or PAG")
+        return tuple(float(value) for value in apg)
 
     @staticmethod
     def check_without_cfg(negatives: Sequence[str], composable: Sequence[str], guidance_rescale: float,
@@ -522,8 +544,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         perturbed = self.perturbed_pass(denoiser, request.pag_layers) if request.pag_scale > 0 else None
         if self.is_guidance_distilled:  # the scale is in the network's embedding (checked in prepare): one pass
             return CFGDenoiser(denoiser, cond, uncond, 1.0)
+        projection = None if request.apg is None else ProjectedGuidance(*request.apg)  # its momentum: this pass's
         return CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights,
-                           request.pag_scale, perturbed)
+                           request.pag_scale, perturbed, projection)
 
     def perturbed_pass(self, denoiser: Denoiser, layers: Sequence[str]) -> Callable:
         """``(x, sigma, cond) -> network output`` with the self-attention maps ``layers`` names replaced by the
@@ -589,6 +612,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                               if request.pag_scale > 0 else {}),
                            **({"variation_seed": v, "variation_strength": request.variation_strength}
                               if request.variation_strength > 0 else {}),
+                           **(dict(guidance="apg", apg_eta=request.apg[0], apg_norm_threshold=request.apg[1],
+                                   apg_momentum=request.apg[2]) if request.apg is not None else {}),
                            **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
                               if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
@@ -614,7 +639,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                  clip_skip: int | None = None, emphasis: str = "none", pag_scale: float = 0.0,
                  pag_layers: Sequence[str] = ("mid",), variation_seed: int | None = None,
                  variation_strength: float = 0.0, hires_scale: float | None = None, hires_upscaler: str = "latent",
-                 hires_strength: float = 0.7, hires_steps: int | None = None) -> GenerationOutput:
+                 hires_strength: float = 0.7, hires_steps: int | None = None, guidance: str = "cfg",
+                 apg_eta: float = 0.0, apg_norm_threshold: float = 0.0,
+                 apg_momentum: float = 0.0) -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
         or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`; ``emphasis="a1111"``
@@ -626,11 +653,13 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         ``variation_strength`` > 0 moves each image towards the one ``variation_seed`` (+ k) would give (see
         :meth:`initial_noise`). ``hires_scale`` (the A1111 web UI's "Hires. fix") enlarges the result by that factor
         with ``hires_upscaler`` (see :meth:`upscale_latents`) and repaints it with img2img at ``hires_strength`` in
-        ``hires_steps`` steps (see :meth:`hires_request`). See README for every argument."""
+        ``hires_steps`` steps (see :meth:`hires_request`). ``guidance="apg"``: adaptive projected guidance with
+        ``apg_*`` (see :meth:`check_guidance_method`). See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
                                output_type, control_image, controlnet_conditioning_scale, clip_skip, emphasis,
-                               pag_scale, pag_layers, variation_seed, variation_strength)
+                               pag_scale, pag_layers, variation_seed, variation_strength, guidance, apg_eta,
+                               apg_norm_threshold, apg_momentum)
         hires = None
         if hires_scale is not None:
             if refiner is not None:
@@ -727,6 +756,8 @@ class Request:
     variation_seeds: list[int] | None = None  # the A1111 web UI's variation seeds (None: no variation)
     variation_generators: object = None
     variation_strength: float = 0.0
+    guidance: str = "cfg"  # ldm.guidance.GUIDANCE_METHODS
+    apg: tuple[float, float, float] | None = None  # adaptive projected guidance: (eta, norm threshold, momentum)
 
     @property
     def batch(self) -> int:

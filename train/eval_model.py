@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pag-scale", type=float, default=0.0,
                         help="perturbed-attention guidance scale (Ahn et al. 2024; 0 = off)")
     parser.add_argument("--pag-layers", nargs="+", default=["mid"], help="self-attention layers PAG perturbs")
+    parser.add_argument("--guidance", default="cfg", help="cfg, or apg: adaptive projected guidance (Sadat et al. "
+                                                          "2024) with the --apg-* settings, also in the sweeps")
+    parser.add_argument("--apg-eta", type=float, default=0.0)
+    parser.add_argument("--apg-norm-threshold", type=float, default=0.0)
+    parser.add_argument("--apg-momentum", type=float, default=0.0)
     parser.add_argument("--sweep", choices=["none", "guidance", "samplers", "rescale"], default="none",
                         help="guidance: CFG 1 / 3 / 5 / 7.5; samplers: --sweep-samplers x --sweep-steps; rescale: "
                              "guidance rescale phi 0 / 0.3 / 0.7 / 1 at --cfg")
@@ -140,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         return composition_main(pipe, args)
     base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg,
                 guidance_rescale=args.guidance_rescale, pag_scale=args.pag_scale, pag_layers=args.pag_layers)
+    if args.guidance != "cfg":
+        base.update(guidance=args.guidance, apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
+                    apg_momentum=args.apg_momentum)
     if args.sweep == "guidance":
         runs = [(f"CFG {g}", {**base, "guidance_scale": g}) for g in (1.0, 3.0, 5.0, 7.5)]
     elif args.sweep == "samplers":
@@ -150,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 for phi in (0.0, 0.3, 0.7, 1.0)]
     else:
         pag = f", PAG {args.pag_scale} ({' '.join(args.pag_layers)})" if args.pag_scale else ""
-        runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}{pag}", base)]
+        apg = (f", APG eta {args.apg_eta} r {args.apg_norm_threshold} momentum {args.apg_momentum}"
+               if args.guidance == "apg" else "")
+        runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}{pag}{apg}", base)]
     rows = []
     for k, (name, settings) in enumerate(runs):
         pairs = generate_evaluation_set(pipe, args.seeds, **settings)
