@@ -222,7 +222,7 @@ def cmd_inpaint(args) -> int:
     paths = output_paths(Path(args.output), 1)
     pipe = load_pipeline(args)
     result = pipe.inpaint(args.image, args.mask, args.prompt, strength=args.strength, feather=args.feather,
-                          jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
+                          jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, mask_mode=args.mask_mode,
                           **pipeline_arguments(sampling_settings(args)), **control_arguments(args))
     save_images(result, paths)
     return 0
@@ -459,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("-o", "--output", default="out.png")
     inpaint.add_argument("--strength", type=float, default=1.0)
     inpaint.add_argument("--feather", type=float, default=0.0, help="soften the mask's inner edge (pixels)")
+    inpaint.add_argument("--mask-mode", default="blend", help="blend (default): grey mixes input and repainting; "
+                                                              "differential: grey is how much a pixel may change "
+                                                              "(differential diffusion)")
     inpaint.add_argument("--jump-n-sample", type=int, default=1,
                          help="RePaint resampling: go back up --jump-length steps this many times minus one "
                               "(about this many times the network evaluations; 1 = off)")

@@ -31,6 +31,9 @@ HIRES_UPSCALERS = {
 }
 """How a hires fix enlarges the first pass: the A1111 web UI's built-in upscalers (its "Latent", "Latent
 (antialiased)", ..., "Lanczos", "Nearest"), as (space, interpolation)."""
+MASK_MODES = ("blend", "differential")
+"""How ``inpaint`` reads a grey mask: as a mixing weight (``blend``), or as each pixel's strength (differential
+diffusion)."""
 
 
 @dataclass
@@ -189,7 +192,8 @@ class EditingMixin:
 
     @torch.no_grad()
     def inpaint(self, image, mask_image, prompt, strength: float = 1.0, feather: float = 0.0, callback=None,
-                progress: bool = True, jump_length: int = 1, jump_n_sample: int = 1, **settings):
+                progress: bool = True, jump_length: int = 1, jump_n_sample: int = 1, mask_mode: str = "blend",
+                **settings):
         """Repaint where ``mask_image`` is white (grey = partly). With a 4-channel UNet the known region is
         re-blended after every step with the input's latents noised to the current sigma (Lugmayr et al. 2022,
         RePaint); ``jump_n_sample`` > 1 adds RePaint's resampling, ``jump_n_sample - 1`` jumps back up
@@ -197,11 +201,18 @@ class EditingMixin:
         names as diffusers' RePaintScheduler), so the repainted part harmonises with the kept part. A 9-channel
         inpainting UNet gets the mask and masked-image latents as extra input channels (as SD-inpainting). The
         decoded result is composited over the input, so pixels where the mask is 0 are the input's exactly;
-        ``feather`` (pixels) softens the mask's inner edge."""
+        ``feather`` (pixels) softens the mask's inner edge. ``mask_mode="differential"`` reads a grey mask as
+        how much each pixel may change (see :meth:`differential_thresholds`) instead of mixing in that proportion;
+        then only black pixels are the input's exactly, and none is a mix of input and output."""
         strength = check_strength(strength)
         feather = check_finite("feather", feather, 0.0, 100.0)
         jump_length = check_positive_int("jump_length", jump_length)
         jump_n_sample = check_positive_int("jump_n_sample", jump_n_sample)
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"unknown mask_mode {mask_mode!r}; known: {', '.join(MASK_MODES)}")
+        if mask_mode == "differential" and self.is_inpainting_unet:
+            raise ValueError("a 9-channel inpainting UNet takes the mask as an input; mask_mode='differential' "
+                             "re-blends latents, for 4-channel UNets")
         pixels = image_tensor(image, self.vae_scale_factor)
         height, width = pixels.shape[2:]
         mask = mask_tensor(mask_image, (width, height))  # (1, 1, H, W)
@@ -217,9 +228,14 @@ class EditingMixin:
             nearest = F.interpolate(mask, size=x0.shape[2:]).to(x0.device)
             extra_channels = torch.cat([nearest, masked], dim=1).expand(request.batch, -1, -1, -1)
         else:
+            thresholds = self.differential_thresholds(sigmas) if mask_mode == "differential" else None
+
             def blend(i, sigma, x, x0_estimate):
                 known = x0 + float(sigmas[i + 1]) * noise
-                x = latent_mask * x + (1 - latent_mask) * known
+                free = latent_mask
+                if thresholds is not None:  # strength 0 is never free
+                    free = ((latent_mask >= thresholds[i + 1]) & (latent_mask > 0)).to(latent_mask)
+                x = free * x + (1 - free) * known
                 return apply_step_callback(callback, i, sigma, x, x0_estimate)  # None from it keeps the blend
             step_callback = blend
         denoiser = self.denoiser(request.sampler, request.spacing, extra_channels, request)
@@ -228,12 +244,27 @@ class EditingMixin:
         x = self.resample_walk(request, denoiser, x, sigmas, path, step_callback, progress)
         latents = denoiser.to_model_space(x, float(sigmas[-1]))
         extra = {"strength": strength, **({"jump_length": jump_length, "jump_n_sample": jump_n_sample}
-                                          if jump_n_sample > 1 else {})}
+                                          if jump_n_sample > 1 else {}),
+                 **({"mask_mode": mask_mode} if mask_mode != "blend" else {})}
         if request.output_type == "latent":
             return self.finish(request, latents, **extra)
-        keep = self.feathered(mask, feather).to(self.device)
+        repainted = (mask > 0).to(mask) if mask_mode == "differential" else mask  # no grey mixing of pixels
+        keep = self.feathered(repainted, feather).to(self.device)
         images = keep * self.decode(latents) + (1 - keep) * (pixels.to(self.device) / 2 + 0.5)
         return self.finish(request, latents, images=images, **extra)
+
+    def differential_thresholds(self, sigmas: torch.Tensor) -> list[float]:
+        """Differential diffusion (Levin & Fried 2023, "Differential Diffusion: Giving Each Pixel Its Strength",
+        sec. 3): a pixel whose mask value (its strength) is ``m`` keeps the input, noised to the current level,
+        until the sampling's progress reaches it: it is free from the first sigma whose threshold
+        ``(t(sigma) - t_end) / (t_start - t_end)`` is at most ``m``, with t the training timestep of a sigma
+        (ComfyUI's rule; t_end that of ``max(sigma_min, sigmas[-1])``). So a pixel of strength m is SDEdited with
+        strength about m, 1 is inpainted from the start and 0 is kept. One threshold per sigma ``(n + 1,)``."""
+        schedule = self.schedule()
+        end = max(float(sigmas[-1]), float(schedule.sigma_min))
+        times = schedule.sigma_to_t(sigmas.float().clamp(min=end)).double()  # (n + 1,)
+        span = float(times[0] - times[-1])
+        return [float((t - times[-1]) / span) if span > 0 else 0.0 for t in times]
 
     def resample_walk(self, request, denoiser, x: torch.Tensor, sigmas: torch.Tensor, path: list[int],
                       callback, progress: bool) -> torch.Tensor:

@@ -32,6 +32,7 @@ FIELDS = (
     ("hires_scale", "Hires upscale", float),
     ("hires_steps", "Hires steps", int),
     ("hires_upscaler", "Hires upscaler", str),
+    ("mask_mode", "Mask mode", str),
     ("jump_length", "RePaint jump length", int),
     ("jump_n_sample", "RePaint jump samples", int),
     ("edit", "Prompt-to-prompt", str),

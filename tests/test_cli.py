@@ -161,6 +161,9 @@ def test_img2img_inpaint_invert_and_edit_commands(tiny_model_factory, tmp_path):
     kept = np.asarray(Image.open(tmp_path / "inpaint.png"))[:, 8:]
     np.testing.assert_array_equal(kept, np.asarray(Image.open(picture))[:, 8:])
     assert parse_parameters(Image.open(tmp_path / "inpaint.png").info["parameters"])["jump_n_sample"] == 2
+    assert main(["inpaint", str(picture), str(mask), "a red circle", "-o", str(tmp_path / "differential.png"),
+                 "--steps", "3", "--seed", "1", "--mask-mode", "differential"] + model) == 0
+    assert parse_parameters(Image.open(tmp_path / "differential.png").info["parameters"])["mask_mode"] == "differential"
 
     assert main(["invert", str(picture), "a red circle", "-o", str(tmp_path / "inv.safetensors"), "--steps", "4",
                  "--reconstruction", str(tmp_path / "recon.png")] + model) == 0

@@ -96,6 +96,37 @@ def test_inpainting_with_repaint_resampling_walks_the_jump_schedule(pipe):
     assert resampled.parameters[0]["jump_n_sample"] == 3 and "jump_n_sample" not in plain.parameters[0]
 
 
+def test_differential_inpainting_frees_a_pixel_when_the_progress_reaches_its_strength(pipe):
+    """A uniform grey mask of strength m under differential diffusion keeps the noised input until the first sigma
+    whose threshold is at most m, then samples freely: with Euler (no memory, no noise) that is SDEdit started one
+    step earlier; a black-and-white mask gives the plain blend."""
+    steps, grey = 8, 128
+    kwargs = dict(seed=4, num_inference_steps=steps, sampler="euler", output_type="latent", progress=False)
+    mask = Image.new("L", (16, 16), grey)
+    differential = pipe.inpaint(picture(5), mask, "a red square", mask_mode="differential", **kwargs)
+    sigmas = pipe.sigmas(steps, "euler", pipe.default_spacing())
+    schedule = pipe.schedule()
+    times = schedule.sigma_to_t(sigmas.clamp(min=max(float(sigmas[-1]), schedule.sigma_min))).double()
+    thresholds = (times - times[-1]) / (times[0] - times[-1])
+    freed = next(j for j in range(1, steps + 1) if thresholds[j] <= grey / 255)
+    start = freed - 1
+    assert 2 <= start <= 5  # about half-way for a mid-grey mask
+    sdedit = pipe.img2img(picture(5), "a red square", strength=(steps - start) / steps, **kwargs)
+    torch.testing.assert_close(differential.images, sdedit.images, atol=1e-5, rtol=1e-5)
+    assert differential.parameters[0]["mask_mode"] == "differential"
+    blended = pipe.inpaint(picture(5), mask, "a red square", **kwargs).images
+    assert (blended - differential.images).abs().max() > 1e-2
+    box = np.zeros((16, 16), dtype=np.uint8)
+    box[4:12, 6:14] = 255
+    torch.testing.assert_close(pipe.inpaint(picture(5), Image.fromarray(box), "x", mask_mode="differential",
+                                            **kwargs).images,
+                               pipe.inpaint(picture(5), Image.fromarray(box), "x", **kwargs).images, atol=0, rtol=0)
+    box[4:12, 4:6] = 64  # a faint edge: repainted late, and not mixed with the input
+    out = pipe.inpaint(picture(5), Image.fromarray(box), "x", mask_mode="differential",
+                       **{**kwargs, "output_type": "pil"}).images[0]
+    np.testing.assert_array_equal(np.asarray(out)[box == 0], np.asarray(picture(5))[box == 0])
+
+
 def test_inpainting_with_a_nine_channel_unet(tmp_path):
     folder = save_random_model(tmp_path / "inpaint", "tiny")
     config_path = folder / "unet" / "config.json"
@@ -144,6 +175,7 @@ def test_strength_outside_zero_one_is_refused(pipe, strength):
 @pytest.mark.parametrize("method, kwargs, message", [
     ("inpaint", {"feather": float("nan")}, "feather must be a finite number"),
     ("inpaint", {"feather": -1.0}, "feather must be a finite number"),
+    ("inpaint", {"mask_mode": "soft"}, "unknown mask_mode 'soft'; known: blend, differential"),
     ("invert", {"fixed_point_iterations": -1}, "fixed_point_iterations must be an integer >= 0"),
     ("invert", {"null_text": True, "guidance_scale": 7.5, "null_text_steps": 0}, "null_text_steps must be"),
 ])
