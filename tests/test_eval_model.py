@@ -3,7 +3,8 @@ import numpy as np
 import torch
 
 from pipelines.text_to_image import GenerationOutput
-from train.eval_model import evaluate_model, markdown_table
+from train.eval_model import evaluate_model, generate_evaluation_set, markdown_table
+from train.evaluate import evaluate_pairs
 from train.evaluate import detect_objects
 from train.shapes import Scene, make_object, parse_prompt, render
 
@@ -81,3 +82,22 @@ def test_vae_round_trip_reports_psnr_and_read_back_of_the_reconstructions():
     assert 20 * np.log10(255) - 1e-3 < exact["psnr"]  # only white pixels (clamped) are closer
     grey = vae_round_trip(pipe_with(lambda latents: torch.full_like(latents, 0.5)), count=12)
     assert grey["single/all"] == 0.0 and grey["psnr"] < 20
+
+
+def test_a_hires_fix_is_read_back_at_the_models_native_size():
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    class DoubleSizePipe(RenderingPipe):
+        unet, vae_scale_factor = SimpleNamespace(config=SimpleNamespace(sample_size=16)), 8
+
+        def __call__(self, prompts, **kwargs):
+            out = super().__call__(prompts, **kwargs)
+            out.images = [image.resize((256, 256), Image.NEAREST) for image in out.images]
+            return out
+
+    pairs = generate_evaluation_set(DoubleSizePipe(), seeds=1, progress=False, hires_scale=2.0)
+    assert {image.size for _, image in pairs} == {(128, 128)}
+    result = evaluate_pairs(pairs)
+    assert result["overall"]["single/all"] == 1.0 and result["overall"]["two/all"] == 1.0

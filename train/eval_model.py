@@ -26,7 +26,8 @@ HEADLINE = (("single/all", "seen", "single seen"), ("single/all", "heldout", "si
 def generate_evaluation_set(pipe, seeds: int = 4, batch: int = 8, progress: bool = True,
                             **settings) -> list[tuple[str, object]]:
     """(prompt, image) for every evaluation prompt with seeds 0..seeds-1; ``settings`` go to the pipeline
-    (sampler, num_inference_steps, guidance_scale, ...)."""
+    (sampler, num_inference_steps, guidance_scale, ...). Images of another size than the model's (``height`` /
+    ``width``, a hires fix) are resized to it with Lanczos for the evaluator."""
     prompts = [p.text for p in evaluation_prompts() for _ in range(seeds)]
     seed_of = [s for _ in evaluation_prompts() for s in range(seeds)]
     pairs = []
@@ -34,6 +35,9 @@ def generate_evaluation_set(pipe, seeds: int = 4, batch: int = 8, progress: bool
         chunk, chunk_seeds = prompts[start:start + batch], seed_of[start:start + batch]
         generators = [torch.Generator().manual_seed(s) for s in chunk_seeds]
         images = pipe(chunk, generator=generators, progress=False, **settings).images
+        if "height" in settings or "hires_scale" in settings:
+            native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            images = [image.resize((native, native), Image.LANCZOS) for image in images]
         pairs += list(zip(chunk, images))
     return pairs
 
@@ -105,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apg-eta", type=float, default=0.0)
     parser.add_argument("--apg-norm-threshold", type=float, default=0.0)
     parser.add_argument("--apg-momentum", type=float, default=0.0)
-    parser.add_argument("--sweep", choices=["none", "guidance", "samplers", "rescale"], default="none",
+    parser.add_argument("--sweep", choices=["none", "guidance", "samplers", "rescale", "hires"], default="none",
                         help="guidance: CFG 1 / 3 / 5 / 7.5; samplers: --sweep-samplers x --sweep-steps; rescale: "
-                             "guidance rescale phi 0 / 0.3 / 0.7 / 1 at --cfg")
+                             "guidance rescale phi 0 / 0.3 / 0.7 / 1 at --cfg; hires: twice the native size, "
+                             "generated directly or by a hires fix (latent / lanczos upscaler, strength 0.3 / 0.5 / "
+                             "0.7), read back at the native size")
     parser.add_argument("--sweep-samplers", nargs="+", default=["ddim", "euler", "heun", "dpmpp_2m", "unipc"],
                         help="with --sweep samplers: the samplers compared")
     parser.add_argument("--sweep-steps", type=int, nargs="+", default=[5, 10, 20, 50],
@@ -153,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.sweep == "samplers":
         runs = [(f"{s}, {n} steps", {**base, "sampler": s, "num_inference_steps": n})
                 for s in args.sweep_samplers for n in args.sweep_steps]
+    elif args.sweep == "hires":
+        double = 2 * pipe.unet.config.sample_size * pipe.vae_scale_factor
+        runs = [("native size", base), (f"{double}² directly", {**base, "height": double, "width": double})]
+        runs += [(f"{double}² hires fix, {upscaler}, strength {strength}",
+                  {**base, "hires_scale": 2.0, "hires_upscaler": upscaler, "hires_strength": strength})
+                 for upscaler in ("latent", "lanczos") for strength in (0.3, 0.5, 0.7)]
     elif args.sweep == "rescale":
         runs = [(f"CFG {args.cfg}, rescale {phi}", {**base, "guidance_rescale": phi})
                 for phi in (0.0, 0.3, 0.7, 1.0)]
