@@ -4,8 +4,7 @@ import torch
 
 from pipelines.text_to_image import GenerationOutput
 from train.eval_model import evaluate_model, generate_evaluation_set, markdown_table
-from train.evaluate import evaluate_pairs
-from train.evaluate import detect_objects
+from train.evaluate import detect_objects, evaluate_pairs
 from train.shapes import Scene, make_object, parse_prompt, render
 
 SWAP = {"red": "green", "green": "blue", "blue": "yellow", "yellow": "purple", "purple": "orange", "orange": "red"}
