@@ -314,3 +314,11 @@ def test_img2img_and_inpainting_on_sdxl_and_flow_models(family, tmp_path):
                                   progress=False).images[0])
     assert np.array_equal(out[mask == 0], image[mask == 0])
     assert np.abs(out[mask > 0].astype(int) - image[mask > 0]).mean() > 5
+    settings = dict(num_inference_steps=3, seed=2, output_type="latent", progress=False)
+    first = pipe("a red circle", **settings).images
+    hires = pipe("a red circle", hires_scale=2, hires_strength=0.0, **settings)  # strength 0: the upscale alone
+    torch.testing.assert_close(hires.images, torch.nn.functional.interpolate(first, scale_factor=2,
+                                                                             mode="bilinear"))
+    apg = pipe("a red circle", guidance="apg", apg_eta=1.0, guidance_scale=5.0, **settings).images
+    torch.testing.assert_close(apg, pipe("a red circle", guidance_scale=5.0, **settings).images, atol=1e-4,
+                               rtol=1e-4)
