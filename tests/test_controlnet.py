@@ -93,3 +93,25 @@ def test_bad_control_input(controlnet_folder, tiny_model_factory):
     sd_like = dict(ControlNetModel.load_config(folder), cross_attention_dim=768)
     with pytest.raises(ValueError, match="cross_attention_dim is 768, the UNet's is 32"):
         check_controlnet_fits(sd_like, pipe.unet.config, "sd15-canny")
+
+
+def test_a_hires_fix_repaints_with_the_control_image_resized(controlnet_folder):
+    """The hires pass is img2img at twice the size with the control image scaled to it."""
+    import torch.nn.functional as F
+
+    model, folder = controlnet_folder
+    pipe = TextToImagePipeline.from_pretrained(model)
+    pipe.load_controlnet(folder)
+    settings = dict(num_inference_steps=4, seed=1, sampler="euler", output_type="latent", progress=False,
+                    control_image=control_image())
+    hires = pipe(PROMPT, hires_scale=2, hires_strength=0.6, **settings).images
+    first = pipe(PROMPT, **settings).images
+    control = torch.from_numpy(control_image().astype(np.float32) / 255).permute(2, 0, 1)[None]
+    large = (F.interpolate(control, size=(32, 32), mode="bilinear", antialias=True)[0].permute(1, 2, 0) * 255)
+    again = pipe.img2img(F.interpolate(first, scale_factor=2, mode="bilinear"), PROMPT, strength=0.6,
+                         **{**settings, "control_image": large.round().byte().numpy()}).images
+    assert hires.shape == (1, 4, 16, 16)
+    torch.testing.assert_close(hires, again, atol=2e-2, rtol=0)  # the control image went through 8 bits here
+    without = pipe.img2img(F.interpolate(first, scale_factor=2, mode="bilinear"), PROMPT, strength=0.6,
+                           **{**settings, "control_image": None}).images
+    assert (hires - without).abs().max() > 10 * (hires - again).abs().max()
