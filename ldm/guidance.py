@@ -8,7 +8,8 @@ guides by the weighted sum of its parts' differences from the unconditional pred
 Perturbed-attention guidance (Ahn et al. 2024, eq. 11) adds ``s * (x0_cond - x0_perturbed)``, where the perturbed
 prediction is the conditional one with chosen self-attention maps replaced by the identity. Adaptive projected
 guidance (Sadat et al. 2024) projects the guidance difference of the x0 predictions before scaling it, which is
-not affine, so it acts on x0 (:class:`ProjectedGuidance`).
+not affine, so it acts on x0 (:class:`ProjectedGuidance`). CFG-Zero* (Fan et al. 2025) scales the unconditional
+prediction by its least-squares fit to the conditional one (:class:`ZeroStarGuidance`).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def check_part_weights(part_weights: torch.Tensor, cond: Any, uncond: Any) -> No
                          f"{batch} unconditional ones, got {batch_rows(cond)} and {batch_rows(uncond)}")
 
 
-GUIDANCE_METHODS = ("cfg", "apg")
+GUIDANCE_METHODS = ("cfg", "apg", "cfg_zero_star")
 
 
 class ProjectedGuidance:
@@ -113,6 +114,30 @@ class ProjectedGuidance:
         return ((flat - parallel) + self.eta * parallel).view_as(difference).to(difference.dtype)
 
 
+class ZeroStarGuidance:
+    """CFG-Zero* (Fan et al. 2025, "CFG-Zero*: Improved Classifier-Free Guidance for Flow Matching Models", sec.
+    4.1-4.2) on the network's prediction (a flow model's velocity, as in the paper; ε or v of a diffusion model, as
+    diffusers applies it): the unconditional prediction is scaled by ``s* = <c, u> / |u|^2`` per image, the
+    least-squares fit of ``c`` by ``u``, and ``out = s* u + w (c - s* u)``; and the prediction is zero at sigmas
+    of at least ``zero_init_sigma`` (the paper's zero-init of the first steps: the step leaves ``x`` where it is,
+    since a velocity estimated from pure noise is the least reliable). ``c`` parallel to ``u`` gives ``c`` at every
+    scale; ``c`` orthogonal to ``u``, ``w c``."""
+
+    def __init__(self, zero_init_sigma: float = math.inf):
+        self.zero_init_sigma = zero_init_sigma
+
+    def zeroes(self, sigma: float) -> bool:
+        return sigma >= self.zero_init_sigma
+
+    @staticmethod
+    def combine(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """``s* u + w (c - s* u)`` for predictions ``(B, C, H, W)``."""
+        u, c = out_uncond.flatten(1).double(), out_cond.flatten(1).double()  # (B, N)
+        fit = (c * u).sum(1) / (u * u).sum(1).clamp(min=1e-12)  # (B,)
+        fitted = fit.view(-1, *[1] * (out_uncond.dim() - 1)).to(out_uncond.dtype) * out_uncond
+        return fitted + scale * (out_cond - fitted)
+
+
 class CFGDenoiser:
     """``model(x, sigma) -> x0`` with classifier-free guidance over a :class:`Denoiser`.
 
@@ -130,13 +155,14 @@ class CFGDenoiser:
     with the perturbation applied (see ``TextToImagePipeline.guided``), one more pass per step; rescale then acts
     on the sum, as diffusers' PAG pipelines apply it.
 
-    ``projection`` (a :class:`ProjectedGuidance`) replaces the guided combination by APG's on x0; it takes a plain
-    prompt without rescale or PAG.
+    ``projection`` (a :class:`ProjectedGuidance`) replaces the guided combination by APG's on x0, ``zero_star``
+    (a :class:`ZeroStarGuidance`) by CFG-Zero*'s; either takes a plain prompt without PAG, and APG no rescale.
     """
 
     def __init__(self, denoiser: Denoiser, cond: Any, uncond: Any = None, scale: float = 7.5, rescale: float = 0.0,
                  part_weights: torch.Tensor | None = None, pag_scale: float = 0.0,
-                 perturbed: Callable | None = None, projection: ProjectedGuidance | None = None):
+                 perturbed: Callable | None = None, projection: ProjectedGuidance | None = None,
+                 zero_star: ZeroStarGuidance | None = None):
         self.denoiser = denoiser
         self.cond = cond
         self.uncond = uncond
@@ -158,6 +184,9 @@ class CFGDenoiser:
         if projection is not None and (part_weights is not None or self.rescale > 0 or self.pag_scale > 0):
             raise ValueError("adaptive projected guidance takes a plain prompt, without guidance rescale or PAG")
         self.projection = projection
+        if zero_star is not None and (part_weights is not None or self.pag_scale > 0 or projection is not None):
+            raise ValueError("CFG-Zero* takes a plain prompt, without PAG or APG")
+        self.zero_star = zero_star
 
     @property
     def guided(self) -> bool:
@@ -166,6 +195,8 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.part_weights is not None:
             return self.composed(x, sigma)
+        if self.zero_star is not None and self.zero_star.zeroes(float(sigma.max())):
+            return self.denoiser.to_x0(x, sigma, torch.zeros_like(x))
         out_perturbed = self.perturbed(x, sigma, self.cond) if self.pag_scale > 0 else None
         if not self.guided:
             if out_perturbed is None:
@@ -179,6 +210,11 @@ class CFGDenoiser:
             x0_uncond, x0_cond = self.denoiser.to_x0(x, sigma, out_uncond), self.denoiser.to_x0(x, sigma, out_cond)
             update = self.projection.update(x0_cond - x0_uncond, x0_cond, float(sigma.max()))
             return x0_cond + (self.scale - 1) * update
+        if self.zero_star is not None:
+            guided = self.zero_star.combine(out_uncond, out_cond, self.scale)
+            if self.rescale > 0:
+                guided = rescale_guidance(guided, out_cond, self.rescale)
+            return self.denoiser.to_x0(x, sigma, guided)
         return self.denoiser.to_x0(x, sigma, self.guide(out_uncond, out_cond, out_perturbed))
 
     def composed(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,8 @@ SETTING_ARGUMENTS = {"negative_prompt": "negative_prompt", "steps": "num_inferen
                      "timestep_spacing": "timestep_spacing", "clip_skip": "clip_skip", "emphasis": "emphasis",
                      "pag_scale": "pag_scale", "pag_layers": "pag_layers", "variation_seed": "variation_seed",
                      "variation_strength": "variation_strength", "guidance": "guidance", "apg_eta": "apg_eta",
-                     "apg_norm_threshold": "apg_norm_threshold", "apg_momentum": "apg_momentum"}
+                     "apg_norm_threshold": "apg_norm_threshold", "apg_momentum": "apg_momentum",
+                     "zero_init_steps": "zero_init_steps"}
 HIRES_ARGUMENTS = {"hires_scale": "hires_scale", "hires_upscaler": "hires_upscaler", "hires_steps": "hires_steps",
                    "strength": "hires_strength"}
 """PNG-metadata names of a hires fix (whose second pass records its strength as "Denoising strength")."""
@@ -88,7 +89,7 @@ def sampling_settings(args) -> dict:
              "pag_scale": args.pag_scale, "pag_layers": " ".join(args.pag_layers) if args.pag_layers else None,
              "variation_seed": args.variation_seed, "variation_strength": args.variation_strength,
              "guidance": args.guidance, "apg_eta": args.apg_eta, "apg_norm_threshold": args.apg_norm_threshold,
-             "apg_momentum": args.apg_momentum}
+             "apg_momentum": args.apg_momentum, "zero_init_steps": args.zero_init_steps}
     return {k: v for k, v in typed.items() if v is not None}
 
 
@@ -395,7 +396,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                                           "beta, kl_optimal (default: the model's)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     parser.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
-    parser.add_argument("--guidance", help="cfg (default) or apg: adaptive projected guidance (Sadat et al. 2024)")
+    parser.add_argument("--guidance", help="cfg (default); apg: adaptive projected guidance (Sadat et al. 2024); "
+                                           "cfg_zero_star: CFG-Zero* (Fan et al. 2025)")
+    parser.add_argument("--zero-init-steps", type=int, help="CFG-Zero*: first steps that predict zero (default 1)")
     parser.add_argument("--apg-eta", type=float, help="APG: weight of the guidance parallel to x0 (default 0)")
     parser.add_argument("--apg-norm-threshold", type=float, help="APG: largest guidance norm (default 0: no limit)")
     parser.add_argument("--apg-momentum", type=float, help="APG: momentum of the guidance, e.g. -0.5 (default 0)")

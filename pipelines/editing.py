@@ -117,6 +117,8 @@ class EditingMixin:
             raise ValueError(f"hires_scale {scale:g} makes {width}x{height} pixels: each side must be a multiple of "
                              f"{self.vae_scale_factor}")
         self.sigmas(steps, request.sampler, request.spacing)
+        if request.zero_init_steps is not None and request.zero_init_steps >= steps:
+            raise ValueError(f"zero_init_steps must be fewer than the hires pass's {steps} steps")
         seeded = all(seed is not None for seed in request.seeds)
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds] if seeded else request.generators
         variation = request.variation_seeds and [torch.Generator("cpu").manual_seed(s) for s in request.variation_seeds]

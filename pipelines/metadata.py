@@ -51,6 +51,7 @@ FIELDS = (
     ("apg_eta", "APG eta", float),
     ("apg_norm_threshold", "APG norm threshold", float),
     ("apg_momentum", "APG momentum", float),
+    ("zero_init_steps", "Zero init steps", int),
     ("pag_scale", "PAG scale", float),
     ("pag_layers", "PAG layers", str),
     ("schedule_type", "Schedule type", str),  # A1111's (1.9+) sigma spacing; read, never written

@@ -5,6 +5,7 @@ work starts, and turns latents into images.
 """
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ldm.attention import IdentitySelfAttention, install_attention_hook, self_attention_places
 from ldm.denoiser import Denoiser
-from ldm.guidance import (GUIDANCE_METHODS, CFGDenoiser, ProjectedGuidance, check_guidance_scale,
+from ldm.guidance import (GUIDANCE_METHODS, CFGDenoiser, ProjectedGuidance, ZeroStarGuidance, check_guidance_scale,
                           guidance_scale_embedding)
 from ldm.loading import Components, load_components
 from ldm.samplers import SAMPLERS, get_sampler, randn_like, slerp
@@ -384,7 +385,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 clip_skip: int | None = None, emphasis: str = "none", pag_scale: float = 0.0,
                 pag_layers: Sequence[str] = ("mid",), variation_seed: int | None = None,
                 variation_strength: float = 0.0, guidance: str = "cfg", apg_eta: float = 0.0,
-                apg_norm_threshold: float = 0.0, apg_momentum: float = 0.0) -> "Request":
+                apg_norm_threshold: float = 0.0, apg_momentum: float = 0.0,
+                zero_init_steps: int | None = None) -> "Request":
         """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
         negative prompts and seeds to the batch (prompt-major, as diffusers orders it). Compiled networks look
         for replaced weights here, once per request."""
@@ -424,6 +426,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             self.check_without_cfg(negatives, prompts if emphasis == "a1111" else (), guidance_rescale, pag_scale)
         apg = self.check_guidance_method(guidance, (apg_eta, apg_norm_threshold, apg_momentum), prompts, emphasis,
                                          guidance_rescale, pag_scale)
+        zero_init_steps = self.check_zero_init_steps(guidance, zero_init_steps, num_inference_steps, prompts,
+                                                     emphasis, pag_scale)
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         self.sigmas(num_inference_steps, sampler, spacing)  # raises on a step count the schedule cannot space
@@ -445,7 +449,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
                        control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers,
-                       variation_seeds, variation_generators, variation_strength, guidance, apg)
+                       variation_seeds, variation_generators, variation_strength, guidance, apg, zero_init_steps)
 
     def check_guidance_method(self, guidance: str, apg: tuple[float, float, float], prompts: Sequence[str],
                               emphasis: str, guidance_rescale: float, pag_scale: float) -> tuple | None:
@@ -454,7 +458,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         PAG on a model that runs CFG. Returns the APG settings, or None for CFG."""
         if guidance not in GUIDANCE_METHODS:
             raise ValueError(f"unknown guidance {guidance!r}; known: {', '.join(GUIDANCE_METHODS)}")
-        if guidance == "cfg":
+        if guidance != "apg":
             if apg != (0.0, 0.0, 0.0):
                 raise ValueError("apg_eta, apg_norm_threshold and apg_momentum set up guidance='apg'")
             return None
@@ -464,6 +468,23 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             raise ValueError("adaptive projected guidance acts on classifier-free guidance of a plain prompt: not "
                              "with a guidance-distilled UNet, AND-composed prompts, guidance rescale or PAG")
         return tuple(float(value) for value in apg)
+
+    def check_zero_init_steps(self, guidance: str, steps: int | None, num_inference_steps: int,
+                              prompts: Sequence[str], emphasis: str, pag_scale: float) -> int | None:
+        """CFG-Zero*'s zero-init: how many of the first steps predict zero (None = 1, diffusers' default), fewer
+        than the steps; only with ``guidance="cfg_zero_star"``, a plain prompt, no PAG, a model that runs CFG."""
+        if guidance != "cfg_zero_star":
+            if steps is not None:
+                raise ValueError("zero_init_steps sets up guidance='cfg_zero_star'")
+            return None
+        steps = 1 if steps is None else check_non_negative_int("zero_init_steps", steps)
+        if steps >= num_inference_steps:
+            raise ValueError(f"zero_init_steps must be fewer than the {num_inference_steps} steps, got {steps}")
+        composed = emphasis == "a1111" and any(len(split_conjunction(text)) > 1 for text in prompts)
+        if self.is_guidance_distilled or composed or pag_scale > 0:
+            raise ValueError("CFG-Zero* acts on classifier-free guidance of a plain prompt: not with a "
+                             "guidance-distilled UNet, AND-composed prompts or PAG")
+        return steps
 
     @staticmethod
     def check_without_cfg(negatives: Sequence[str], composable: Sequence[str], guidance_rescale: float,
@@ -545,8 +566,13 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if self.is_guidance_distilled:  # the scale is in the network's embedding (checked in prepare): one pass
             return CFGDenoiser(denoiser, cond, uncond, 1.0)
         projection = None if request.apg is None else ProjectedGuidance(*request.apg)  # its momentum: this pass's
+        zero_star = None
+        if request.zero_init_steps is not None:  # zero at the first steps of the whole list (an img2img may skip them)
+            sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
+            zero_star = ZeroStarGuidance(float(sigmas[request.zero_init_steps - 1]) if request.zero_init_steps
+                                         else math.inf)
         return CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights,
-                           request.pag_scale, perturbed, projection)
+                           request.pag_scale, perturbed, projection, zero_star)
 
     def perturbed_pass(self, denoiser: Denoiser, layers: Sequence[str]) -> Callable:
         """``(x, sigma, cond) -> network output`` with the self-attention maps ``layers`` names replaced by the
@@ -614,6 +640,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                               if request.variation_strength > 0 else {}),
                            **(dict(guidance="apg", apg_eta=request.apg[0], apg_norm_threshold=request.apg[1],
                                    apg_momentum=request.apg[2]) if request.apg is not None else {}),
+                           **(dict(guidance="cfg_zero_star", zero_init_steps=request.zero_init_steps)
+                              if request.zero_init_steps is not None else {}),
                            **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
                               if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
@@ -640,8 +668,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                  pag_layers: Sequence[str] = ("mid",), variation_seed: int | None = None,
                  variation_strength: float = 0.0, hires_scale: float | None = None, hires_upscaler: str = "latent",
                  hires_strength: float = 0.7, hires_steps: int | None = None, guidance: str = "cfg",
-                 apg_eta: float = 0.0, apg_norm_threshold: float = 0.0,
-                 apg_momentum: float = 0.0) -> GenerationOutput:
+                 apg_eta: float = 0.0, apg_norm_threshold: float = 0.0, apg_momentum: float = 0.0,
+                 zero_init_steps: int | None = None) -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
         or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`; ``emphasis="a1111"``
@@ -654,12 +682,13 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         :meth:`initial_noise`). ``hires_scale`` (the A1111 web UI's "Hires. fix") enlarges the result by that factor
         with ``hires_upscaler`` (see :meth:`upscale_latents`) and repaints it with img2img at ``hires_strength`` in
         ``hires_steps`` steps (see :meth:`hires_request`). ``guidance="apg"``: adaptive projected guidance with
-        ``apg_*`` (see :meth:`check_guidance_method`). See README for every argument."""
+        ``apg_*`` (see :meth:`check_guidance_method`); ``guidance="cfg_zero_star"``: CFG-Zero* with
+        ``zero_init_steps`` (see :meth:`check_zero_init_steps`). See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
                                output_type, control_image, controlnet_conditioning_scale, clip_skip, emphasis,
                                pag_scale, pag_layers, variation_seed, variation_strength, guidance, apg_eta,
-                               apg_norm_threshold, apg_momentum)
+                               apg_norm_threshold, apg_momentum, zero_init_steps)
         hires = None
         if hires_scale is not None:
             if refiner is not None:
@@ -758,6 +787,7 @@ class Request:
     variation_strength: float = 0.0
     guidance: str = "cfg"  # ldm.guidance.GUIDANCE_METHODS
     apg: tuple[float, float, float] | None = None  # adaptive projected guidance: (eta, norm threshold, momentum)
+    zero_init_steps: int | None = None  # CFG-Zero*'s zero-init (None: not CFG-Zero*)
 
     @property
     def batch(self) -> int:

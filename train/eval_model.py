@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apg-eta", type=float, default=0.0)
     parser.add_argument("--apg-norm-threshold", type=float, default=0.0)
     parser.add_argument("--apg-momentum", type=float, default=0.0)
+    parser.add_argument("--zero-init-steps", type=int, help="with --guidance cfg_zero_star (default 1)")
     parser.add_argument("--sweep", choices=["none", "guidance", "samplers", "rescale", "hires"], default="none",
                         help="guidance: CFG 1 / 3 / 5 / 7.5; samplers: --sweep-samplers x --sweep-steps; rescale: "
                              "guidance rescale phi 0 / 0.3 / 0.7 / 1 at --cfg; hires: twice the native size, "
@@ -151,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         return composition_main(pipe, args)
     base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg,
                 guidance_rescale=args.guidance_rescale, pag_scale=args.pag_scale, pag_layers=args.pag_layers)
-    if args.guidance != "cfg":
-        base.update(guidance=args.guidance, apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
+    if args.guidance == "apg":
+        base.update(guidance="apg", apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
                     apg_momentum=args.apg_momentum)
+    elif args.guidance != "cfg":
+        base.update(guidance=args.guidance, zero_init_steps=args.zero_init_steps)
     if args.sweep == "guidance":
         runs = [(f"CFG {g}", {**base, "guidance_scale": g}) for g in (1.0, 3.0, 5.0, 7.5)]
     elif args.sweep == "samplers":
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pag = f", PAG {args.pag_scale} ({' '.join(args.pag_layers)})" if args.pag_scale else ""
         apg = (f", APG eta {args.apg_eta} r {args.apg_norm_threshold} momentum {args.apg_momentum}"
-               if args.guidance == "apg" else "")
+               if args.guidance == "apg" else f", {args.guidance}" if args.guidance != "cfg" else "")
         runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}{pag}{apg}", base)]
     rows = []
     for k, (name, settings) in enumerate(runs):

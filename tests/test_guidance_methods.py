@@ -1,11 +1,13 @@
-"""Adaptive projected guidance (Sadat et al. 2024) on x0: diffusers' formula, CFG as its special case, the
-projection's geometry, and the pipeline / PNG / command-line plumbing."""
+"""Guidance methods besides CFG. Adaptive projected guidance (Sadat et al. 2024) on x0: diffusers' formula, CFG as
+its special case, the projection's geometry. CFG-Zero* (Fan et al. 2025): diffusers' scale, its closed forms, the
+zero-init step. The pipeline / PNG / command-line plumbing of both."""
 import pytest
 import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+from diffusers.guiders.classifier_free_zero_star_guidance import cfg_zero_star_scale
 from PIL import Image
 
-from ldm.guidance import ProjectedGuidance
+from ldm.guidance import ProjectedGuidance, ZeroStarGuidance
 from pipelines.cli import main
 from pipelines.metadata import parse_parameters
 from pipelines.text_to_image import TextToImagePipeline
@@ -72,7 +74,10 @@ def test_pipeline_apg_with_eta_1_is_cfg_and_the_default_differs(pipe):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"guidance": "cfg++"}, "unknown guidance 'cfg\\+\\+'; known: cfg, apg"),
+    ({"guidance": "cfg++"}, "unknown guidance 'cfg\\+\\+'; known: cfg, apg, cfg_zero_star"),
+    ({"zero_init_steps": 1}, "zero_init_steps sets up guidance='cfg_zero_star'"),
+    ({"guidance": "cfg_zero_star", "zero_init_steps": 2}, "zero_init_steps must be fewer than the 2 steps"),
+    ({"guidance": "cfg_zero_star", "pag_scale": 1.0}, "CFG-Zero\\* acts on classifier-free guidance"),
     ({"apg_eta": 0.5}, "apg_eta, apg_norm_threshold and apg_momentum set up guidance='apg'"),
     ({"guidance": "apg", "apg_momentum": 1.5}, "apg_momentum must be a finite number in"),
     ({"guidance": "apg", "apg_norm_threshold": float("nan")}, "apg_norm_threshold must be a finite number"),
@@ -85,11 +90,46 @@ def test_bad_apg_settings_fail_before_any_work(pipe, kwargs, message):
         pipe(prompt, num_inference_steps=2, progress=False, **kwargs)
 
 
-def test_cli_apg_is_written_and_regenerated_from_the_png(folder, tmp_path):
+@pytest.mark.parametrize("options, written", [
+    (["--guidance", "apg", "--apg-norm-threshold", "4", "--apg-momentum", "-0.5"],
+     {"guidance": "apg", "apg_norm_threshold": 4.0, "apg_momentum": -0.5}),
+    (["--guidance", "cfg_zero_star", "--zero-init-steps", "2"], {"guidance": "cfg_zero_star", "zero_init_steps": 2}),
+])
+def test_cli_guidance_methods_are_written_and_regenerated_from_the_png(folder, tmp_path, options, written):
     first, again = tmp_path / "a.png", tmp_path / "b.png"
     assert main(["generate", "a red circle", "-o", str(first), "--model", str(folder), "--seed", "2", "--steps",
-                 "3", "--guidance", "apg", "--apg-norm-threshold", "4", "--apg-momentum", "-0.5"]) == 0
+                 "3"] + options) == 0
     params = parse_parameters(Image.open(first).info["parameters"])
-    assert (params["guidance"], params["apg_norm_threshold"], params["apg_momentum"]) == ("apg", 4.0, -0.5)
+    assert {key: params[key] for key in written} == written
     assert main(["generate", "--from", str(first), "-o", str(again)]) == 0
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
+
+
+def test_zero_star_matches_diffusers_scale_and_its_closed_forms():
+    (cond, uncond), = x0_pairs(1)
+    scale = cfg_zero_star_scale(cond.flatten(1), uncond.flatten(1)).view(-1, 1, 1, 1)
+    torch.testing.assert_close(ZeroStarGuidance.combine(uncond, cond, 4.0),
+                               scale * uncond + 4.0 * (cond - scale * uncond), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ZeroStarGuidance.combine(uncond, -3 * uncond, 7.0), -3 * uncond)  # parallel: c
+    other = cond - (cond * uncond).flatten(1).sum(1).view(-1, 1, 1, 1) / uncond.flatten(1).square().sum(1).view(
+        -1, 1, 1, 1) * uncond  # orthogonal to uncond: w c
+    torch.testing.assert_close(ZeroStarGuidance.combine(uncond, other, 7.0), 7.0 * other, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_star_zero_init_leaves_the_first_steps_where_they_start(pipe):
+    seen = []
+    settings = dict(seed=1, num_inference_steps=5, sampler="euler", guidance_scale=5.0, progress=False,
+                    output_type="latent", callback=lambda i, sigma, x, x0: seen.append(x.clone()))
+    out = pipe("a red circle", guidance="cfg_zero_star", zero_init_steps=2, **settings)
+    sigmas = pipe.sigmas(5, "euler", pipe.default_spacing())
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    start = noise * float(1 + sigmas[0] ** 2) ** 0.5  # the VE latent the sampler starts from
+    torch.testing.assert_close(seen[0], start)
+    torch.testing.assert_close(seen[1], start)
+    assert (seen[2] - start).abs().max() > 1e-2
+    assert (out.parameters[0]["guidance"], out.parameters[0]["zero_init_steps"]) == ("cfg_zero_star", 2)
+    seen.clear()
+    none = pipe("a red circle", guidance="cfg_zero_star", zero_init_steps=0, **settings).images
+    assert (seen[0] - start).abs().max() > 1e-2
+    cfg = pipe("a red circle", **settings).images
+    assert (none - cfg).abs().max() > 1e-4  # the fitted unconditional scale
