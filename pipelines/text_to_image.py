@@ -533,6 +533,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             return slerp(request.variation_strength, noise, randn_like(noise, request.variation_generators))
         if tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+        if request.variation_strength > 0:
+            raise ValueError("a variation seed varies the noise drawn from the seed; latents= gives the noise itself")
         return latents.float().cpu()
 
     def encode_request(self, request: "Request"):

@@ -71,6 +71,7 @@ def test_empty_prompt_is_unconditional_generation(pipe):
     ({"num_images_per_prompt": 0}, "num_images_per_prompt must be"),
     ({"variation_strength": 1.5}, "variation_strength must be a finite number in"),
     ({"variation_strength": 0.5, "variation_seed": -1}, "seed must be a non-negative integer"),
+    ({"variation_strength": 0.5, "latents": torch.zeros(1, 4, 8, 8)}, "latents= gives the noise itself"),
     ({"hires_scale": 1.1}, r"hires_scale 1.1 makes 17x17 pixels: each side must be a multiple of 2"),
     ({"hires_scale": float("nan")}, "hires_scale must be a finite number"),
     ({"hires_scale": 2, "hires_upscaler": "R-ESRGAN 4x+"}, "unknown hires_upscaler 'R-ESRGAN 4x\\+'; known: latent"),
