@@ -157,12 +157,15 @@ class CFGDenoiser:
 
     ``projection`` (a :class:`ProjectedGuidance`) replaces the guided combination by APG's on x0, ``zero_star``
     (a :class:`ZeroStarGuidance`) by CFG-Zero*'s; either takes a plain prompt without PAG, and APG no rescale.
+
+    ``cond_schedule`` ``[(last_step, cond, uncond), ...]`` (the A1111 web UI's prompt editing): :meth:`at_step`
+    makes sampler step k (0-based) use the first entry with ``last_step >= k``.
     """
 
     def __init__(self, denoiser: Denoiser, cond: Any, uncond: Any = None, scale: float = 7.5, rescale: float = 0.0,
                  part_weights: torch.Tensor | None = None, pag_scale: float = 0.0,
                  perturbed: Callable | None = None, projection: ProjectedGuidance | None = None,
-                 zero_star: ZeroStarGuidance | None = None):
+                 zero_star: ZeroStarGuidance | None = None, cond_schedule: list | None = None):
         self.denoiser = denoiser
         self.cond = cond
         self.uncond = uncond
@@ -187,6 +190,13 @@ class CFGDenoiser:
         if zero_star is not None and (part_weights is not None or self.pag_scale > 0 or projection is not None):
             raise ValueError("CFG-Zero* takes a plain prompt, without PAG or APG")
         self.zero_star = zero_star
+        self.cond_schedule = cond_schedule if cond_schedule is not None and len(cond_schedule) > 1 else None
+
+    def at_step(self, step: int) -> None:
+        """Use the conditioning the schedule gives sampler step ``step`` (no schedule: nothing changes)."""
+        if self.cond_schedule is not None:
+            _, self.cond, self.uncond = next((entry for entry in self.cond_schedule if entry[0] >= step),
+                                             self.cond_schedule[-1])
 
     @property
     def guided(self) -> bool:

@@ -242,7 +242,8 @@ def emphasize(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tenso
     batch, windows, length = weights.shape
     states = hidden.float().reshape(batch, windows, length, -1)
     weighted = states * weights.to(states)[..., None]
-    scale = states.mean(dim=(2, 3), keepdim=True) / weighted.mean(dim=(2, 3), keepdim=True)
+    before, after = states.mean(dim=(2, 3), keepdim=True), weighted.mean(dim=(2, 3), keepdim=True)
+    scale = torch.where(after == 0, torch.ones_like(after), before / after)  # a zero-mean window keeps its scale
     return (weighted * scale).reshape(hidden.shape)  # float32
 
 
@@ -263,6 +264,144 @@ def split_conjunction(prompt: str) -> list[tuple[str, float]]:
         if not math.isfinite(parts[-1][1]):
             raise ValueError(f"sub-prompt weight must be finite, got {match.group(2)[:20]}... in {part[:40]!r}")
     return parts
+
+
+class _Unparsed(Exception):
+    """A bracket that does not close as a construct; at the top level the web UI then reads it as a character."""
+
+
+def _parse_prompt(text: str, i: int, stops: str) -> tuple[list, int]:
+    """Nodes of ``text`` from ``i`` up to an unescaped character of ``stops`` at this depth: strings (emphasis
+    brackets and escapes kept for :func:`parse_emphasis`), ``("edit", before, after, when)`` and
+    ``("alternate", options)``, where before / after / options are node lists. At the top level (no ``stops``)
+    a bracket that does not close is a plain character, as in the web UI's grammar."""
+    nodes, plain = [], []
+    while i < len(text) and text[i] not in stops:
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            plain.append(text[i:i + 2])
+            i += 2
+            continue
+        if char in "([":
+            try:
+                construct, after = _parse_round(text, i + 1) if char == "(" else _parse_square(text, i + 1)
+            except _Unparsed:
+                if stops:
+                    raise
+                plain.append(char)
+                i += 1
+                continue
+            nodes += ["".join(plain), *construct]
+            plain, i = [], after
+        elif char in ")]" and stops:
+            raise _Unparsed
+        else:
+            plain.append(char)
+            i += 1
+    return nodes + ["".join(plain)], i
+
+
+def _parse_round(text: str, i: int) -> tuple[list, int]:
+    """After a ``(``: emphasis, kept as text around its parsed inside."""
+    inner, i = _parse_prompt(text, i, ")")
+    if i >= len(text):
+        raise _Unparsed
+    return ["(", *inner, ")"], i + 1
+
+
+_WHEN = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*")
+
+
+def _parse_square(text: str, i: int) -> tuple[list, int]:
+    """After a ``[``: ``[before:after:when]`` / ``[after:when]`` editing, ``[a|b|...]`` alternation, or ``[text]``
+    (de-emphasis, kept as text). In an edit, ``|`` is a plain character (the web UI's reading of
+    ``[{b|d{:.5]``)."""
+    parts, separators = [], []
+    while True:
+        part, i = _parse_prompt(text, i, ":|]")
+        parts.append(part)
+        if i >= len(text):
+            raise _Unparsed
+        if text[i] == "]":
+            break
+        separators.append(text[i])
+        i += 1
+    if ":" in separators:
+        merged = [parts[0]]
+        for separator, part in zip(separators, parts[1:]):
+            if separator == "|":
+                merged[-1] = [*merged[-1], "|", *part]
+            else:
+                merged.append(part)
+        when = parts[-1]
+        if len(merged) > 3 or any(not isinstance(node, str) for node in when) or \
+                not _WHEN.fullmatch("".join(when)):
+            raise _Unparsed
+        return [("edit", merged[0] if len(merged) == 3 else [], merged[-2], "".join(when).strip())], i + 1
+    if separators:
+        return [("alternate", parts)], i + 1
+    return ["[", *parts[0], "]"], i + 1
+
+
+def _edit_step(when: str, steps: int, first_pass_steps: int | None) -> int:
+    """The step of ``[a:b:when]`` in the web UI's (1.6+) reading: a number with a point is a fraction of the
+    steps, one without a step count; in a hires fix's second pass (``first_pass_steps`` given), 1.5 is half-way
+    through it and 25 the fifth step after 20 first-pass ones. At most ``steps``."""
+    value = float(when)
+    if "." in when:
+        value = (value - (first_pass_steps is not None)) * steps
+    elif first_pass_steps is not None:
+        value -= first_pass_steps
+    return min(steps, int(value))
+
+
+def _text_at(nodes: list, step: int, when_of) -> str:
+    """The prompt ``nodes`` say at 1-based ``step``: an edit's ``before`` up to and including its step, then
+    ``after``; option ``(step - 1) mod n`` of an alternation."""
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif node[0] == "edit":
+            _, before, after, when = node
+            out.append(_text_at(before if step <= when_of(when) else after, step, when_of))
+        else:
+            options = node[1]
+            out.append(_text_at(options[(step - 1) % len(options)], step, when_of))
+    return "".join(out)
+
+
+def _edit_steps(nodes: list, steps: int, when_of) -> set[int]:
+    """The steps after which the prompt ``nodes`` describe may change."""
+    found = set()
+    for node in nodes:
+        if isinstance(node, tuple) and node[0] == "edit":
+            step = when_of(node[3])
+            found |= {step} if step >= 1 else set()
+            found |= _edit_steps(node[1], steps, when_of) | _edit_steps(node[2], steps, when_of)
+        elif isinstance(node, tuple):
+            found |= set(range(1, steps + 1))
+            for option in node[1]:
+                found |= _edit_steps(option, steps, when_of)
+    return found
+
+
+def prompt_schedule(prompt: str, steps: int, first_pass_steps: int | None = None) -> list[tuple[int, str]]:
+    """The A1111 web UI's prompt editing (``modules/prompt_parser.py``): ``[before:after:when]`` says ``before``
+    up to step ``when`` and ``after`` from then on (``when`` with a point: a fraction of the steps); ``[after:when]``
+    adds, ``[before::when]`` removes; ``[a|b|c]`` alternates every step; they nest, emphasis brackets are kept, and
+    a bracket that does not close is text. ``first_pass_steps``: these are a hires fix's second-pass steps (see
+    :func:`_edit_step`). Returns the web UI's schedule ``[(last_step, text), ...]`` (sorted, the last at
+    ``steps``); sampler step k (0-based) uses the first entry with ``last_step >= k``, as the web UI reads it."""
+    try:
+        nodes, _ = _parse_prompt(prompt, 0, "")
+    except RecursionError:
+        return [(steps, prompt)]
+
+    def when_of(when: str) -> int:
+        return _edit_step(when, steps, first_pass_steps)
+
+    return [(step, _text_at(nodes, step, when_of)) for step in sorted(_edit_steps(nodes, steps, when_of) | {steps})]
 
 
 def plain_text(prompt: str) -> str:

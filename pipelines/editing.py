@@ -125,7 +125,7 @@ class EditingMixin:
         control = None if request.control is None else F.interpolate(request.control, size=(height, width),
                                                                       mode="bilinear", antialias=True)
         return replace(request, height=height, width=width, steps=steps, generators=generators,
-                       variation_generators=variation or None, control=control)
+                       variation_generators=variation or None, control=control, first_pass_steps=request.steps)
 
     def upscale_latents(self, latents: torch.Tensor, size: tuple[int, int], upscaler: str) -> torch.Tensor:
         """Latents ``(B, C, h, w)`` (network units) for images of ``size`` (height, width) pixels: interpolated in

@@ -25,7 +25,7 @@ from ldm.loading import Components, load_components
 from ldm.samplers import SAMPLERS, get_sampler, randn_like, slerp
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import (EMPHASIS_SYNTAXES, T5_TOKENS, emphasize, encode_tokens, encode_tokens_and_pooled, plain_text,
-                      sd3_context, split_conjunction, tokenize_batch, tokenize_weighted_batch)
+                      prompt_schedule, sd3_context, split_conjunction, tokenize_batch, tokenize_weighted_batch)
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_prompts
 from pipelines.compiled import COMPILE_BACKENDS, CompiledNetwork
 from pipelines.controlnet import ControlNetMixin, control_residuals
@@ -538,26 +538,51 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         return latents.float().cpu()
 
     def encode_request(self, request: "Request"):
-        """``(cond, uncond, part_weights)`` for :class:`CFGDenoiser`. With ``emphasis="a1111"`` each prompt is split
+        """``(schedule, part_weights)`` for :class:`CFGDenoiser`: ``schedule`` is ``[(last_step, cond, uncond)]``,
+        one entry unless the A1111 prompt editing of ``emphasis="a1111"`` changes a prompt or negative prompt
+        during sampling (``ldm.text.prompt_schedule``; every image's schedule merged, each distinct set of texts
+        encoded once), ``part_weights`` as :meth:`encode_texts` gives them."""
+        if request.emphasis != "a1111":
+            cond, uncond, part_weights = self.encode_texts(request, request.prompts, request.negatives)
+            return [(request.steps, cond, uncond)], part_weights
+        schedules = [prompt_schedule(text, request.steps, request.first_pass_steps)
+                     for text in request.prompts + request.negatives]
+        boundaries = sorted({step for schedule in schedules for step, _ in schedule} | {request.steps})
+        entries, encoded = [], {}
+        for boundary in boundaries:
+            texts = tuple(next(text for step, text in schedule if step >= boundary) for schedule in schedules)
+            if texts not in encoded:
+                encoded[texts] = self.encode_texts(request, list(texts[:request.batch]), list(texts[request.batch:]))
+            cond, uncond, part_weights = encoded[texts]
+            entries.append((boundary, cond, uncond))
+        weights = [part_weights for _, _, part_weights in encoded.values()]
+        if any((w is None) != (weights[0] is None) or w is not None and not torch.equal(w, weights[0])
+               for w in weights):
+            raise ValueError("prompt editing may not change how a prompt is composed with AND")
+        return entries, weights[0]
+
+    def encode_texts(self, request: "Request", prompts: list[str], negatives: list[str]):
+        """``(cond, uncond, part_weights)`` for the texts of one sampling step. With ``emphasis="a1111"`` each prompt is split
         at ``AND`` into weighted sub-prompts (``ldm.text.split_conjunction``; the negative prompt is not split, as
         in the web UI); a batch whose prompts are all one sub-prompt of weight 1 is plain CFG (``part_weights``
         None), otherwise its sub-prompts are encoded part-major, images with fewer padded by weight-0 empty ones
         (every image then costs 1 + K network evaluations per step, K the batch's most parts)."""
         size = (request.height, request.width)
-        parts = [split_conjunction(p) if request.emphasis == "a1111" else [(p, 1.0)] for p in request.prompts]
+        parts = [split_conjunction(p) if request.emphasis == "a1111" else [(p, 1.0)] for p in prompts]
         if all(len(p) == 1 and p[0][1] == 1.0 for p in parts):
-            cond, uncond = self.encode_prompt([p[0][0] for p in parts], request.negatives, size, request.clip_skip,
+            cond, uncond = self.encode_prompt([p[0][0] for p in parts], negatives, size, request.clip_skip,
                                               request.emphasis)
             return cond, uncond, None
         count = max(len(p) for p in parts)
         parts = [p + [("", 0.0)] * (count - len(p)) for p in parts]
         texts = [p[k][0] for k in range(count) for p in parts]  # part-major: (K * B,)
-        cond, uncond = self.encode_prompt(texts, request.negatives, size, request.clip_skip, request.emphasis)
+        cond, uncond = self.encode_prompt(texts, negatives, size, request.clip_skip, request.emphasis)
         return cond, uncond, torch.tensor([[weight for _, weight in p] for p in parts])  # (B, K)
 
     def guided(self, request: "Request", denoiser: Denoiser) -> CFGDenoiser:
         """The request's prompts encoded and wrapped with its guidance: ``model(x, sigma) -> x0``."""
-        cond, uncond, part_weights = self.encode_request(request)
+        schedule, part_weights = self.encode_request(request)
+        _, cond, uncond = schedule[0]
         if part_weights is not None and self.attention.controller is not None:
             raise ValueError("attention controllers read the CFG batch as two halves; a prompt composed with AND "
                              "runs 1 + K of them")
@@ -566,7 +591,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                              "run together")
         perturbed = self.perturbed_pass(denoiser, request.pag_layers) if request.pag_scale > 0 else None
         if self.is_guidance_distilled:  # the scale is in the network's embedding (checked in prepare): one pass
-            return CFGDenoiser(denoiser, cond, uncond, 1.0)
+            return CFGDenoiser(denoiser, cond, uncond, 1.0, cond_schedule=schedule)
         projection = None if request.apg is None else ProjectedGuidance(*request.apg)  # its momentum: this pass's
         zero_star = None
         if request.zero_init_steps is not None:  # zero at the first steps of the whole list (an img2img may skip them)
@@ -574,7 +599,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             zero_star = ZeroStarGuidance(float(sigmas[request.zero_init_steps - 1]) if request.zero_init_steps
                                          else math.inf)
         return CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights,
-                           request.pag_scale, perturbed, projection, zero_star)
+                           request.pag_scale, perturbed, projection, zero_star, schedule)
 
     def perturbed_pass(self, denoiser: Denoiser, layers: Sequence[str]) -> Callable:
         """``(x, sigma, cond) -> network output`` with the self-attention maps ``layers`` names replaced by the
@@ -598,6 +623,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         ``first_step`` is the index of ``sigmas[0]`` in the whole sampling run when ``sigmas`` is a piece of it
         (the callback and the attention hook see whole-run step indices)."""
         model = self.guided(request, denoiser)
+        model.at_step(first_step)
         uncond = model.uncond
 
         def set_uncond(step):
@@ -615,6 +641,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
         def on_step(i, sigma, x_i, x0):
             self.attention.step = first_step + i + 1
+            model.at_step(first_step + i + 1)
             set_uncond(first_step + i + 1)
             bar.update(1)
             return callback(first_step + i, sigma, x_i, x0) if callback is not None else None
@@ -716,9 +743,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if request.pag_scale > 0:
             refiner.pag_places(request.pag_layers)  # before the base stage runs
         x = self.denoise(request, denoiser, x, sigmas[:split + 1], callback, progress)
-        later = None if callback is None else (lambda i, *rest: callback(i + split, *rest))
         refined = refiner.denoiser(request.sampler, request.spacing)
-        x = refiner.denoise(request, refined, x, sigmas[split:], later, progress)
+        x = refiner.denoise(request, refined, x, sigmas[split:], callback, progress, first_step=split)
         return self.finish(request, refined.to_model_space(x, float(sigmas[-1])), refiner=refiner.name,
                            refiner_switch=refiner_switch)
 
@@ -790,6 +816,7 @@ class Request:
     guidance: str = "cfg"  # ldm.guidance.GUIDANCE_METHODS
     apg: tuple[float, float, float] | None = None  # adaptive projected guidance: (eta, norm threshold, momentum)
     zero_init_steps: int | None = None  # CFG-Zero*'s zero-init (None: not CFG-Zero*)
+    first_pass_steps: int | None = None  # a hires fix's second pass: the first pass's steps (prompt editing)
 
     @property
     def batch(self) -> int:

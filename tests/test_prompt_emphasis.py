@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ldm.guidance import CFGDenoiser, rescale_guidance
-from ldm.text import (BREAK, emphasize, load_tokenizer, parse_emphasis, plain_text, split_conjunction, token_windows,
-                      tokenize_weighted_batch, weighted_token_windows)
+from ldm.text import (BREAK, emphasize, load_tokenizer, parse_emphasis, plain_text, prompt_schedule, split_conjunction,
+                      token_windows, tokenize_weighted_batch, weighted_token_windows)
 from ldm.prompt_to_prompt import AttentionStore
 from pipelines.metadata import format_parameters, parse_parameters
 from pipelines.random_models import save_random_sdxl
@@ -63,6 +63,12 @@ def test_emphasis_keeps_each_windows_mean_and_scales_tokens_relatively():
     scale = result[0, 0, 0] / windows[0, 0, 0]
     torch.testing.assert_close(result[0, 0, 2] / windows[0, 0, 2], 2 * scale)
     assert torch.equal(result[1], windows[1]) and torch.equal(result[0, 1], windows[0, 1])  # unweighted windows
+
+
+def test_a_window_whose_states_average_to_zero_is_not_divided_by_zero():
+    hidden = torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])  # (1, 2 tokens, 2): mean 0
+    out = emphasize(hidden, torch.tensor([[[1.0, 1.2]]]))
+    assert torch.equal(out, torch.tensor([[[1.0, -1.0], [2.4, -2.4]]]))
 
 
 def test_pipeline_weighs_the_prompt_and_leaves_plain_prompts_alone(tiny_model_factory):
@@ -167,3 +173,55 @@ def test_flow_mmdit_composes_dict_conditionings(tmp_path):
     single = pipe("a red circle", guidance_scale=6.0, **run).images
     composed = pipe("a red circle AND a red circle", guidance_scale=3.0, emphasis="a1111", **run).images
     torch.testing.assert_close(composed, single, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompt, schedule", [  # the web UI's documented parses (modules/prompt_parser.py), 10 steps
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("a [{b|d{:.5] c", [(5, "a  c"), (10, "a {b|d{ c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", [(k, "a" if k % 2 else "(b:1.1)") for k in range(1, 11)]),
+    ("[fe|]male", [(k, "female" if k % 2 else "male") for k in range(1, 11)]),
+    ("[fe|||]male", [(k, "female" if k % 4 == 1 else "male") for k in range(1, 11)]),
+])
+def test_prompt_editing_schedules_as_the_web_ui(prompt, schedule):
+    assert prompt_schedule(prompt, 10) == schedule
+
+
+def test_prompt_editing_in_a_hires_pass_counts_from_the_first_pass():
+    assert prompt_schedule("a [b:.5] c", 10, first_pass_steps=10) == [(10, "a b c")]  # the web UI's examples
+    assert prompt_schedule("a [b:1.5] c", 10, first_pass_steps=10) == [(5, "a  c"), (10, "a b c")]
+    assert prompt_schedule("a [b:25] c", 10, first_pass_steps=20) == [(5, "a  c"), (10, "a b c")]
+    long = ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
+            "[ in background:0.25] [shoddy:masterful:0.5]")
+    assert [step for step, _ in prompt_schedule(long, 100)] == [25, 50, 60, 75, 100]
+    assert prompt_schedule(long, 100)[2][1] == ("fantasy landscape with a lake and an oak in foreground in "
+                                               "background masterful")
+
+
+def test_prompt_editing_switches_the_conditioning_after_its_step(tiny_model_factory):
+    """"[A:B:3]" over 6 steps: sampler steps 0-3 see A and 4-5 see B (the web UI's counter), which is the
+    sampler run on A to sigma 4 and continued on B; and the negative prompt is edited the same way."""
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_factory())
+    settings = dict(num_inference_steps=6, sampler="euler", seed=3, guidance_scale=4.0, output_type="latent")
+    edited = pipe("[a red circle:a blue square:3]", negative_prompt="[dark:light:3]", emphasis="a1111",
+                  progress=False, **settings).images
+    first = pipe.prepare("a red circle", negative_prompt="dark", **settings)
+    second = pipe.prepare("a blue square", negative_prompt="light", **settings)
+    sigmas = pipe.sigmas(6, "euler", first.spacing)
+    denoiser = pipe.denoiser("euler", first.spacing)
+    x = pipe.initial_noise(first) * denoiser.noise_scale(sigmas[0])
+    x = pipe.denoise(first, denoiser, x, sigmas[:5], progress=False)
+    x = pipe.denoise(second, denoiser, x, sigmas[4:], progress=False, first_step=4)
+    torch.testing.assert_close(edited, denoiser.to_model_space(x, float(sigmas[-1])), atol=1e-5, rtol=1e-5)
+    plain = pipe("[a red circle:a blue square:3]", progress=False, **settings).images  # emphasis "none"
+    assert (plain - edited).abs().max() > 1e-3
+    whole = pipe("[a red circle:a blue square:6]", emphasis="a1111", progress=False, **settings).images
+    torch.testing.assert_close(whole, pipe("a red circle", progress=False, **settings).images)
