@@ -101,8 +101,9 @@ SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)') 
 
 
 def parse_parameters(text: str) -> dict:
-    """Inverse of :func:`format_parameters`; unknown labels are ignored. Raises ValueError if there is no
-    ``Steps:`` line."""
+    """Inverse of :func:`format_parameters`; unknown labels are ignored. Text that is not ours (no "Schedule:",
+    which ours always write) is the web UI's, whose prompts are in its syntax: its emphasis is then ``a1111``.
+    Raises ValueError if there is no ``Steps:`` line."""
     lines = text.strip("\n").split("\n")
     settings_line = lines[-1]
     if "Steps: " not in settings_line:
@@ -120,6 +121,8 @@ def parse_parameters(text: str) -> dict:
     if "size" in params:
         width, _, height = params.pop("size").partition("x")
         params["width"], params["height"] = int(width), int(height)
+    if "timestep_spacing" not in params and "emphasis" not in params:
+        params["emphasis"] = "a1111"  # ours always write "Schedule:"; the web UI always reads its prompt syntax
     return from_a1111_names(params)
 
 

@@ -562,11 +562,12 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         return entries, weights[0]
 
     def encode_texts(self, request: "Request", prompts: list[str], negatives: list[str]):
-        """``(cond, uncond, part_weights)`` for the texts of one sampling step. With ``emphasis="a1111"`` each prompt is split
-        at ``AND`` into weighted sub-prompts (``ldm.text.split_conjunction``; the negative prompt is not split, as
-        in the web UI); a batch whose prompts are all one sub-prompt of weight 1 is plain CFG (``part_weights``
-        None), otherwise its sub-prompts are encoded part-major, images with fewer padded by weight-0 empty ones
-        (every image then costs 1 + K network evaluations per step, K the batch's most parts)."""
+        """``(cond, uncond, part_weights)`` for the texts of one sampling step. With ``emphasis="a1111"`` each
+        prompt is split at ``AND`` into weighted sub-prompts (``ldm.text.split_conjunction``; the negative prompt
+        is not split, as in the web UI); a batch whose prompts are all one sub-prompt of weight 1 is plain CFG
+        (``part_weights`` None), otherwise its sub-prompts are encoded part-major, images with fewer padded by
+        weight-0 empty ones (every image then costs 1 + K network evaluations per step, K the batch's most
+        parts)."""
         size = (request.height, request.width)
         parts = [split_conjunction(p) if request.emphasis == "a1111" else [(p, 1.0)] for p in prompts]
         if all(len(p) == 1 and p[0][1] == 1.0 for p in parts):

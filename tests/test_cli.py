@@ -60,21 +60,26 @@ def test_generate_writes_parameters_and_from_regenerates_the_same_image(tiny_mod
 
 
 def test_from_regenerates_an_a1111_image_with_our_names(tiny_model_factory, tmp_path):
-    """An image the A1111 web UI wrote ("Sampler: DPM++ 2M Karras") regenerates with dpmpp_2m on Karras sigmas."""
+    """An image the A1111 web UI wrote ("Sampler: DPM++ 2M Karras") regenerates with dpmpp_2m on Karras sigmas,
+    its prompt read in the web UI's syntax."""
     from PIL import PngImagePlugin
 
     folder, source = tiny_model_factory(), tmp_path / "a1111.png"
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", "a red circle\nNegative prompt: blue\nSteps: 3, Sampler: DPM++ 2M Karras, "
-                                f"CFG scale: 5, Seed: 3, Size: 16x16, Model hash: 0123abcd, Model: {folder}")
+    info.add_text("parameters", "a (red:1.3) [circle:square:1]\nNegative prompt: blue\nSteps: 3, "
+                                "Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 3, Size: 16x16, Model hash: 0123abcd, "
+                                f"Model: {folder}")
     Image.new("RGB", (16, 16)).save(source, pnginfo=info)
     assert main(["generate", "--from", str(source), "-o", str(tmp_path / "again.png")]) == 0
     params = parse_parameters(Image.open(tmp_path / "again.png").info["parameters"])
     assert (params["sampler"], params["timestep_spacing"], params["negative_prompt"]) == ("dpmpp_2m", "karras", "blue")
-    assert main(["generate", "a red circle", "--negative", "blue", "--steps", "3", "--sampler", "dpmpp_2m",
-                 "--spacing", "karras", "--cfg", "5", "--seed", "3", "--size", "16", "--model", str(folder),
-                 "-o", str(tmp_path / "direct.png")]) == 0
+    assert params["emphasis"] == "a1111"
+    direct = ["generate", "a (red:1.3) [circle:square:1]", "--negative", "blue", "--steps", "3", "--sampler",
+              "dpmpp_2m", "--spacing", "karras", "--cfg", "5", "--seed", "3", "--size", "16", "--model", str(folder)]
+    assert main(direct + ["--emphasis", "a1111", "-o", str(tmp_path / "direct.png")]) == 0
     assert Image.open(tmp_path / "again.png").tobytes() == Image.open(tmp_path / "direct.png").tobytes()
+    assert main(direct + ["-o", str(tmp_path / "literal.png")]) == 0  # brackets as text: another image
+    assert Image.open(tmp_path / "again.png").tobytes() != Image.open(tmp_path / "literal.png").tobytes()
 
 
 def test_a1111_hires_fix_and_variation_seed_fields_become_ours():
