@@ -118,16 +118,9 @@ class ZeroStarGuidance:
     """CFG-Zero* (Fan et al. 2025, "CFG-Zero*: Improved Classifier-Free Guidance for Flow Matching Models", sec.
     4.1-4.2) on the network's prediction (a flow model's velocity, as in the paper; ε or v of a diffusion model, as
     diffusers applies it): the unconditional prediction is scaled by ``s* = <c, u> / |u|^2`` per image, the
-    least-squares fit of ``c`` by ``u``, and ``out = s* u + w (c - s* u)``; and the prediction is zero at sigmas
-    of at least ``zero_init_sigma`` (the paper's zero-init of the first steps: the step leaves ``x`` where it is,
-    since a velocity estimated from pure noise is the least reliable). ``c`` parallel to ``u`` gives ``c`` at every
-    scale; ``c`` orthogonal to ``u``, ``w c``."""
-
-    def __init__(self, zero_init_sigma: float = math.inf):
-        self.zero_init_sigma = zero_init_sigma
-
-    def zeroes(self, sigma: float) -> bool:
-        return sigma >= self.zero_init_sigma
+    least-squares fit of ``c`` by ``u``, and ``out = s* u + w (c - s* u)``. ``c`` parallel to ``u`` gives ``c`` at
+    every scale; ``c`` orthogonal to ``u``, ``w c``. (The paper's zero-init of the first steps is a sampling
+    matter: ``TextToImagePipeline.denoise``.)"""
 
     @staticmethod
     def combine(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -205,8 +198,6 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.part_weights is not None:
             return self.composed(x, sigma)
-        if self.zero_star is not None and self.zero_star.zeroes(float(sigma.max())):
-            return self.denoiser.to_x0(x, sigma, torch.zeros_like(x))
         out_perturbed = self.perturbed(x, sigma, self.cond) if self.pag_scale > 0 else None
         if not self.guided:
             if out_perturbed is None:

@@ -103,6 +103,10 @@ def generation_settings(args) -> dict:
     if "prompt" not in settings:
         raise UsageError("give a prompt, or --from an image that has generation parameters")
     settings.update(sampling_settings(args))
+    if args.guidance is not None:  # another method's settings from --from do not carry over
+        for key in ("apg_eta", "apg_norm_threshold", "apg_momentum", "zero_init_steps"):
+            if getattr(args, key) is None:
+                settings.pop(key, None)
     typed_hires = {"hires_scale": args.hires_scale, "hires_upscaler": args.hires_upscaler,
                    "hires_steps": args.hires_steps, "strength": args.hires_strength}
     settings.update({k: v for k, v in typed_hires.items() if v is not None})
@@ -190,6 +194,9 @@ def save_images(result, paths: list[Path]) -> None:
 def cmd_generate(args) -> int:
     settings = generation_settings(args)
     paths = output_paths(Path(args.output), args.n)
+    if settings.get("hires_scale") is None and any(
+            v is not None for v in (args.hires_upscaler, args.hires_strength, args.hires_steps)):
+        raise UsageError("--hires-upscaler, --hires-strength and --hires-steps set up a hires fix; give --hires-scale")
     pipe = load_pipeline(args, settings)
     refiner = {}
     if args.refiner:
@@ -203,8 +210,6 @@ def cmd_generate(args) -> int:
     hires = {}
     if settings.get("hires_scale") is not None:
         hires = {arg: settings[key] for key, arg in HIRES_ARGUMENTS.items() if settings.get(key) is not None}
-    elif any(v is not None for v in (args.hires_upscaler, args.hires_strength, args.hires_steps)):
-        raise UsageError("--hires-upscaler, --hires-strength and --hires-steps set up a hires fix; give --hires-scale")
     save_images(pipe(settings["prompt"], num_images_per_prompt=args.n, **pipeline_arguments(settings),
                      **control_arguments(args), **refiner, **hires), paths)
     return 0
@@ -295,8 +300,10 @@ def flow_edit_command(args, source_path: Path, edited_path: Path) -> int:
     source); the attention options are prompt-to-prompt's and are refused here."""
     if args.inversion or args.null_text:
         raise UsageError("--method flowedit needs no inversion: give --image, or nothing to edit a generation")
-    pipe = load_pipeline(args)
     settings = pipeline_arguments(sampling_settings(args))
+    if settings.get("variation_strength"):
+        raise UsageError("--method flowedit draws fresh noise at every step; a variation seed does not apply")
+    pipe = load_pipeline(args)
     options = dict(strength=args.strength, source_guidance_scale=args.source_cfg, **settings)
     if args.image:
         result = pipe.flow_edit(args.image, args.source, args.target, **options)

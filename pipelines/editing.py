@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ldm.guidance import CFGDenoiser
 from ldm.inversion import invert_ddim, null_text_optimization
 from ldm.samplers import apply_step_callback, renoise, repaint_path
+from ldm.text import prompt_schedule
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_strength
 from pipelines.images import image_tensor, mask_tensor
 
@@ -81,33 +82,46 @@ class EditingMixin:
         of a generation, as ComfyUI chains samplers). ``settings`` are those of the text-to-image call
         (negative_prompt, num_inference_steps, sampler, ...)."""
         strength = check_strength(strength)
-        if isinstance(image, torch.Tensor):
-            x0 = self.check_latents(image)
-        else:
-            x0 = self.encode(image_tensor(image, self.vae_scale_factor))
         factor = self.vae_scale_factor
-        request = self.prepare(prompt, height=x0.shape[2] * factor, width=x0.shape[3] * factor, **settings)
+        latents = self.check_latents(image) if isinstance(image, torch.Tensor) else None
+        pixels = image_tensor(image, factor) if latents is None else None
+        size = (latents.shape[2] * factor, latents.shape[3] * factor) if latents is not None else pixels.shape[2:]
+        request = self.prepare(prompt, height=size[0], width=size[1], **settings)  # all checks before the VAE
+        x0 = latents if latents is not None else self.encode(pixels)
         return self.sdedit(request, x0.expand(request.batch, -1, -1, -1), strength, callback, progress)
 
+    def sdedit_sigmas(self, request, strength: float, exact_steps: bool = False) -> torch.Tensor:
+        """The sigmas SDEdit walks: the last ``int(steps * strength)`` of the request's list (diffusers' rule);
+        with ``exact_steps``, exactly ``request.steps`` steps, the last of a list of ``int(steps / strength)``
+        (the web UI's img2img with fixed steps, as its hires fix runs). One sigma when nothing is to be done."""
+        if exact_steps:
+            if strength == 0:
+                return self.sigmas(request.steps, request.sampler, request.spacing)[-1:]
+            total = int(request.steps / min(strength, 0.999))
+            return self.sigmas(total, request.sampler, request.spacing)[total - request.steps:]
+        start = self.start_index(request.steps, strength)
+        return self.sigmas(request.steps, request.sampler, request.spacing)[start:]
+
     def sdedit(self, request, x0: torch.Tensor, strength: float, callback=None, progress: bool = True,
-               **extra):
+               exact_steps: bool = False, **extra):
         """SDEdit's sampling for a prepared ``request`` from clean latents ``x0`` ``(B, C, h, w)`` (network units):
         the first noise of each image's generator (and variation seed) scaled to the start sigma, then the
-        request's sampler down the rest of its list. ``extra``: parameters recorded beside ``strength``."""
-        start = self.start_index(request.steps, strength)
-        if start == request.steps:
+        request's sampler down the rest of its list (see :meth:`sdedit_sigmas`). ``extra``: parameters recorded
+        beside ``strength``."""
+        sigmas = self.sdedit_sigmas(request, strength, exact_steps)
+        if len(sigmas) == 1:
             return self.finish(request, x0, strength=strength, **extra)
-        sigmas = self.sigmas(request.steps, request.sampler, request.spacing)[start:]
         denoiser = self.denoiser(request.sampler, request.spacing, request=request)
         x = x0 + float(sigmas[0]) * self.initial_noise(request).to(x0.device)
         x = self.denoise(request, denoiser, x, sigmas, callback, progress)
         return self.finish(request, denoiser.to_model_space(x, float(sigmas[-1])), strength=strength, **extra)
 
-    def hires_request(self, request, scale, upscaler: str, steps: int | None):
+    def hires_request(self, request, scale, upscaler: str, steps: int | None, strength: float):
         """The second pass of a hires fix (the A1111 web UI's "Hires. fix"): ``request`` at ``scale`` times the
-        size (each side a multiple of the VAE's factor), ``steps`` steps (None: as many as the first pass), its
-        noise drawn afresh from each image's seed (and variation seed) as the web UI does, or from the caller's
-        generators where it gave generators; the control image resized. Raises ValueError before any work."""
+        size (each side a multiple of the VAE's factor), exactly ``steps`` steps at ``strength`` (None: as many as
+        the first pass; see :meth:`sdedit_sigmas`), its noise drawn afresh from each image's seed (and variation
+        seed) as the web UI does, or from the caller's generators where it gave generators; the control image
+        resized. Raises ValueError before any work."""
         check_finite("hires_scale", scale, 1.0, 8.0)
         if upscaler not in HIRES_UPSCALERS:
             raise ValueError(f"unknown hires_upscaler {upscaler!r}; known: {', '.join(HIRES_UPSCALERS)}")
@@ -116,16 +130,16 @@ class EditingMixin:
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(f"hires_scale {scale:g} makes {width}x{height} pixels: each side must be a multiple of "
                              f"{self.vae_scale_factor}")
-        self.sigmas(steps, request.sampler, request.spacing)
-        if request.zero_init_steps is not None and request.zero_init_steps >= steps:
-            raise ValueError(f"zero_init_steps must be fewer than the hires pass's {steps} steps")
         seeded = all(seed is not None for seed in request.seeds)
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds] if seeded else request.generators
         variation = request.variation_seeds and [torch.Generator("cpu").manual_seed(s) for s in request.variation_seeds]
         control = None if request.control is None else F.interpolate(request.control, size=(height, width),
                                                                       mode="bilinear", antialias=True)
-        return replace(request, height=height, width=width, steps=steps, generators=generators,
-                       variation_generators=variation or None, control=control, first_pass_steps=request.steps)
+        hires = replace(request, height=height, width=width, steps=steps, generators=generators,
+                        variation_generators=variation or None, control=control, first_pass_steps=request.steps)
+        self.sdedit_sigmas(hires, strength, exact_steps=True)  # raises on a list the schedule cannot space
+        self.check_prompt_editing(hires)
+        return hires
 
     def upscale_latents(self, latents: torch.Tensor, size: tuple[int, int], upscaler: str) -> torch.Tensor:
         """Latents ``(B, C, h, w)`` (network units) for images of ``size`` (height, width) pixels: interpolated in
@@ -164,6 +178,9 @@ class EditingMixin:
             raise ValueError("flow_edit does not take a control_image")
         if request.variation_strength > 0:
             raise ValueError("flow_edit draws fresh noise at every step; a variation seed does not apply")
+        texts = request.prompts + request.negatives + source_request.prompts
+        if request.emphasis == "a1111" and any(len(prompt_schedule(text, request.steps)) > 1 for text in texts):
+            raise ValueError("flow_edit takes prompts without prompt editing ([a:b:when], [a|b])")
         x_src = x_src.expand(request.batch, -1, -1, -1)
         start = self.start_index(request.steps, strength)
         extra = dict(source_prompt=source_prompt, strength=strength, source_cfg_scale=source_guidance_scale,

@@ -32,6 +32,7 @@ FIELDS = (
     ("hires_scale", "Hires upscale", float),
     ("hires_steps", "Hires steps", int),
     ("hires_upscaler", "Hires upscaler", str),
+    ("hires_resize", "Hires resize", str),  # the web UI's hires target size; read as a scale, never written
     ("mask_mode", "Mask mode", str),
     ("jump_length", "RePaint jump length", int),
     ("jump_n_sample", "RePaint jump samples", int),
@@ -132,6 +133,13 @@ def from_a1111_names(params: dict) -> dict:
     ``timestep_spacing="karras"``; ``latent_bicubic``); ours pass."""
     if params.get("hires_upscaler") in A1111_UPSCALERS:
         params["hires_upscaler"] = A1111_UPSCALERS[params["hires_upscaler"]]
+    if params.get("emphasis") == "Original":  # the web UI's name for its default rule (Forge writes it)
+        params["emphasis"] = "a1111"
+    resize = params.pop("hires_resize", None)
+    if resize and "hires_scale" not in params and "width" in params:
+        width, _, height = resize.partition("x")
+        if width.isdigit() and height.isdigit() and int(width) * params["height"] == int(height) * params["width"]:
+            params["hires_scale"] = int(width) / params["width"]
     sampler, schedule = params.get("sampler"), params.pop("schedule_type", None)
     if sampler is not None and sampler not in A1111_SAMPLERS:
         name, _, suffix = sampler.rpartition(" ")

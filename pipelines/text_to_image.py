@@ -5,7 +5,6 @@ work starts, and turns latents into images.
 """
 from __future__ import annotations
 
-import math
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -417,11 +416,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         self.clip_layer(clip_skip)
         if emphasis not in EMPHASIS_SYNTAXES:
             raise ValueError(f"unknown emphasis {emphasis!r}; known: {', '.join(EMPHASIS_SYNTAXES)}")
-        if emphasis == "a1111":
-            for text in prompts:
-                parts = split_conjunction(text)  # raises on a non-finite sub-prompt weight
-                if pag_scale > 0 and (len(parts) > 1 or parts[0][1] != 1.0):
-                    raise ValueError("perturbed-attention guidance runs on a plain prompt, not one composed with AND")
+        if pag_scale > 0 and is_composed(prompts, emphasis):  # also raises on a non-finite sub-prompt weight
+            raise ValueError("perturbed-attention guidance runs on a plain prompt, not one composed with AND")
         if self.is_guidance_distilled:
             self.check_without_cfg(negatives, prompts if emphasis == "a1111" else (), guidance_rescale, pag_scale)
         apg = self.check_guidance_method(guidance, (apg_eta, apg_norm_threshold, apg_momentum), prompts, emphasis,
@@ -446,10 +442,24 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                                                  if variation_strength > 0 else (None, None))
         for compiled in self.compiled.values():  # replaced weights or adapters since the last request
             compiled.refresh()
-        return Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
+        request = Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
                        control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers,
                        variation_seeds, variation_generators, variation_strength, guidance, apg, zero_init_steps)
+        self.check_prompt_editing(request)
+        return request
+
+    @staticmethod
+    def check_prompt_editing(request: "Request") -> None:
+        """With ``emphasis="a1111"``, prompt editing may change words but not how a prompt is composed with
+        ``AND`` (the guidance combines a fixed set of sub-prompts); checked on every step's text."""
+        if request.emphasis != "a1111":
+            return
+        for text in request.prompts:
+            shapes = {tuple(weight for _, weight in split_conjunction(edited))
+                      for _, edited in prompt_schedule(text, request.steps, request.first_pass_steps)}
+            if len(shapes) > 1:
+                raise ValueError(f"prompt editing may not change how a prompt is composed with AND: {text[:60]!r}")
 
     def check_guidance_method(self, guidance: str, apg: tuple[float, float, float], prompts: Sequence[str],
                               emphasis: str, guidance_rescale: float, pag_scale: float) -> tuple | None:
@@ -463,8 +473,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 raise ValueError("apg_eta, apg_norm_threshold and apg_momentum set up guidance='apg'")
             return None
         ProjectedGuidance(*apg)  # checks the numbers
-        composed = emphasis == "a1111" and any(len(split_conjunction(text)) > 1 for text in prompts)
-        if self.is_guidance_distilled or composed or guidance_rescale > 0 or pag_scale > 0:
+        if self.is_guidance_distilled or is_composed(prompts, emphasis) or guidance_rescale > 0 or pag_scale > 0:
             raise ValueError("adaptive projected guidance acts on classifier-free guidance of a plain prompt: not "
                              "with a guidance-distilled UNet, AND-composed prompts, guidance rescale or PAG")
         return tuple(float(value) for value in apg)
@@ -480,8 +489,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         steps = 1 if steps is None else check_non_negative_int("zero_init_steps", steps)
         if steps >= num_inference_steps:
             raise ValueError(f"zero_init_steps must be fewer than the {num_inference_steps} steps, got {steps}")
-        composed = emphasis == "a1111" and any(len(split_conjunction(text)) > 1 for text in prompts)
-        if self.is_guidance_distilled or composed or pag_scale > 0:
+        if self.is_guidance_distilled or is_composed(prompts, emphasis) or pag_scale > 0:
             raise ValueError("CFG-Zero* acts on classifier-free guidance of a plain prompt: not with a "
                              "guidance-distilled UNet, AND-composed prompts or PAG")
         return steps
@@ -492,8 +500,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         """A guidance-distilled UNet (a full LCM) runs one conditional pass: refuse the settings that need CFG's
         unconditional pass (negative prompts, ``AND``-composed prompts among ``composable``, guidance rescale,
         perturbed-attention guidance)."""
-        composed = any(len(split_conjunction(text)) > 1 for text in composable)
-        if any(negatives) or composed or guidance_rescale > 0 or pag_scale > 0:
+        if any(negatives) or is_composed(composable, "a1111") or guidance_rescale > 0 or pag_scale > 0:
             raise ValueError("a guidance-distilled UNet (a full LCM) runs no classifier-free guidance: it takes no "
                              "negative prompt, AND-composed prompt, guidance rescale or perturbed-attention guidance")
 
@@ -549,17 +556,13 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                      for text in request.prompts + request.negatives]
         boundaries = sorted({step for schedule in schedules for step, _ in schedule} | {request.steps})
         entries, encoded = [], {}
-        for boundary in boundaries:
+        for boundary in boundaries:  # how prompts are composed is the same at every step (check_prompt_editing)
             texts = tuple(next(text for step, text in schedule if step >= boundary) for schedule in schedules)
             if texts not in encoded:
                 encoded[texts] = self.encode_texts(request, list(texts[:request.batch]), list(texts[request.batch:]))
             cond, uncond, part_weights = encoded[texts]
             entries.append((boundary, cond, uncond))
-        weights = [part_weights for _, _, part_weights in encoded.values()]
-        if any((w is None) != (weights[0] is None) or w is not None and not torch.equal(w, weights[0])
-               for w in weights):
-            raise ValueError("prompt editing may not change how a prompt is composed with AND")
-        return entries, weights[0]
+        return entries, part_weights
 
     def encode_texts(self, request: "Request", prompts: list[str], negatives: list[str]):
         """``(cond, uncond, part_weights)`` for the texts of one sampling step. With ``emphasis="a1111"`` each
@@ -594,11 +597,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if self.is_guidance_distilled:  # the scale is in the network's embedding (checked in prepare): one pass
             return CFGDenoiser(denoiser, cond, uncond, 1.0, cond_schedule=schedule)
         projection = None if request.apg is None else ProjectedGuidance(*request.apg)  # its momentum: this pass's
-        zero_star = None
-        if request.zero_init_steps is not None:  # zero at the first steps of the whole list (an img2img may skip them)
-            sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
-            zero_star = ZeroStarGuidance(float(sigmas[request.zero_init_steps - 1]) if request.zero_init_steps
-                                         else math.inf)
+        zero_star = None if request.zero_init_steps is None else ZeroStarGuidance()
         return CFGDenoiser(denoiser, cond, uncond, request.guidance_scale, request.guidance_rescale, part_weights,
                            request.pag_scale, perturbed, projection, zero_star, schedule)
 
@@ -639,6 +638,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         options = {"eta": request.eta} if request.sampler == "ddim" else {}
         steps = len(sigmas) - 1
         bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False)
+        skipped = self.zero_init_count(request, sigmas, first_step)
 
         def on_step(i, sigma, x_i, x0):
             self.attention.step = first_step + i + 1
@@ -648,12 +648,30 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             return callback(first_step + i, sigma, x_i, x0) if callback is not None else None
 
         self.attention.step = first_step
+        x = x.to(self.device)
         try:
+            for i in range(skipped):  # CFG-Zero*'s zero-init: Euler steps on a zero prediction, no network pass
+                sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+                x0 = denoiser.to_x0(x, torch.full((len(x),), sigma, device=x.device), torch.zeros_like(x))
+                x = x0 + sigma_next / sigma * (x - x0)
+                replaced = on_step(i, sigma, x, x0)
+                x = x if replaced is None else replaced
             sample = get_sampler(request.sampler).function(infinite_noise_start=self.starts_at_infinite_noise)
-            return sample(model, x.to(self.device), sigmas.to(self.device), generator=request.generators,
-                          callback=on_step, **options)
+            return sample(model, x, sigmas[skipped:].to(self.device), generator=request.generators,
+                          callback=lambda i, *step: on_step(i + skipped, *step), **options)
         finally:
             bar.close()
+
+    def zero_init_count(self, request: "Request", sigmas: torch.Tensor, first_step: int) -> int:
+        """CFG-Zero*'s zero-init (Fan et al. 2025, sec. 4.2): the first ``zero_init_steps`` steps of a sampling
+        run that starts at the top of its list take a zero network output, each an Euler step on the x0 that gives
+        (a flow model's x_t then stays where it is, as in the paper; an ε model's VE latent too), and the sampler
+        starts after them with no history of them. Runs that start lower (img2img, the refiner, RePaint's later
+        segments) skip none."""
+        if not request.zero_init_steps or first_step != 0:
+            return 0
+        top = float(self.sigmas(request.steps, request.sampler, request.spacing)[0])
+        return min(request.zero_init_steps, len(sigmas) - 1) if float(sigmas[0]) >= top else 0
 
     def finish(self, request: "Request", latents: torch.Tensor, images: torch.Tensor | None = None,
                **extra) -> GenerationOutput:
@@ -724,7 +742,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             if refiner is not None:
                 raise ValueError("a hires fix runs after the whole schedule; it cannot follow a refiner stage")
             hires_strength = check_finite("hires_strength", hires_strength, 0.0, 1.0)
-            hires = self.hires_request(request, hires_scale, hires_upscaler, hires_steps)
+            hires = self.hires_request(request, hires_scale, hires_upscaler, hires_steps, hires_strength)
+        elif (hires_upscaler, hires_strength, hires_steps) != ("latent", 0.7, None):
+            raise ValueError("hires_upscaler, hires_strength and hires_steps set up a hires fix; give hires_scale")
         noise = self.initial_noise(request, latents)
         sigmas = self.sigmas(request.steps, request.sampler, request.spacing)
         denoiser = self.denoiser(request.sampler, request.spacing, request=request)
@@ -736,9 +756,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 return self.finish(request, first)
             upscaled = self.upscale_latents(first, (hires.height, hires.width), hires_upscaler)
             extra = dict(hires_scale=float(hires_scale), hires_upscaler=hires_upscaler, hires_steps=hires_steps)
-            result = self.sdedit(hires, upscaled, hires_strength, callback, progress, **extra)
-            for parameters in result.parameters:  # the web UI records the first pass's size
-                parameters.update(width=request.width, height=request.height)
+            result = self.sdedit(hires, upscaled, hires_strength, callback, progress, exact_steps=True, **extra)
+            for parameters in result.parameters:  # the web UI records the first pass's size and steps
+                parameters.update(width=request.width, height=request.height, steps=request.steps)
             return result
         split = self.refiner_split(refiner, sigmas, refiner_switch)
         if request.pag_scale > 0:
@@ -770,6 +790,13 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if output_type == "np":
             return images.permute(0, 2, 3, 1).cpu().numpy()
         return self.to_pil(images)
+
+
+def is_composed(prompts: Sequence[str], emphasis: str) -> bool:
+    """Whether a prompt composes sub-prompts (``AND``, or one sub-prompt with a weight other than 1) in the
+    web UI's syntax."""
+    return emphasis == "a1111" and any(len(parts) > 1 or parts[0][1] != 1.0
+                                       for parts in map(split_conjunction, prompts))
 
 
 def check_pag_layers(layers) -> tuple[str, ...]:

@@ -90,6 +90,8 @@ def test_a1111_hires_fix_and_variation_seed_fields_become_ours():
     assert (params["hires_scale"], params["hires_steps"], params["hires_upscaler"], params["strength"]) == (
         1.5, 10, "latent_bicubic", 0.5)
     assert parse_parameters("a\nSteps: 2, Seed: 1, Hires upscaler: 4x-UltraSharp")["hires_upscaler"] == "4x-UltraSharp"
+    forge = parse_parameters("a (b:1.2)\nSteps: 2, Seed: 1, Size: 512x768, Emphasis: Original, Hires resize: 1024x1536")
+    assert (forge["emphasis"], forge["hires_scale"]) == ("a1111", 2.0) and "hires_resize" not in forge
 
 
 def test_hires_fix_and_variation_seed_regenerate_from_the_png(tiny_model_factory, tmp_path):

@@ -100,3 +100,7 @@ def test_flow_edit_takes_pictures_and_refuses_bad_input(pipe):
         pipe.flow_edit(picture, "a", "b", source_guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe.flow_edit(torch.zeros(1, 3, 2, 2), "a", "b")
+    with pytest.raises(ValueError, match="without prompt editing"):
+        pipe.flow_edit(picture, "a", "[b:c:0.5]", emphasis="a1111")
+    with pytest.raises(ValueError, match="a variation seed does not apply"):
+        pipe.flow_edit(picture, "a", "b", variation_seed=3, variation_strength=0.5)

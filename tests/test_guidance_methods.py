@@ -83,6 +83,8 @@ def test_pipeline_apg_with_eta_1_is_cfg_and_the_default_differs(pipe):
     ({"guidance": "apg", "apg_norm_threshold": float("nan")}, "apg_norm_threshold must be a finite number"),
     ({"guidance": "apg", "guidance_rescale": 0.5}, "adaptive projected guidance acts on classifier-free guidance"),
     ({"guidance": "apg", "emphasis": "a1111", "prompt": "a AND b"}, "not with a guidance-distilled UNet, AND"),
+    ({"guidance": "apg", "emphasis": "a1111", "prompt": "a poster, 16:9"}, "not with a guidance-distilled UNet"),
+    ({"guidance": "cfg_zero_star", "emphasis": "a1111", "prompt": "a:2"}, "not with a guidance-distilled UNet"),
 ])
 def test_bad_apg_settings_fail_before_any_work(pipe, kwargs, message):
     prompt = kwargs.pop("prompt", "a red circle")
@@ -103,6 +105,9 @@ def test_cli_guidance_methods_are_written_and_regenerated_from_the_png(folder, t
     assert {key: params[key] for key in written} == written
     assert main(["generate", "--from", str(first), "-o", str(again)]) == 0
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
+    plain = tmp_path / "c.png"  # switching the method drops the other one's settings read from the PNG
+    assert main(["generate", "--from", str(first), "-o", str(plain), "--guidance", "cfg"]) == 0
+    assert "guidance" not in parse_parameters(Image.open(plain).info["parameters"])
 
 
 def test_zero_star_matches_diffusers_scale_and_its_closed_forms():
@@ -114,6 +119,20 @@ def test_zero_star_matches_diffusers_scale_and_its_closed_forms():
     other = cond - (cond * uncond).flatten(1).sum(1).view(-1, 1, 1, 1) / uncond.flatten(1).square().sum(1).view(
         -1, 1, 1, 1) * uncond  # orthogonal to uncond: w c
     torch.testing.assert_close(ZeroStarGuidance.combine(uncond, other, 7.0), 7.0 * other, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_init_steps_precede_any_sampler_which_starts_after_them_without_their_history(pipe):
+    """With DPM++ 2M (a multistep sampler), two zero-init steps keep the latent, then the sampler runs from the
+    third sigma as if it started there."""
+    settings = dict(seed=1, num_inference_steps=6, sampler="dpmpp_2m", guidance_scale=5.0, progress=False,
+                    output_type="latent", guidance="cfg_zero_star", zero_init_steps=2)
+    out = pipe("a red circle", **settings).images
+    request = pipe.prepare("a red circle", **{k: v for k, v in settings.items() if k != "progress"})
+    sigmas = pipe.sigmas(6, "dpmpp_2m", request.spacing)
+    denoiser = pipe.denoiser("dpmpp_2m", request.spacing)
+    start = pipe.initial_noise(request) * denoiser.noise_scale(float(sigmas[0]))  # an ε model: VE x stays
+    x = pipe.denoise(request, denoiser, start, sigmas[2:], progress=False, first_step=2)
+    torch.testing.assert_close(out, denoiser.to_model_space(x, float(sigmas[-1])), atol=1e-5, rtol=1e-5)
 
 
 def test_zero_star_zero_init_leaves_the_first_steps_where_they_start(pipe):

@@ -77,6 +77,7 @@ def test_empty_prompt_is_unconditional_generation(pipe):
     ({"hires_scale": 2, "hires_upscaler": "R-ESRGAN 4x+"}, "unknown hires_upscaler 'R-ESRGAN 4x\\+'; known: latent"),
     ({"hires_scale": 2, "hires_strength": -0.1}, "hires_strength must be a finite number"),
     ({"hires_scale": 2, "hires_steps": 0}, "hires_steps must be an integer >= 1"),
+    ({"hires_strength": 0.5}, "set up a hires fix; give hires_scale"),
 ])
 def test_bad_settings_fail_with_one_clear_line(pipe, kwargs, message):
     prompt = kwargs.pop("prompt", "a red circle")
@@ -311,20 +312,24 @@ def test_variation_strength_walks_from_the_seed_image_to_the_variation_seed_imag
 
 
 def test_hires_fix_is_an_upscale_then_img2img_from_each_images_seed(pipe):
+    """The second pass runs exactly hires_steps steps, the last of a list of hires_steps / strength (the web UI's
+    rule): img2img of the upscaled first pass with 8 steps at strength 0.5, which runs the last 4 of 8."""
     import torch.nn.functional as F
 
     settings = dict(prompt="a red circle", seed=5, num_images_per_prompt=2)
-    first = latents_of(pipe, **settings).images  # (2, 4, 8, 8)
-    out = latents_of(pipe, **settings, hires_scale=1.5, hires_strength=0.5, hires_steps=4)
-    assert out.images.shape == (2, 4, 12, 12)
+    first = latents_of(pipe, **settings).images  # (2, 4, 8, 8), 6 steps
+    seen = []
+    out = latents_of(pipe, **settings, hires_scale=1.5, hires_strength=0.5, hires_steps=4,
+                     callback=lambda i, *step: seen.append(i))
+    assert out.images.shape == (2, 4, 12, 12) and seen == list(range(6)) + list(range(4))  # 6 steps, then 4
     upscaled = F.interpolate(first, size=(12, 12), mode="bilinear")
     for k in range(2):
-        again = pipe.img2img(upscaled[k:k + 1], "a red circle", strength=0.5, seed=5 + k, num_inference_steps=4,
+        again = pipe.img2img(upscaled[k:k + 1], "a red circle", strength=0.5, seed=5 + k, num_inference_steps=8,
                              sampler="euler", output_type="latent", progress=False).images
         torch.testing.assert_close(out.images[k:k + 1], again, atol=1e-4, rtol=1e-4)
-    assert {key: out.parameters[1][key] for key in ("seed", "width", "height", "hires_scale", "hires_upscaler",
-                                                     "hires_steps", "strength")} == dict(
-        seed=6, width=16, height=16, hires_scale=1.5, hires_upscaler="latent", hires_steps=4, strength=0.5)
+    assert {key: out.parameters[1][key] for key in ("seed", "steps", "width", "height", "hires_scale",
+                                                     "hires_upscaler", "hires_steps", "strength")} == dict(
+        seed=6, steps=6, width=16, height=16, hires_scale=1.5, hires_upscaler="latent", hires_steps=4, strength=0.5)
     kept = latents_of(pipe, **settings, hires_scale=2, hires_strength=0.0, hires_upscaler="latent_nearest")
     assert torch.equal(kept.images, first.repeat_interleave(2, -1).repeat_interleave(2, -2))
     pixels = latents_of(pipe, **settings, hires_scale=2, hires_upscaler="lanczos", output_type="pil").images

@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pag-scale", type=float, default=0.0,
                         help="perturbed-attention guidance scale (Ahn et al. 2024; 0 = off)")
     parser.add_argument("--pag-layers", nargs="+", default=["mid"], help="self-attention layers PAG perturbs")
-    parser.add_argument("--guidance", default="cfg", help="cfg, or apg: adaptive projected guidance (Sadat et al. "
-                                                          "2024) with the --apg-* settings, also in the sweeps")
+    parser.add_argument("--guidance", default="cfg", help="cfg; apg: adaptive projected guidance (Sadat et al. "
+                                                          "2024) with the --apg-* settings; cfg_zero_star: CFG-Zero* "
+                                                          "(Fan et al. 2025); also in the sweeps")
     parser.add_argument("--apg-eta", type=float, default=0.0)
     parser.add_argument("--apg-norm-threshold", type=float, default=0.0)
     parser.add_argument("--apg-momentum", type=float, default=0.0)
@@ -152,11 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         return composition_main(pipe, args)
     base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg,
                 guidance_rescale=args.guidance_rescale, pag_scale=args.pag_scale, pag_layers=args.pag_layers)
-    if args.guidance == "apg":
-        base.update(guidance="apg", apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
-                    apg_momentum=args.apg_momentum)
-    elif args.guidance != "cfg":
-        base.update(guidance=args.guidance, zero_init_steps=args.zero_init_steps)
+    base.update(guidance=args.guidance, apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
+                apg_momentum=args.apg_momentum, zero_init_steps=args.zero_init_steps)  # the pipeline checks them
     if args.sweep == "guidance":
         runs = [(f"CFG {g}", {**base, "guidance_scale": g}) for g in (1.0, 3.0, 5.0, 7.5)]
     elif args.sweep == "samplers":
