@@ -32,6 +32,11 @@ def randn_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
     return torch.cat([randn_like(x[i:i + 1], g) for i, g in enumerate(generator)])
 
 
+def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per seed, each in its seed's initial state (image k of a batch draws from seed k's)."""
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spherical linear interpolation (Shoemake 1985, "Animating rotation with quaternion curves", sec. 5) from
     ``a`` to ``b`` ``(B, ...)``, per batch element: ``sin((1-t) w) / sin w * a + sin(t w) / sin w * b`` with ``w``

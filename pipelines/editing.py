@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ldm.guidance import CFGDenoiser
 from ldm.inversion import invert_ddim, null_text_optimization
-from ldm.samplers import apply_step_callback, renoise, repaint_path
+from ldm.samplers import apply_step_callback, renoise, repaint_path, seeded_generators
 from ldm.text import prompt_schedule
 from pipelines.checks import check_finite, check_non_negative_int, check_positive_int, check_strength
 from pipelines.images import image_tensor, mask_tensor
@@ -131,12 +131,12 @@ class EditingMixin:
             raise ValueError(f"hires_scale {scale:g} makes {width}x{height} pixels: each side must be a multiple of "
                              f"{self.vae_scale_factor}")
         seeded = all(seed is not None for seed in request.seeds)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds] if seeded else request.generators
-        variation = request.variation_seeds and [torch.Generator("cpu").manual_seed(s) for s in request.variation_seeds]
+        generators = seeded_generators(request.seeds) if seeded else request.generators
+        variation = seeded_generators(request.variation_seeds) if request.variation_seeds else None
         control = None if request.control is None else F.interpolate(request.control, size=(height, width),
                                                                       mode="bilinear", antialias=True)
         hires = replace(request, height=height, width=width, steps=steps, generators=generators,
-                        variation_generators=variation or None, control=control, first_pass_steps=request.steps)
+                        variation_generators=variation, control=control, first_pass_steps=request.steps)
         self.sdedit_sigmas(hires, strength, exact_steps=True)  # raises on a list the schedule cannot space
         self.check_prompt_editing(hires)
         return hires

@@ -21,7 +21,7 @@ from ldm.denoiser import Denoiser
 from ldm.guidance import (GUIDANCE_METHODS, CFGDenoiser, ProjectedGuidance, ZeroStarGuidance, check_guidance_scale,
                           guidance_scale_embedding)
 from ldm.loading import Components, load_components
-from ldm.samplers import SAMPLERS, get_sampler, randn_like, slerp
+from ldm.samplers import SAMPLERS, get_sampler, randn_like, seeded_generators, slerp
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import (EMPHASIS_SYNTAXES, T5_TOKENS, emphasize, encode_tokens, encode_tokens_and_pooled, plain_text,
                       prompt_schedule, sd3_context, split_conjunction, tokenize_batch, tokenize_weighted_batch)
@@ -352,7 +352,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         seeds = [int(seed) + k for k in range(batch)]
-        return seeds, [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return seeds, seeded_generators(seeds)
 
     # -- decoding ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -445,7 +445,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         request = Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
                        control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers,
-                       variation_seeds, variation_generators, variation_strength, guidance, apg, zero_init_steps)
+                       variation_seeds, variation_generators, variation_strength, apg, zero_init_steps)
         self.check_prompt_editing(request)
         return request
 
@@ -841,9 +841,8 @@ class Request:
     variation_seeds: list[int] | None = None  # the A1111 web UI's variation seeds (None: no variation)
     variation_generators: object = None
     variation_strength: float = 0.0
-    guidance: str = "cfg"  # ldm.guidance.GUIDANCE_METHODS
-    apg: tuple[float, float, float] | None = None  # adaptive projected guidance: (eta, norm threshold, momentum)
-    zero_init_steps: int | None = None  # CFG-Zero*'s zero-init (None: not CFG-Zero*)
+    apg: tuple[float, float, float] | None = None  # guidance="apg": (eta, norm threshold, momentum); else None
+    zero_init_steps: int | None = None  # guidance="cfg_zero_star": CFG-Zero*'s zero-init steps; else None
     first_pass_steps: int | None = None  # a hires fix's second pass: the first pass's steps (prompt editing)
 
     @property
