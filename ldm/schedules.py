@@ -18,11 +18,19 @@ import numpy as np
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "kl_optimal")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "kl_optimal",
+                     "align_your_steps")
 # spacings that place sigmas directly between the schedule's ends rather than through a timestep grid
 SIGMA_SPACINGS = ("karras", "exponential", "beta", "kl_optimal")
 # whose timestep lists a sampler reproduces: diffusers' EulerDiscrete-, DDIM- or DPMSolverMultistepScheduler
 TIMESTEP_CONVENTIONS = ("euler", "ddim", "dpm", "lcm")
+AYS_NOISE_LEVELS: dict[str, tuple[float, ...]] = {
+    "sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)}
+"""Align Your Steps' noise levels (Sabour et al. 2024), optimised for 10 steps of Stable Diffusion 1.5 and of SDXL,
+as NVIDIA's "how to" page publishes them (and diffusers' ``AysSchedules``, the A1111 web UI). Both run between SD's
+sigma_max and sigma_min. ComfyUI uses SD's sigmas at the published timesteps instead (999, 850, 736, ...), which
+differ from these by up to 0.3 %."""
 LCM_ORIGINAL_STEPS = 50
 """The distillation schedule's length of latent consistency models (diffusers' ``original_inference_steps``)."""
 
@@ -150,13 +158,18 @@ class DiscreteSchedule:
         raise ValueError(f"unknown timestep spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
 
     def sigma_list(self, steps: int, spacing: str = "leading", steps_offset: int = 0,
-                   final_sigma: str = "zero", rho: float = 7.0, convention: str = "euler") -> torch.Tensor:
+                   final_sigma: str = "zero", rho: float = 7.0, convention: str = "euler",
+                   family: str = "sd1") -> torch.Tensor:
         """Descending sigmas ``(steps + 1,)`` for a sampler. ``spacing="karras"`` gives Karras et al. 2022
         eq. 5 between the schedule's sigma_max and sigma_min with ``rho``, ``"exponential"`` and ``"beta"`` the
-        lists of :func:`spaced_sigmas` between the same ends; other spacings are :meth:`timesteps`
-        with ``convention``. ``final_sigma`` is ``"zero"`` (end on a clean sample) or ``"sigma_min"`` (end at the
-        schedule's smallest sigma, like DDIM with ``set_alpha_to_one=False``)."""
-        if spacing in SIGMA_SPACINGS and convention != "lcm":  # LCM keeps its own timesteps, as LCMScheduler
+        lists of :func:`spaced_sigmas` between the same ends, ``"align_your_steps"`` the levels
+        :func:`align_your_steps_sigmas` made for ``family`` (``"sd1"`` or ``"sdxl"``); other spacings are
+        :meth:`timesteps` with ``convention``. ``final_sigma`` is ``"zero"`` (end on a clean sample) or
+        ``"sigma_min"`` (end at the schedule's smallest sigma, like DDIM with ``set_alpha_to_one=False``)."""
+        if spacing == "align_your_steps" and convention != "lcm":
+            self.check_align_your_steps()
+            sigmas = align_your_steps_sigmas(steps, family)
+        elif spacing in SIGMA_SPACINGS and convention != "lcm":  # LCM keeps its own timesteps, as LCMScheduler
             # DDIM / DDPM's stand-in for alpha_bar = 0 (sigma ~4e9) must not set where the ramp starts: from
             # there 19 of 20 steps would sit above SD's sigma_max; start at Euler's stand-in (~4096) as diffusers
             top = min(self.sigma_max, ((1 - ZERO_SNR_ALPHA_BAR) / ZERO_SNR_ALPHA_BAR) ** 0.5)
@@ -165,6 +178,28 @@ class DiscreteSchedule:
             sigmas = self.t_to_sigma(torch.from_numpy(self.timesteps(steps, spacing, steps_offset, convention)))
         # LCM ends on x0 whatever the folder's final_sigmas_type, as diffusers' LCMScheduler
         return append_final_sigma(sigmas, "zero" if convention == "lcm" else final_sigma, self.sigma_min)
+
+
+    def check_align_your_steps(self) -> None:
+        """Align Your Steps' levels are absolute sigmas of Stable Diffusion's schedule; refuse another one."""
+        levels = AYS_NOISE_LEVELS["sd1"]
+        if abs(self.sigma_max / levels[0] - 1) > 1e-2 or abs(self.sigma_min / levels[-1] - 1) > 1e-2:
+            raise ValueError(f"align_your_steps' noise levels are Stable Diffusion's (sigma {levels[0]:.4g} to "
+                             f"{levels[-1]:.3g}); this schedule runs from {self.sigma_max:.4g} to "
+                             f"{self.sigma_min:.3g}: use karras or kl_optimal")
+
+
+def align_your_steps_sigmas(steps: int, family: str = "sd1") -> torch.Tensor:
+    """Align Your Steps (Sabour et al. 2024): the 10-step levels of :data:`AYS_NOISE_LEVELS`, for other step
+    counts interpolated linearly in log sigma at ``steps + 1`` evenly spaced points (the paper's "how to"). Their
+    last level (SD's sigma_min) is left for the final sigma, so 10 steps walk the published list with its end
+    replaced by 0, as ComfyUI's AlignYourStepsScheduler and diffusers' ``AysSchedules`` do (the A1111 web UI
+    interpolates ``steps`` levels and appends 0 after sigma_min, one level more). ``(steps,)`` descending."""
+    if family not in AYS_NOISE_LEVELS:
+        raise ValueError(f"align_your_steps has levels for {', '.join(AYS_NOISE_LEVELS)}, not {family!r}")
+    levels = np.log(np.array(AYS_NOISE_LEVELS[family]))  # (11,) descending
+    log_sigmas = np.interp(np.linspace(0, 1, steps + 1), np.linspace(0, 1, len(levels)), levels)
+    return torch.from_numpy(np.exp(log_sigmas[:-1])).float()
 
 
 def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_steps: int = LCM_ORIGINAL_STEPS) -> np.ndarray:
@@ -272,17 +307,21 @@ class FlowSchedule:
         return self.shifted(np.linspace(1.0, t_min, steps))
 
     def sigma_list(self, steps: int, spacing: str = "linspace", steps_offset: int = 0,
-                   final_sigma: str = "zero", rho: float = 7.0, convention: str = "euler") -> torch.Tensor:
+                   final_sigma: str = "zero", rho: float = 7.0, convention: str = "euler",
+                   family: str = "sd1") -> torch.Tensor:
         """Descending sigmas ``(steps + 1,)``; ``spacing`` is ``"linspace"`` (in t, shifted) or one of
         :data:`SIGMA_SPACINGS` (e.g. Karras et al. 2022, eq. 5) over the flow times between the linspace list's
         ends, as diffusers' FlowMatchEulerDiscreteScheduler does (in VE sigma, whose top is ~1e7, nearly every
         step would sit at t > 0.99). Every sampler uses the same flow times, so ``convention`` is accepted and
-        unused."""
+        unused, as is ``family``."""
         if spacing in SIGMA_SPACINGS:
             times = self.flow_times(steps)
             sigmas = self.t_to_sigma(spaced_sigmas(spacing, steps, float(times[-1]), float(times[0]), rho).double())
         elif spacing in ("linspace", "leading", "trailing"):
             sigmas = self.t_to_sigma(torch.from_numpy(self.flow_times(steps)))
+        elif spacing == "align_your_steps":
+            raise ValueError("align_your_steps has noise levels for Stable Diffusion 1.x / 2.x and SDXL schedules, "
+                             "not for rectified flow: use linspace, karras or kl_optimal")
         else:
             raise ValueError(f"unknown timestep spacing {spacing!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         return append_final_sigma(sigmas, final_sigma, self.sigma_min)

@@ -400,7 +400,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                                           "dpmpp_3m_sde, dpmpp_2s_a, dpmpp_sde, euler, euler_a, heun, lms, dpm_2, "
                                           "dpm_2_a, unipc, unipc_bh1, lcm, flow_euler")
     parser.add_argument("--spacing", help="timestep spacing: leading, trailing, linspace, karras, exponential, "
-                                          "beta, kl_optimal (default: the model's)")
+                                          "beta, kl_optimal, align_your_steps (default: the model's)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     parser.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
     parser.add_argument("--guidance", help="cfg (default); apg: adaptive projected guidance (Sadat et al. 2024); "

@@ -75,10 +75,17 @@ A1111_UPSCALERS = {
 }
 """The A1111 web UI's built-in hires-fix upscalers and ours. Its model upscalers (ESRGAN, ...) are kept as written,
 and the pipeline's unknown-upscaler error names them."""
-A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Beta": "beta", "KL Optimal": "kl_optimal"}
+A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Polyexponential": "exponential",
+                   "Beta": "beta", "KL Optimal": "kl_optimal", "Align Your Steps": "align_your_steps",
+                   "Uniform": "linspace", "Normal": "linspace", "SGM Uniform": "trailing", "Simple": "trailing",
+                   "DDIM": "leading"}
 """A1111's schedule types (a "Schedule type:" field, or before 1.9 a suffix of the sampler name) and our nearest
-sigma spacings (its "Beta" places timesteps, not sigmas, at the quantiles). Others are kept as written, and the
-pipeline's unknown-spacing error names them."""
+spacings: its "Beta" places timesteps, not sigmas, at the quantiles; "Polyexponential" is "Exponential" only at its
+default rho of 1; its "Align Your Steps" interpolates one level more (see ``align_your_steps_sigmas``); "Uniform",
+"Normal" and "SGM Uniform" space fractional timesteps, interpolated in log sigma, where ``linspace`` and
+``trailing`` round them or interpolate in sigma; "Simple" floors the trailing timesteps that ``trailing`` rounds;
+"DDIM" is ``leading`` with Stable Diffusion's steps_offset of 1. Others are kept as written, and the pipeline's
+unknown-spacing error names them."""
 
 
 def format_parameters(params: dict) -> str:

@@ -284,7 +284,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if sampler == "ddim" and not self.scheduler_config.get("set_alpha_to_one", True):
             final = "sigma_min"
         return self.schedule(sampler).sigma_list(steps, spacing, self.scheduler_config.get("steps_offset", 0), final,
-                                                 convention=get_sampler(sampler).timestep_convention)
+                                                 convention=get_sampler(sampler).timestep_convention,
+                                                 family="sdxl" if self.is_sdxl else "sd1")
 
     def denoiser(self, sampler: str = "euler", spacing: str = "leading",
                  extra_channels: torch.Tensor | None = None, request: "Request | None" = None) -> Denoiser:

@@ -29,7 +29,10 @@ def test_parses_a1111_text():
     ("Sampler: DPM++ 2M, Schedule type: Karras", "dpmpp_2m", "karras"),  # A1111 1.9+
     ("Sampler: Euler a", "euler_a", None),
     ("Sampler: UniPC, Schedule type: KL Optimal", "unipc_bh1", "kl_optimal"),
-    ("Sampler: Euler, Schedule type: Align Your Steps", "euler", "Align Your Steps"),  # kept for the error
+    ("Sampler: Euler, Schedule type: Align Your Steps", "euler", "align_your_steps"),
+    ("Sampler: Euler, Schedule type: SGM Uniform", "euler", "trailing"),
+    ("Sampler: DDIM, Schedule type: DDIM", "ddim", "leading"),
+    ("Sampler: Euler, Schedule type: Align Your Steps GITS", "euler", "Align Your Steps GITS"),  # kept for the error
     ("Sampler: DPM++ 3M SDE Exponential", "dpmpp_3m_sde", "exponential"),
     ("Sampler: DPM2 a", "dpm_2_a", None),
     ("Sampler: dpmpp_2m, Schedule: trailing", "dpmpp_2m", "trailing"),  # ours

@@ -174,3 +174,34 @@ def test_kl_optimal_sigmas_bring_euler_closest_to_the_exact_answer_on_unit_gauss
     total = math.atan(sigma_max) - math.atan(sigma_min)
     assert ratios["kl_optimal"] == pytest.approx(math.cos(total / (steps - 1)) ** (steps - 1), rel=1e-6)
     assert all(ratios["kl_optimal"] > ratio for spacing, ratio in ratios.items() if spacing != "kl_optimal"), ratios
+
+
+@pytest.mark.parametrize("family, theirs", [("sd1", "StableDiffusionSigmas"), ("sdxl", "StableDiffusionXLSigmas")])
+def test_align_your_steps_at_ten_steps_is_the_published_list_as_diffusers_ships_it(family, theirs):
+    """diffusers' ``AysSchedules`` hold NVIDIA's 10-step lists, ending in 0."""
+    from diffusers.schedulers import AysSchedules
+
+    ours = DiscreteSchedule.from_config(SD).sigma_list(10, "align_your_steps", family=family)  # (11,)
+    np.testing.assert_allclose(ours.numpy(), AysSchedules[theirs], rtol=1e-6)
+    ddim_like = DiscreteSchedule.from_config(SD).sigma_list(10, "align_your_steps", final_sigma="sigma_min",
+                                                            family=family)
+    assert ddim_like[-1].item() == pytest.approx(0.029, rel=1e-2)  # about the published list's own end
+
+
+def test_align_your_steps_interpolates_log_linearly_between_the_published_levels():
+    """20 steps place 21 points on the same [0, 1] grid as the 11 published levels: every other one is a
+    published level and those between are the geometric means of their neighbours."""
+    ten = DiscreteSchedule.from_config(SD).sigma_list(10, "align_your_steps").double()
+    twenty = DiscreteSchedule.from_config(SD).sigma_list(20, "align_your_steps").double()
+    torch.testing.assert_close(twenty[:-1:2], ten[:-1])
+    torch.testing.assert_close(twenty[1:-2:2], (twenty[:-3:2] * twenty[2:-1:2]).sqrt(), rtol=1e-6, atol=0)
+    assert twenty[-2].item() == pytest.approx((0.152 * 0.029) ** 0.5, rel=1e-6)
+
+
+def test_align_your_steps_refuses_schedules_it_was_not_made_for():
+    with pytest.raises(ValueError, match="Stable Diffusion's"):
+        DiscreteSchedule.from_config({**SD, "rescale_betas_zero_snr": True}).sigma_list(10, "align_your_steps")
+    with pytest.raises(ValueError, match="rectified flow"):
+        FlowSchedule(shift=3.0).sigma_list(10, "align_your_steps")
+    with pytest.raises(ValueError, match="not 'svd'"):
+        DiscreteSchedule.from_config(SD).sigma_list(10, "align_your_steps", family="svd")

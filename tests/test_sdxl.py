@@ -106,3 +106,11 @@ def test_base_then_refiner_matches_diffusers_ensemble_of_experts(folder, tmp_pat
     assert ldm(["generate", PROMPT, "--model", str(folder), "--refiner", str(refiner_folder), "--steps", "4",
                 "--seed", "0", "-o", str(out)]) == 0
     assert read_parameters(out)["refiner"] == str(refiner_folder)
+
+
+def test_align_your_steps_takes_the_sdxl_levels_on_sdxl(folder):
+    from ldm.schedules import DiscreteSchedule, align_your_steps_sigmas
+
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    torch.testing.assert_close(pipe.sigmas(10, "euler", "align_your_steps")[:-1], align_your_steps_sigmas(10, "sdxl"))
+    assert not torch.allclose(align_your_steps_sigmas(10, "sdxl"), align_your_steps_sigmas(10, "sd1"))

@@ -89,6 +89,7 @@ def markdown_table(rows: list[tuple[str, dict]], first_column: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ldm.samplers import get_sampler
+    from ldm.schedules import TIMESTEP_SPACINGS
     from pipelines.cli import pick_device, pick_dtype
     from pipelines.text_to_image import TextToImagePipeline
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale; the editing "
                         "tables use it too, except the resample table's own CFG 1 and 7.5")
     parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--spacing", help="timestep spacing (default: the model's)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="phi of guidance rescale (Lin et al. 2023, eq. 16)")
     parser.add_argument("--pag-scale", type=float, default=0.0,
@@ -111,15 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apg-norm-threshold", type=float, default=0.0)
     parser.add_argument("--apg-momentum", type=float, default=0.0)
     parser.add_argument("--zero-init-steps", type=int, help="with --guidance cfg_zero_star (default 1)")
-    parser.add_argument("--sweep", choices=["none", "guidance", "samplers", "rescale", "hires"], default="none",
-                        help="guidance: CFG 1 / 3 / 5 / 7.5; samplers: --sweep-samplers x --sweep-steps; rescale: "
+    parser.add_argument("--sweep", choices=["none", "guidance", "samplers", "spacings", "rescale", "hires"],
+                        default="none",
+                        help="guidance: CFG 1 / 3 / 5 / 7.5; samplers: --sweep-samplers x --sweep-steps; spacings: "
+                             "--sweep-spacings x --sweep-steps with --sampler; rescale: "
                              "guidance rescale phi 0 / 0.3 / 0.7 / 1 at --cfg; hires: twice the native size, "
                              "generated directly or by a hires fix (latent / lanczos upscaler, strength 0.3 / 0.5 / "
                              "0.7), read back at the native size")
     parser.add_argument("--sweep-samplers", nargs="+", default=["ddim", "euler", "heun", "dpmpp_2m", "unipc"],
                         help="with --sweep samplers: the samplers compared")
+    parser.add_argument("--sweep-spacings", nargs="+", default=list(TIMESTEP_SPACINGS),
+                        help="with --sweep spacings: the spacings compared (default all)")
     parser.add_argument("--sweep-steps", type=int, nargs="+", default=[5, 10, 20, 50],
-                        help="with --sweep samplers: the step counts compared")
+                        help="with --sweep samplers or spacings: the step counts compared")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", help="also write all results to this JSON file")
@@ -138,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", nargs="+", default=None, help="with --task editing: which tables "
                         "(inversion p2p flowedit p2p_real inpaint sdedit resample photos; default all)")
     args = parser.parse_args(argv)
-    if args.sweep == "samplers":  # before the model loads and the first runs take minutes
+    if args.sweep in ("samplers", "spacings"):  # before the model loads and the first runs take minutes
         for name in args.sweep_samplers:
             get_sampler(name)
+        unknown = [name for name in args.sweep_spacings if name not in TIMESTEP_SPACINGS]
+        if unknown:
+            raise ValueError(f"unknown spacing {unknown[0]!r}; known: {', '.join(TIMESTEP_SPACINGS)}")
         if min(args.sweep_steps) < 1:
             raise ValueError(f"--sweep-steps must be positive, got {min(args.sweep_steps)}")
     pipe = TextToImagePipeline.from_pretrained(args.model, device=pick_device(args.device),
@@ -151,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return controlnet_main(pipe, args)
     if args.task == "composition":
         return composition_main(pipe, args)
-    base = dict(sampler=args.sampler, num_inference_steps=args.steps, guidance_scale=args.cfg,
+    base = dict(sampler=args.sampler, timestep_spacing=args.spacing, num_inference_steps=args.steps,
+                guidance_scale=args.cfg,
                 guidance_rescale=args.guidance_rescale, pag_scale=args.pag_scale, pag_layers=args.pag_layers)
     base.update(guidance=args.guidance, apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
                 apg_momentum=args.apg_momentum, zero_init_steps=args.zero_init_steps)  # the pipeline checks them
@@ -160,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.sweep == "samplers":
         runs = [(f"{s}, {n} steps", {**base, "sampler": s, "num_inference_steps": n})
                 for s in args.sweep_samplers for n in args.sweep_steps]
+    elif args.sweep == "spacings":
+        runs = [(f"{args.sampler}, {spacing}, {n} steps", {**base, "timestep_spacing": spacing,
+                                                            "num_inference_steps": n})
+                for spacing in args.sweep_spacings for n in args.sweep_steps]
     elif args.sweep == "hires":
         double = 2 * pipe.unet.config.sample_size * pipe.vae_scale_factor
         runs = [("native size", base), (f"{double}² directly", {**base, "height": double, "width": double})]
