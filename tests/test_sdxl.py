@@ -109,7 +109,7 @@ def test_base_then_refiner_matches_diffusers_ensemble_of_experts(folder, tmp_pat
 
 
 def test_align_your_steps_takes_the_sdxl_levels_on_sdxl(folder):
-    from ldm.schedules import DiscreteSchedule, align_your_steps_sigmas
+    from ldm.schedules import align_your_steps_sigmas
 
     pipe = TextToImagePipeline.from_pretrained(folder)
     torch.testing.assert_close(pipe.sigmas(10, "euler", "align_your_steps")[:-1], align_your_steps_sigmas(10, "sdxl"))
