@@ -55,6 +55,8 @@ FIELDS = (
     ("zero_init_steps", "Zero init steps", int),
     ("pag_scale", "PAG scale", float),
     ("pag_layers", "PAG layers", str),
+    ("seamless", "Seamless", str),
+    ("tiling", "Tiling", str),  # A1111's seamless tiling ("True"); read, never written
     ("schedule_type", "Schedule type", str),  # A1111's (1.9+) sigma spacing; read, never written
 )
 A1111_OFFSETS = {"clip_skip": 1}
@@ -140,6 +142,8 @@ def from_a1111_names(params: dict) -> dict:
     ``timestep_spacing="karras"``; ``latent_bicubic``); ours pass."""
     if params.get("hires_upscaler") in A1111_UPSCALERS:
         params["hires_upscaler"] = A1111_UPSCALERS[params["hires_upscaler"]]
+    if params.pop("tiling", None) == "True" and "seamless" not in params:  # the web UI wraps both axes
+        params["seamless"] = "xy"
     if params.get("emphasis") == "Original":  # the web UI's name for its default rule (Forge writes it)
         params["emphasis"] = "a1111"
     resize = params.pop("hires_resize", None)

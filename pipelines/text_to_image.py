@@ -76,6 +76,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.dtype = torch.float32
         self.compiled: dict[str, CompiledNetwork] = {}
+        self.seamless = "none"
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False,
@@ -170,10 +171,10 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
             def unet_state() -> tuple:  # what a compiled graph depends on besides the weights and the inputs
                 processors = tuple(map(id, self.unet.attn_processors.values()))
-                return tuple(self.loras.items()), self.unet.training, processors  # LoRA scales are attributes
+                return tuple(self.loras.items()), self.unet.training, processors, self.seamless  # attributes
 
             self.compiled = {"unet": CompiledNetwork(self.unet, self.unet, unet_state),
-                             "vae_decode": CompiledNetwork(self.vae.decode, self.vae)}
+                             "vae_decode": CompiledNetwork(self.vae.decode, self.vae, lambda: self.seamless)}
         return self
 
     def network(self, name: str, eager: Callable) -> Callable:
@@ -182,6 +183,30 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if compiled is None or torch.is_grad_enabled() or self.attention.controller is not None:
             return eager
         return compiled
+
+    def apply_seamless(self, axes: str) -> None:
+        """Seamless tiling (the A1111 web UI's "Tiling"): every padded 2-D convolution of the denoiser, the VAE
+        and a loaded ControlNet pads circularly along ``axes`` (``"x"``: the left and right edges meet, ``"y"``: top
+        and bottom, ``"xy"``: both) and with zeros along the others; ``"none"`` restores the networks as trained.
+        A UNet and a VAE decoder have no position embeddings, so they then commute with circular shifts (of the
+        latents by multiples of the UNet's downsampling), and so does sampling: the image is a tile of an
+        endless pattern (tested). The VAE encoder's downsampling pads one side by hand, as diffusers writes it,
+        so an img2img input is read with seams. Set for each request by :meth:`prepare`; stays until the next."""
+        if axes not in SEAMLESS_AXES:
+            raise ValueError(f"unknown seamless axes {axes!r}; known: {', '.join(SEAMLESS_AXES)}")
+        if axes != "none" and self.is_mmdit:
+            raise ValueError("seamless tiling needs a convolutional denoiser; an MMDiT has position embeddings")
+        for network in (n for n in (self.unet, self.vae, self.controlnet) if n is not None):
+            for conv in network.modules():
+                if not isinstance(conv, torch.nn.Conv2d) or not isinstance(conv.padding, tuple) \
+                        or not any(conv.padding):
+                    continue
+                if axes == "none":
+                    conv.__dict__.pop("_conv_forward", None)  # the class's method again
+                elif axes != self.seamless or "_conv_forward" not in conv.__dict__:  # new axes, or a new layer (LoRA)
+                    conv._conv_forward = lambda x, weight, bias, conv=conv: wrapped_convolution(conv, axes, x,
+                                                                                               weight, bias)
+        self.seamless = axes
 
     # -- conditioning -------------------------------------------------------------------------------------------
     def clip_layer(self, clip_skip: int | None) -> int | None:
@@ -367,7 +392,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         weight = next(self.vae.parameters())
         z = z.to(device=weight.device, dtype=weight.dtype)
         native = config.sample_size // self.vae_scale_factor
-        tiled = max(z.shape[-2:]) > native
+        tiled = max(z.shape[-2:]) > native and self.seamless == "none"  # tiles would not wrap around
         images = self.vae.tiled_decode(z).sample if tiled else self.network("vae_decode", self.vae.decode)(z).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
@@ -386,7 +411,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 pag_layers: Sequence[str] = ("mid",), variation_seed: int | None = None,
                 variation_strength: float = 0.0, guidance: str = "cfg", apg_eta: float = 0.0,
                 apg_norm_threshold: float = 0.0, apg_momentum: float = 0.0,
-                zero_init_steps: int | None = None) -> "Request":
+                zero_init_steps: int | None = None, seamless: str = "none") -> "Request":
         """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
         negative prompts and seeds to the batch (prompt-major, as diffusers orders it). Compiled networks look
         for replaced weights here, once per request."""
@@ -441,12 +466,14 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         variation_strength = check_finite("variation_strength", variation_strength, 0.0, 1.0)
         variation_seeds, variation_generators = (self.seeds_and_generators(len(prompts), variation_seed, None)
                                                  if variation_strength > 0 else (None, None))
+        self.apply_seamless(seamless)  # before the compiled networks look at what they depend on
         for compiled in self.compiled.values():  # replaced weights or adapters since the last request
             compiled.refresh()
         request = Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
                        control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers,
-                       variation_seeds, variation_generators, variation_strength, apg, zero_init_steps)
+                       variation_seeds, variation_generators, variation_strength, apg, zero_init_steps,
+                       seamless=seamless)
         self.check_prompt_editing(request)
         return request
 
@@ -691,6 +718,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                                    apg_momentum=request.apg[2]) if request.apg is not None else {}),
                            **(dict(guidance="cfg_zero_star", zero_init_steps=request.zero_init_steps)
                               if request.zero_init_steps is not None else {}),
+                           **({"seamless": request.seamless} if request.seamless != "none" else {}),
                            **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
                               if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
@@ -718,7 +746,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                  variation_strength: float = 0.0, hires_scale: float | None = None, hires_upscaler: str = "latent",
                  hires_strength: float = 0.7, hires_steps: int | None = None, guidance: str = "cfg",
                  apg_eta: float = 0.0, apg_norm_threshold: float = 0.0, apg_momentum: float = 0.0,
-                 zero_init_steps: int | None = None) -> GenerationOutput:
+                 zero_init_steps: int | None = None, seamless: str = "none") -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
         or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`; ``emphasis="a1111"``
@@ -732,12 +760,13 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         with ``hires_upscaler`` (see :meth:`upscale_latents`) and repaints it with img2img at ``hires_strength`` in
         ``hires_steps`` steps (see :meth:`hires_request`). ``guidance="apg"``: adaptive projected guidance with
         ``apg_*`` (see :meth:`check_guidance_method`); ``guidance="cfg_zero_star"``: CFG-Zero* with
-        ``zero_init_steps`` (see :meth:`check_zero_init_steps`). See README for every argument."""
+        ``zero_init_steps`` (see :meth:`check_zero_init_steps`). ``seamless="xy"`` (or ``"x"``, ``"y"``) makes
+        images that tile (see :meth:`apply_seamless`). See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
                                output_type, control_image, controlnet_conditioning_scale, clip_skip, emphasis,
                                pag_scale, pag_layers, variation_seed, variation_strength, guidance, apg_eta,
-                               apg_norm_threshold, apg_momentum, zero_init_steps)
+                               apg_norm_threshold, apg_momentum, zero_init_steps, seamless)
         hires = None
         if hires_scale is not None:
             if refiner is not None:
@@ -762,6 +791,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 parameters.update(width=request.width, height=request.height, steps=request.steps)
             return result
         split = self.refiner_split(refiner, sigmas, refiner_switch)
+        refiner.apply_seamless(request.seamless)
         if request.pag_scale > 0:
             refiner.pag_places(request.pag_layers)  # before the base stage runs
         x = self.denoise(request, denoiser, x, sigmas[:split + 1], callback, progress)
@@ -791,6 +821,20 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if output_type == "np":
             return images.permute(0, 2, 3, 1).cpu().numpy()
         return self.to_pil(images)
+
+
+SEAMLESS_AXES = ("none", "x", "y", "xy")
+"""Along which image axes :meth:`TextToImagePipeline.apply_seamless` makes convolutions wrap around."""
+
+
+def wrapped_convolution(conv: torch.nn.Conv2d, axes: str, x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv`` applied to ``x`` ``(B, C, H, W)`` with its padding taken circularly along ``axes`` (``"x"``
+    the width, ``"y"`` the height) and as zeros along the others."""
+    pad_h, pad_w = conv.padding
+    x = torch.nn.functional.pad(x, (pad_w, pad_w, 0, 0), mode="circular" if "x" in axes else "constant")
+    x = torch.nn.functional.pad(x, (0, 0, pad_h, pad_h), mode="circular" if "y" in axes else "constant")
+    return torch.nn.functional.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
 def is_composed(prompts: Sequence[str], emphasis: str) -> bool:
@@ -845,6 +889,7 @@ class Request:
     apg: tuple[float, float, float] | None = None  # guidance="apg": (eta, norm threshold, momentum); else None
     zero_init_steps: int | None = None  # guidance="cfg_zero_star": CFG-Zero*'s zero-init steps; else None
     first_pass_steps: int | None = None  # a hires fix's second pass: the first pass's steps (prompt editing)
+    seamless: str = "none"  # circular padding along these axes: SEAMLESS_AXES
 
     @property
     def batch(self) -> int:

@@ -147,3 +147,9 @@ def test_flow_inversion_round_trip(folder):
     null = pipe.invert(image, PROMPT, num_inference_steps=3, guidance_scale=5.0, null_text=True, null_text_steps=2,
                        progress=False)
     assert len(null.null_embeddings) == 3
+
+
+def test_seamless_tiling_is_refused_on_an_mmdit(folder):
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match="convolutional denoiser"):
+        pipe("a cat", seamless="xy", num_inference_steps=1, progress=False)

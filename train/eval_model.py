@@ -62,6 +62,7 @@ def vae_round_trip(pipe, count: int = 64, seed: int = 12345) -> dict:
     """Encode/decode ``count`` rendered scenes never used in training (posterior mean) and report the mean PSNR
     (dB) and the evaluator's accuracy on the reconstructions: together, the upper bound of what the denoiser can
     show the evaluator through this VAE."""
+    pipe.apply_seamless("none")  # the VAE as trained, whatever the last request's padding
     data = ShapesDataset(count, seed, size=pipe.unet.config.sample_size * pipe.vae_scale_factor, split="all")
     items = [data[i] for i in range(count)]
     images = torch.stack([item["image"] for item in items])  # (N, 3, H, W) in [-1, 1]
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         "tables use it too, except the resample table's own CFG 1 and 7.5")
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--spacing", help="timestep spacing (default: the model's)")
+    parser.add_argument("--seamless", default="none", help="none, x, y or xy: circular padding along those axes")
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="phi of guidance rescale (Lin et al. 2023, eq. 16)")
     parser.add_argument("--pag-scale", type=float, default=0.0,
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "composition":
         return composition_main(pipe, args)
     base = dict(sampler=args.sampler, timestep_spacing=args.spacing, num_inference_steps=args.steps,
-                guidance_scale=args.cfg,
+                guidance_scale=args.cfg, seamless=args.seamless,
                 guidance_rescale=args.guidance_rescale, pag_scale=args.pag_scale, pag_layers=args.pag_layers)
     base.update(guidance=args.guidance, apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
                 apg_momentum=args.apg_momentum, zero_init_steps=args.zero_init_steps)  # the pipeline checks them
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         pag = f", PAG {args.pag_scale} ({' '.join(args.pag_layers)})" if args.pag_scale else ""
         apg = (f", APG eta {args.apg_eta} r {args.apg_norm_threshold} momentum {args.apg_momentum}"
                if args.guidance == "apg" else f", {args.guidance}" if args.guidance != "cfg" else "")
-        runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}{pag}{apg}", base)]
+        seamless = f", seamless {args.seamless}" if args.seamless != "none" else ""
+        runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}{pag}{apg}{seamless}", base)]
     rows = []
     for k, (name, settings) in enumerate(runs):
         pairs = generate_evaluation_set(pipe, args.seeds, **settings)
