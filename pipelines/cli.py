@@ -75,7 +75,7 @@ SETTING_ARGUMENTS = {"negative_prompt": "negative_prompt", "steps": "num_inferen
                      "pag_scale": "pag_scale", "pag_layers": "pag_layers", "variation_seed": "variation_seed",
                      "variation_strength": "variation_strength", "guidance": "guidance", "apg_eta": "apg_eta",
                      "apg_norm_threshold": "apg_norm_threshold", "apg_momentum": "apg_momentum",
-                     "zero_init_steps": "zero_init_steps", "seamless": "seamless"}
+                     "zero_init_steps": "zero_init_steps", "seamless": "seamless", "freeu": "freeu"}
 HIRES_ARGUMENTS = {"hires_scale": "hires_scale", "hires_upscaler": "hires_upscaler", "hires_steps": "hires_steps",
                    "strength": "hires_strength"}
 """PNG-metadata names of a hires fix (whose second pass records its strength as "Denoising strength")."""
@@ -89,7 +89,8 @@ def sampling_settings(args) -> dict:
              "pag_scale": args.pag_scale, "pag_layers": " ".join(args.pag_layers) if args.pag_layers else None,
              "variation_seed": args.variation_seed, "variation_strength": args.variation_strength,
              "guidance": args.guidance, "apg_eta": args.apg_eta, "apg_norm_threshold": args.apg_norm_threshold,
-             "apg_momentum": args.apg_momentum, "zero_init_steps": args.zero_init_steps, "seamless": args.seamless}
+             "apg_momentum": args.apg_momentum, "zero_init_steps": args.zero_init_steps, "seamless": args.seamless,
+             "freeu": " ".join(f"{v:g}" for v in args.freeu) if args.freeu else None}
     return {k: v for k, v in typed.items() if v is not None}
 
 
@@ -403,6 +404,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                                           "beta, kl_optimal, align_your_steps (default: the model's)")
     parser.add_argument("--seamless", help="none (default), x, y or xy: images that tile along those axes "
                                            "(circular padding, the A1111 web UI's Tiling)")
+    parser.add_argument("--freeu", type=float, nargs=4, metavar=("S1", "S2", "B1", "B2"),
+                        help="FreeU (Si et al. 2024): skip and backbone factors of the first two decoder stages, "
+                             "e.g. 0.9 0.2 1.5 1.6 for SD 1.x")
     parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     parser.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1] (default 0)")
     parser.add_argument("--guidance", help="cfg (default); apg: adaptive projected guidance (Sadat et al. 2024); "

@@ -56,6 +56,7 @@ FIELDS = (
     ("pag_scale", "PAG scale", float),
     ("pag_layers", "PAG layers", str),
     ("seamless", "Seamless", str),
+    ("freeu", "FreeU", str),
     ("tiling", "Tiling", str),  # A1111's seamless tiling ("True"); read, never written
     ("schedule_type", "Schedule type", str),  # A1111's (1.9+) sigma spacing; read, never written
 )

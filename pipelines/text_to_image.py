@@ -76,7 +76,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.dtype = torch.float32
         self.compiled: dict[str, CompiledNetwork] = {}
-        self.seamless = "none"
+        self.seamless, self.freeu = "none", None
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False,
@@ -171,7 +171,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
             def unet_state() -> tuple:  # what a compiled graph depends on besides the weights and the inputs
                 processors = tuple(map(id, self.unet.attn_processors.values()))
-                return tuple(self.loras.items()), self.unet.training, processors, self.seamless  # attributes
+                return tuple(self.loras.items()), self.unet.training, processors, self.seamless, self.freeu
 
             self.compiled = {"unet": CompiledNetwork(self.unet, self.unet, unet_state),
                              "vae_decode": CompiledNetwork(self.vae.decode, self.vae, lambda: self.seamless)}
@@ -207,6 +207,19 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                     conv._conv_forward = lambda x, weight, bias, conv=conv: wrapped_convolution(conv, axes, x,
                                                                                                weight, bias)
         self.seamless = axes
+
+    def apply_freeu(self, freeu: tuple[float, float, float, float] | None) -> None:
+        """FreeU (Si et al. 2024, "FreeU: Free Lunch in Diffusion U-Net", eq. 6-7), as diffusers' UNet implements
+        it (``enable_freeu``): in the first two decoder stages, the first half of the backbone's channels is
+        multiplied by ``b1`` / ``b2`` and the low frequencies of the skip features by ``s1`` / ``s2``. ``None``
+        turns it off. Set for each request by :meth:`prepare`; stays until the next."""
+        if self.is_mmdit:  # prepare refuses FreeU there
+            return
+        if freeu is None:
+            self.unet.disable_freeu()
+        else:
+            self.unet.enable_freeu(*freeu)
+        self.freeu = freeu
 
     # -- conditioning -------------------------------------------------------------------------------------------
     def clip_layer(self, clip_skip: int | None) -> int | None:
@@ -411,7 +424,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                 pag_layers: Sequence[str] = ("mid",), variation_seed: int | None = None,
                 variation_strength: float = 0.0, guidance: str = "cfg", apg_eta: float = 0.0,
                 apg_norm_threshold: float = 0.0, apg_momentum: float = 0.0,
-                zero_init_steps: int | None = None, seamless: str = "none") -> "Request":
+                zero_init_steps: int | None = None, seamless: str = "none",
+                freeu: Sequence[float] | str | None = None) -> "Request":
         """Check every user setting before any work (one-line ValueError on the first bad one) and expand prompts,
         negative prompts and seeds to the batch (prompt-major, as diffusers orders it). Compiled networks look
         for replaced weights here, once per request."""
@@ -466,14 +480,18 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         variation_strength = check_finite("variation_strength", variation_strength, 0.0, 1.0)
         variation_seeds, variation_generators = (self.seeds_and_generators(len(prompts), variation_seed, None)
                                                  if variation_strength > 0 else (None, None))
+        freeu = check_freeu(freeu)
+        if freeu is not None and self.is_mmdit:
+            raise ValueError("FreeU rescales a UNet's decoder features; this model's denoiser is an MMDiT")
         self.apply_seamless(seamless)  # before the compiled networks look at what they depend on
+        self.apply_freeu(freeu)
         for compiled in self.compiled.values():  # replaced weights or adapters since the last request
             compiled.refresh()
         request = Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
                        control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers,
                        variation_seeds, variation_generators, variation_strength, apg, zero_init_steps,
-                       seamless=seamless)
+                       seamless=seamless, freeu=freeu)
         self.check_prompt_editing(request)
         return request
 
@@ -719,6 +737,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                            **(dict(guidance="cfg_zero_star", zero_init_steps=request.zero_init_steps)
                               if request.zero_init_steps is not None else {}),
                            **({"seamless": request.seamless} if request.seamless != "none" else {}),
+                           **({"freeu": " ".join(f"{v:g}" for v in request.freeu)} if request.freeu else {}),
                            **({"controlnet": self.controlnet_name, "control_scale": request.control_scale}
                               if request.control is not None else {}),
                            **({"loras": " ".join(f"{k}:{v:g}" for k, v in self.loras.items())} if self.loras else {}),
@@ -746,7 +765,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                  variation_strength: float = 0.0, hires_scale: float | None = None, hires_upscaler: str = "latent",
                  hires_strength: float = 0.7, hires_steps: int | None = None, guidance: str = "cfg",
                  apg_eta: float = 0.0, apg_norm_threshold: float = 0.0, apg_momentum: float = 0.0,
-                 zero_init_steps: int | None = None, seamless: str = "none") -> GenerationOutput:
+                 zero_init_steps: int | None = None, seamless: str = "none",
+                 freeu: Sequence[float] | None = None) -> GenerationOutput:
         """Generate images. ``callback(step, sigma, x, x0)`` runs after every sampler step with the VE latents
         and the current x0 estimate; ``eta`` applies to ``ddim``; ``control_image`` (a path, PIL image or array,
         or one per prompt) needs a loaded ControlNet; ``clip_skip``: see :meth:`clip_layer`; ``emphasis="a1111"``
@@ -761,12 +781,13 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         ``hires_steps`` steps (see :meth:`hires_request`). ``guidance="apg"``: adaptive projected guidance with
         ``apg_*`` (see :meth:`check_guidance_method`); ``guidance="cfg_zero_star"``: CFG-Zero* with
         ``zero_init_steps`` (see :meth:`check_zero_init_steps`). ``seamless="xy"`` (or ``"x"``, ``"y"``) makes
-        images that tile (see :meth:`apply_seamless`). See README for every argument."""
+        images that tile (see :meth:`apply_seamless`); ``freeu=(s1, s2, b1, b2)`` turns on FreeU (see
+        :meth:`apply_freeu`). See README for every argument."""
         request = self.prepare(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
                                num_images_per_prompt, seed, generator, guidance_rescale, eta, timestep_spacing,
                                output_type, control_image, controlnet_conditioning_scale, clip_skip, emphasis,
                                pag_scale, pag_layers, variation_seed, variation_strength, guidance, apg_eta,
-                               apg_norm_threshold, apg_momentum, zero_init_steps, seamless)
+                               apg_norm_threshold, apg_momentum, zero_init_steps, seamless, freeu)
         hires = None
         if hires_scale is not None:
             if refiner is not None:
@@ -792,6 +813,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             return result
         split = self.refiner_split(refiner, sigmas, refiner_switch)
         refiner.apply_seamless(request.seamless)
+        refiner.apply_freeu(request.freeu)
         if request.pag_scale > 0:
             refiner.pag_places(request.pag_layers)  # before the base stage runs
         x = self.denoise(request, denoiser, x, sigmas[:split + 1], callback, progress)
@@ -844,6 +866,22 @@ def is_composed(prompts: Sequence[str], emphasis: str) -> bool:
                                        for parts in map(split_conjunction, prompts))
 
 
+def check_freeu(freeu) -> tuple[float, float, float, float] | None:
+    """FreeU's factors ``(s1, s2, b1, b2)``: four finite non-negative numbers, or one string of four (as the PNG
+    field stores them); None is off."""
+    if freeu is None:
+        return None
+    try:
+        values = tuple(float(v) for v in (freeu.split() if isinstance(freeu, str) else freeu))
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 4:
+        raise ValueError(f"freeu takes four numbers (s1, s2, b1, b2), got {freeu!r}")
+    for name, value in zip(("s1", "s2", "b1", "b2"), values):
+        check_finite(f"freeu {name}", value, 0.0, 10.0)
+    return values
+
+
 def check_pag_layers(layers) -> tuple[str, ...]:
     """PAG layers as a tuple of regular expressions: a list of strings, or one string of space-separated ones
     (as the PNG field stores them); None is the default, the mid block."""
@@ -890,6 +928,7 @@ class Request:
     zero_init_steps: int | None = None  # guidance="cfg_zero_star": CFG-Zero*'s zero-init steps; else None
     first_pass_steps: int | None = None  # a hires fix's second pass: the first pass's steps (prompt editing)
     seamless: str = "none"  # circular padding along these axes: SEAMLESS_AXES
+    freeu: tuple[float, float, float, float] | None = None  # FreeU's (s1, s2, b1, b2); None = off
 
     @property
     def batch(self) -> int:

@@ -200,3 +200,18 @@ def test_clip_skip_matches_diffusers(tiny_model_factory, clip_skip):
     theirs = theirs_pipe(PROMPT, negative_prompt_embeds=negative, clip_skip=clip_skip, **settings).images
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
     assert (ours - default).abs().max() > 1e-3
+
+
+def test_freeu_matches_diffusers_enable_freeu(tiny_model_factory):
+    folder = tiny_model_factory()
+    kwargs = dict(latents=noise(seed=6), num_inference_steps=8, guidance_scale=7.5, output_type="latent")
+    pipe = TextToImagePipeline.from_pretrained(folder)
+    ours = pipe(PROMPT, sampler="euler", progress=False, freeu=(0.9, 0.2, 1.5, 1.6), **kwargs).images
+    plain = pipe(PROMPT, sampler="euler", progress=False, **kwargs).images  # and off again for the next request
+    theirs = diffusers_pipeline(folder, EulerDiscreteScheduler, {})
+    theirs.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+    theirs = theirs(PROMPT, **kwargs).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
+    assert (ours - plain).abs().max() > 1e-2
+    fresh = TextToImagePipeline.from_pretrained(folder)(PROMPT, sampler="euler", progress=False, **kwargs).images
+    assert torch.equal(plain, fresh)

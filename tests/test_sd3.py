@@ -149,7 +149,9 @@ def test_flow_inversion_round_trip(folder):
     assert len(null.null_embeddings) == 3
 
 
-def test_seamless_tiling_is_refused_on_an_mmdit(folder):
+def test_seamless_tiling_and_freeu_are_refused_on_an_mmdit(folder):
     pipe = TextToImagePipeline.from_pretrained(folder)
     with pytest.raises(ValueError, match="convolutional denoiser"):
         pipe("a cat", seamless="xy", num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="MMDiT"):
+        pipe("a cat", freeu=(0.9, 0.2, 1.5, 1.6), num_inference_steps=1, progress=False)

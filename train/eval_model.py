@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--spacing", help="timestep spacing (default: the model's)")
     parser.add_argument("--seamless", default="none", help="none, x, y or xy: circular padding along those axes")
+    parser.add_argument("--freeu", type=float, nargs=4, metavar=("S1", "S2", "B1", "B2"), help="FreeU's factors")
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="phi of guidance rescale (Lin et al. 2023, eq. 16)")
     parser.add_argument("--pag-scale", type=float, default=0.0,
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "composition":
         return composition_main(pipe, args)
     base = dict(sampler=args.sampler, timestep_spacing=args.spacing, num_inference_steps=args.steps,
-                guidance_scale=args.cfg, seamless=args.seamless,
+                guidance_scale=args.cfg, seamless=args.seamless, freeu=args.freeu,
                 guidance_rescale=args.guidance_rescale, pag_scale=args.pag_scale, pag_layers=args.pag_layers)
     base.update(guidance=args.guidance, apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
                 apg_momentum=args.apg_momentum, zero_init_steps=args.zero_init_steps)  # the pipeline checks them
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         apg = (f", APG eta {args.apg_eta} r {args.apg_norm_threshold} momentum {args.apg_momentum}"
                if args.guidance == "apg" else f", {args.guidance}" if args.guidance != "cfg" else "")
         seamless = f", seamless {args.seamless}" if args.seamless != "none" else ""
+        seamless += f", FreeU {' '.join(f'{v:g}' for v in args.freeu)}" if args.freeu else ""
         runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}{pag}{apg}{seamless}", base)]
     rows = []
     for k, (name, settings) in enumerate(runs):

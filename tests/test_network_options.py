@@ -1,4 +1,5 @@
-"""Seamless tiling: with circular padding, sampling and decoding commute with circular shifts (known answer)."""
+"""Per-request network options: seamless tiling (with circular padding, sampling and decoding commute with circular
+shifts: a known answer) and FreeU (its parity with diffusers is in test_parity_diffusers.py)."""
 import pytest
 import torch
 
@@ -67,3 +68,26 @@ def test_cli_seamless_is_written_and_regenerated_from_the_png(tiny_model_factory
     assert parse_parameters(Image.open(first).info["parameters"])["seamless"] == "x"
     assert main(["generate", "--from", str(first), "-o", str(again)]) == 0
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
+
+
+@pytest.mark.parametrize("freeu, message", [((0.9, 0.2, 1.5), "four numbers"), ("a b c d", "four numbers"),
+                                            ((0.9, 0.2, float("nan"), 1.6), "freeu b1")])
+def test_bad_freeu_fails_with_one_line(pipe, freeu, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a red circle", freeu=freeu, num_inference_steps=1, progress=False)
+
+
+def test_cli_freeu_is_written_and_regenerated_from_the_png(tiny_model_factory, tmp_path):
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    first, again, plain = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    model = str(tiny_model_factory())
+    assert main(["generate", "a red circle", "-o", str(first), "--model", model, "--seed", "3", "--steps", "3",
+                 "--freeu", "0.9", "0.2", "1.5", "1.6"]) == 0
+    assert parse_parameters(Image.open(first).info["parameters"])["freeu"] == "0.9 0.2 1.5 1.6"
+    assert main(["generate", "--from", str(first), "-o", str(again)]) == 0
+    assert Image.open(first).tobytes() == Image.open(again).tobytes()
+    assert main(["generate", "a red circle", "-o", str(plain), "--model", model, "--seed", "3", "--steps", "3"]) == 0
+    assert Image.open(first).tobytes() != Image.open(plain).tobytes()
