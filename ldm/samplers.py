@@ -17,7 +17,7 @@ import numpy.polynomial.polynomial as P
 import torch
 import torch.nn.functional as F
 
-from ldm.schedules import ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, FlowSchedule
+from ldm.schedules import ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT, FlowSchedule, karras_sigmas
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -224,23 +224,67 @@ def sample_dpmpp_sde(model, x, sigmas, generator=None, callback=None, eta: float
     return x
 
 
+def heun_step(model, x, sigma, sigma_next):
+    """One step of Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1): an Euler predictor and
+    a trapezoidal corrector averaging ``dx/dsigma``. The predictor ``x' = x0 + sigma' (x - x0) / sigma`` is exact
+    for a constant x0, so the slopes at both ends differ by ``(x0 - x0') / sigma'`` and the corrector adds
+    ``(sigma' - sigma) / sigma' * (x0 - x0') / 2`` to the predictor (written so, no float32 cancellation at a
+    large sigma). A step to sigma = 0 is plain Euler. Returns the new x and the x0 estimate at ``sigma``."""
+    x0 = model(x, _sigma(sigma, x))
+    if sigma_next == 0:
+        return x0, x0
+    x_pred = x0 + (x - x0) / sigma * sigma_next
+    x0_next = model(x_pred, _sigma(sigma_next, x))
+    return x_pred + (sigma_next - sigma) / sigma_next * (x0 - x0_next) / 2, x0
+
+
 @torch.no_grad()
 def sample_heun(model, x, sigmas, generator=None, callback=None):
-    """Heun's second-order method in sigma (Karras et al. 2022, Algorithm 1; diffusers' HeunDiscreteScheduler):
-    an Euler predictor and a trapezoidal corrector averaging ``dx/dsigma``. The predictor
-    ``x' = x0 + sigma' (x - x0) / sigma`` is exact for a constant x0, so the slopes at both ends differ by
-    ``(x0 - x0') / sigma'`` and the corrector adds ``(sigma' - sigma) / sigma' * (x0 - x0') / 2`` to the predictor
-    (written so, no float32 cancellation at a large sigma). The last step to sigma = 0 is plain Euler."""
+    """Heun's method (:func:`heun_step`) down the list (Karras et al. 2022, Algorithm 1; diffusers'
+    HeunDiscreteScheduler)."""
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = model(x, _sigma(sigma, x))
-        if sigma_next == 0:
-            x = x0
-        else:
-            x_pred = x0 + (x - x0) / sigma * sigma_next
-            x0_next = model(x_pred, _sigma(sigma_next, x))
-            x = x_pred + (sigma_next - sigma) / sigma_next * (x0 - x0_next) / 2
-        x = apply_step_callback(callback, i, sigma, x, x0)
+        x, x0 = heun_step(model, x, sigmas[i], sigmas[i + 1])
+        x = apply_step_callback(callback, i, sigmas[i], x, x0)
+    return x
+
+
+RESTART_LEVELS = (0.1, 2.0)
+"""Restart's interval [t_min, t_max] in sigma (Xu et al. 2023; the A1111 web UI's choice for Stable Diffusion)."""
+
+
+def restart_plan(steps: int) -> tuple[int, int, int]:
+    """How the A1111 web UI's "Restart" spends ``steps`` Heun steps: ``(main, restart_steps, restart_times)``.
+    From 20 steps on, 9 of them form one restart interval (from 36 on, two intervals of ``steps // 4``) and the
+    main list has the rest; under 20 there is no restart."""
+    if steps < 20:
+        return steps, 0, 0
+    if steps < 36:
+        return steps - 9, 9, 1
+    return steps - 2 * (steps // 4), steps // 4, 2
+
+
+@torch.no_grad()
+def sample_restart(model, x, sigmas, generator=None, callback=None, restart_steps: int = 9, restart_times: int = 1,
+                   levels: tuple[float, float] = RESTART_LEVELS):
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes", Algorithm 1, as
+    the A1111 web UI runs it): Heun steps (:func:`heun_step`) down the list; on reaching the list's level nearest
+    ``levels[0]``, ``restart_times`` times: fresh noise up to the list's level nearest ``levels[1]``
+    (:func:`renoise`, the forward process) and ``restart_steps`` Heun steps back down a Karras list (rho 7)
+    between the two. The noise contracts the errors the ODE steps made above (the paper's sec. 3). No restart
+    when the list does not reach down from the upper level to the lower (e.g. a short img2img tail)."""
+    low = int(torch.argmin((sigmas - levels[0]).abs()))
+    high = int(torch.argmin((sigmas - levels[1]).abs()))
+    restart = None
+    if restart_times > 0 and restart_steps > 0 and high < low:
+        restart = karras_sigmas(restart_steps + 1, float(sigmas[low]), float(sigmas[high])).to(sigmas)  # (r + 1,)
+    for i in range(len(sigmas) - 1):
+        x, x0 = heun_step(model, x, sigmas[i], sigmas[i + 1])
+        if restart is not None and i + 1 == low:
+            for _ in range(restart_times):
+                x = renoise(x, float(sigmas[low]), float(restart[0]), generator)
+                for sigma, sigma_next in zip(restart[:-1], restart[1:]):
+                    x, _ = heun_step(model, x, sigma, sigma_next)
+        x = apply_step_callback(callback, i, sigmas[i], x, x0)
     return x
 
 
@@ -602,6 +646,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2s_a": SamplerSpec(sample_dpmpp_2s_ancestral, 2, True),
     "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, 2, True),
     "heun": SamplerSpec(sample_heun, 2, False, flow_time_fn=sample_flow_heun),
+    "restart": SamplerSpec(sample_restart, 2, True),
     "lms": SamplerSpec(sample_lms, 4, False),
     "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_time_fn=sample_flow_dpm_2),
     "dpm_2_a": SamplerSpec(sample_dpm_2_ancestral, 2, True, flow_time_fn=sample_flow_dpm_2_ancestral),

@@ -21,7 +21,7 @@ from ldm.denoiser import Denoiser
 from ldm.guidance import (GUIDANCE_METHODS, CFGDenoiser, ProjectedGuidance, ZeroStarGuidance, check_guidance_scale,
                           guidance_scale_embedding)
 from ldm.loading import Components, load_components
-from ldm.samplers import SAMPLERS, get_sampler, randn_like, seeded_generators, slerp
+from ldm.samplers import SAMPLERS, get_sampler, randn_like, restart_plan, seeded_generators, slerp
 from ldm.schedules import TIMESTEP_SPACINGS, DiscreteSchedule, FlowSchedule
 from ldm.text import (EMPHASIS_SYNTAXES, T5_TOKENS, emphasize, encode_tokens, encode_tokens_and_pooled, plain_text,
                       prompt_schedule, sd3_context, split_conjunction, tokenize_batch, tokenize_weighted_batch)
@@ -317,7 +317,10 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
     def sigmas(self, steps: int, sampler: str, spacing: str) -> torch.Tensor:
         """The sigma list ``(steps + 1,)`` for a sampler. DDIM ends at the schedule's sigma_min when the folder
-        sets ``set_alpha_to_one: false`` (Stable Diffusion's configs), as diffusers' DDIMScheduler does."""
+        sets ``set_alpha_to_one: false`` (Stable Diffusion's configs), as diffusers' DDIMScheduler does. Restart
+        spends some of the steps in its restart intervals, so its list is shorter (``restart_plan``)."""
+        if sampler == "restart":
+            steps = restart_plan(steps)[0]
         final = self.scheduler_config.get("final_sigmas_type", "zero")
         if sampler == "ddim" and not self.scheduler_config.get("set_alpha_to_one", True):
             final = "sigma_min"
@@ -438,6 +441,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         spacing = timestep_spacing or self.default_spacing()
         check_positive_int("num_inference_steps", num_inference_steps)
         get_sampler(sampler)
+        if sampler == "restart" and self.starts_at_infinite_noise:
+            raise ValueError("restart's interval (sigma 0.1 to 2) is for Stable Diffusion-style schedules; use heun on "
+                             "flow and zero-terminal-SNR models")
         check_guidance_scale(guidance_scale)
         for name, size in (("height", height), ("width", width)):
             check_positive_int(name, size)
@@ -682,6 +688,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
 
         set_uncond(first_step)
         options = {"eta": request.eta} if request.sampler == "ddim" else {}
+        if request.sampler == "restart":
+            options = dict(zip(("restart_steps", "restart_times"), restart_plan(request.steps)[1:]))
         steps = len(sigmas) - 1
         bar = tqdm(total=steps, desc="sampling", disable=not progress, leave=False)
         skipped = self.zero_init_count(request, sigmas, first_step)

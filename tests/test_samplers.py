@@ -9,7 +9,8 @@ import torch
 from ldm.samplers import (SAMPLERS, ancestral_step, dpmpp_multistep_update, get_sampler, in_flow_time,
                           lms_coefficients, renoise, repaint_path, sample_ddim, sample_ddpm, sample_dpm_2,
                           sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_3m, sample_dpmpp_sde,
-                          sample_euler, sample_euler_ancestral, sample_flow_heun, sample_heun, sample_lcm)
+                          sample_euler, sample_euler_ancestral, sample_flow_heun, sample_heun, sample_lcm,
+                          restart_plan, sample_restart)
 from ldm.schedules import DiscreteSchedule, FlowSchedule, karras_sigmas
 
 MU, S = 0.3, 0.5
@@ -448,3 +449,43 @@ def test_renoise_is_the_forward_process_between_two_levels():
 def test_unknown_sampler_lists_known_ones():
     with pytest.raises(ValueError, match="known: ddpm, ddim, dpmpp_2m"):
         get_sampler("plms")
+
+
+def a1111_restart_calls(sigmas, restart_steps, restart_times):
+    """The sigmas at which the A1111 web UI's restart sampler (modules/sd_samplers_extra.py) calls the network,
+    rebuilt from its description: Heun over (sigma, next) pairs of the main list, and after the pair that ends at
+    the level nearest 0.1, restart_times copies of the pairs of a Karras list of restart_steps + 1 levels from the
+    level nearest 2 down to it; a step to 0 takes one call."""
+    low, high = int((sigmas - 0.1).abs().argmin()), int((sigmas - 2.0).abs().argmin())
+    pairs = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((float(sigmas[i]), float(sigmas[i + 1])))
+        if i + 1 == low:
+            levels = karras_sigmas(restart_steps + 1, float(sigmas[low]), float(sigmas[high]))
+            pairs += [(float(a), float(b)) for a, b in zip(levels[:-1], levels[1:])] * restart_times
+    return [c for a, b in pairs for c in ((a,) if b == 0 else (a, b))]
+
+
+@pytest.mark.parametrize("steps", [20, 40])
+def test_restart_calls_the_network_where_the_web_ui_does(steps):
+    main, restart_steps, restart_times = restart_plan(steps)
+    assert main + restart_steps * restart_times == steps
+    sigmas = torch.cat([karras_sigmas(main, 0.0292, 14.6), torch.zeros(1)])
+    calls = []
+
+    def recording(x, sigma):
+        calls.append(float(sigma[0]))
+        return gaussian_denoiser(x, sigma)
+
+    sample_restart(recording, start_noise(14.6), sigmas, torch.Generator().manual_seed(0), None,
+                   restart_steps, restart_times)
+    assert calls == pytest.approx(a1111_restart_calls(sigmas, restart_steps, restart_times), rel=1e-6)
+    assert len(calls) == 2 * steps - 1
+
+
+def test_restart_without_restarts_is_heun():
+    """(Its samples keep the data distribution: test_stochastic_samplers_sample_the_data_distribution.)"""
+    sigmas = torch.cat([karras_sigmas(12, 0.002, 20.0), torch.zeros(1)])
+    x = start_noise(20.0)
+    torch.testing.assert_close(sample_restart(gaussian_denoiser, x, sigmas, restart_times=0),
+                               sample_heun(gaussian_denoiser, x, sigmas), rtol=0, atol=0)
