@@ -283,6 +283,9 @@ def cmd_edit(args) -> int:
     pipe = load_pipeline(args)
     settings = pipeline_arguments(sampling_settings(args))
     if args.image or args.inversion:
+        if args.seamless or args.freeu:
+            raise UsageError("--seamless and --freeu are for edits of generated images; an inversion is sampled "
+                             "with the networks as trained")
         if args.inversion:
             inversion = load_inversion(args.inversion)
         else:

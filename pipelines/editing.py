@@ -167,13 +167,17 @@ class EditingMixin:
 
         strength = check_strength(strength)
         check_finite("source_guidance_scale", source_guidance_scale, 0.0, 100.0)
+        pixels = None
         if isinstance(image, torch.Tensor):
             x_src = self.check_latents(image)
+            size = dict(height=x_src.shape[2] * self.vae_scale_factor, width=x_src.shape[3] * self.vae_scale_factor)
         else:
-            x_src = self.encode(image_tensor(image, self.vae_scale_factor))
-        size = dict(height=x_src.shape[2] * self.vae_scale_factor, width=x_src.shape[3] * self.vae_scale_factor)
+            pixels = image_tensor(image, self.vae_scale_factor)
+            size = dict(height=pixels.shape[2], width=pixels.shape[3])
         request = self.prepare(target_prompt, **{**settings, **size})
         source_request = self.prepare(source_prompt, **{**settings, **size, "guidance_scale": source_guidance_scale})
+        if pixels is not None:  # after prepare: the encoder pads as this request asks
+            x_src = self.encode(pixels)
         if request.control is not None:
             raise ValueError("flow_edit does not take a control_image")
         if request.variation_strength > 0:

@@ -58,6 +58,7 @@ FIELDS = (
     ("seamless", "Seamless", str),
     ("freeu", "FreeU", str),
     ("tiling", "Tiling", str),  # A1111's seamless tiling ("True"); read, never written
+    ("schedule_rho", "Schedule rho", float),  # A1111's rho of its Polyexponential / Karras schedules; read only
     ("schedule_type", "Schedule type", str),  # A1111's (1.9+) sigma spacing; read, never written
 )
 A1111_OFFSETS = {"clip_skip": 1}
@@ -84,12 +85,14 @@ A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Polyexpone
                    "Uniform": "linspace", "Normal": "linspace", "SGM Uniform": "trailing", "Simple": "trailing",
                    "DDIM": "leading"}
 """A1111's schedule types (a "Schedule type:" field, or before 1.9 a suffix of the sampler name) and our nearest
-spacings: its "Beta" places timesteps, not sigmas, at the quantiles; "Polyexponential" is "Exponential" only at its
-default rho of 1; its "Align Your Steps" interpolates one level more (see ``align_your_steps_sigmas``); "Uniform",
-"Normal" and "SGM Uniform" space fractional timesteps, interpolated in log sigma, where ``linspace`` and
-``trailing`` round them or interpolate in sigma; "Simple" floors the trailing timesteps that ``trailing`` rounds;
-"DDIM" is ``leading`` with Stable Diffusion's steps_offset of 1. Others are kept as written, and the pipeline's
-unknown-spacing error names them."""
+spacings: its "Beta" places timesteps, not sigmas, at the quantiles; "Polyexponential" is "Exponential" at its
+default rho of 1 (another "Schedule rho" keeps the name, for the unknown-spacing error); its "Align Your Steps"
+interpolates one level more (see ``align_your_steps_sigmas``); "Uniform" and "Normal" (both timesteps
+``linspace(999, 0, n)``) and "SGM Uniform" space fractional timesteps, interpolated in log sigma, where ``linspace``
+and ``trailing`` interpolate in sigma; "Simple" takes ``999 - floor(k 1000 / n)``, one above ``trailing``'s
+rounded timestep where they differ; "DDIM" (timesteps ``1, 1 + 1000 // n, ...`` below 1000) is ``leading`` with
+Stable Diffusion's steps_offset of 1 when n divides 1000, and has more steps otherwise. Others are kept as
+written, and the pipeline's unknown-spacing error names them."""
 
 
 def format_parameters(params: dict) -> str:
@@ -154,6 +157,9 @@ def from_a1111_names(params: dict) -> dict:
         if width.isdigit() and height.isdigit() and int(width) * params["height"] == int(height) * params["width"]:
             params["hires_scale"] = int(width) / params["width"]
     sampler, schedule = params.get("sampler"), params.pop("schedule_type", None)
+    rho = params.pop("schedule_rho", 1.0)
+    if schedule == "Polyexponential" and rho != 1.0:  # not exponential: kept for the unknown-spacing error
+        schedule = f"Polyexponential (rho {rho:g})"
     if sampler is not None and sampler not in A1111_SAMPLERS:
         name, _, suffix = sampler.rpartition(" ")
         if name in A1111_SAMPLERS and suffix in A1111_SCHEDULES and schedule is None:

@@ -207,6 +207,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
                     conv._conv_forward = lambda x, weight, bias, conv=conv: wrapped_convolution(conv, axes, x,
                                                                                                weight, bias)
         self.seamless = axes
+        self.refresh_compiled()
 
     def apply_freeu(self, freeu: tuple[float, float, float, float] | None) -> None:
         """FreeU (Si et al. 2024, "FreeU: Free Lunch in Diffusion U-Net", eq. 6-7), as diffusers' UNet implements
@@ -220,6 +221,12 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         else:
             self.unet.enable_freeu(*freeu)
         self.freeu = freeu
+        self.refresh_compiled()
+
+    def refresh_compiled(self) -> None:
+        """Recompile the compiled networks whose weights or state changed since their last compile."""
+        for compiled in self.compiled.values():
+            compiled.refresh()
 
     # -- conditioning -------------------------------------------------------------------------------------------
     def clip_layer(self, clip_skip: int | None) -> int | None:
@@ -489,10 +496,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         freeu = check_freeu(freeu)
         if freeu is not None and self.is_mmdit:
             raise ValueError("FreeU rescales a UNet's decoder features; this model's denoiser is an MMDiT")
-        self.apply_seamless(seamless)  # before the compiled networks look at what they depend on
-        self.apply_freeu(freeu)
-        for compiled in self.compiled.values():  # replaced weights or adapters since the last request
-            compiled.refresh()
+        self.apply_seamless(seamless)
+        self.apply_freeu(freeu)  # both refresh the compiled networks: replaced weights or adapters, new state
         request = Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
                        control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers,
@@ -879,15 +884,18 @@ def check_freeu(freeu) -> tuple[float, float, float, float] | None:
     field stores them); None is off."""
     if freeu is None:
         return None
-    try:
-        values = tuple(float(v) for v in (freeu.split() if isinstance(freeu, str) else freeu))
-    except (TypeError, ValueError):
-        values = ()
+    values = ()
+    if isinstance(freeu, str):
+        try:
+            values = tuple(float(v) for v in freeu.split())
+        except ValueError:
+            pass
+    elif isinstance(freeu, (tuple, list)):
+        values = tuple(freeu)
     if len(values) != 4:
         raise ValueError(f"freeu takes four numbers (s1, s2, b1, b2), got {freeu!r}")
-    for name, value in zip(("s1", "s2", "b1", "b2"), values):
-        check_finite(f"freeu {name}", value, 0.0, 10.0)
-    return values
+    return tuple(check_finite(f"freeu {name}", value, 0.0, 10.0) for name, value in zip(("s1", "s2", "b1", "b2"),
+                                                                                      values))
 
 
 def check_pag_layers(layers) -> tuple[str, ...]:

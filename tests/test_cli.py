@@ -32,6 +32,9 @@ def test_parses_a1111_text():
     ("Sampler: Euler, Schedule type: Align Your Steps", "euler", "align_your_steps"),
     ("Sampler: Euler, Schedule type: SGM Uniform", "euler", "trailing"),
     ("Sampler: DDIM, Schedule type: DDIM", "ddim", "leading"),
+    ("Sampler: Euler, Schedule type: Uniform", "euler", "linspace"),
+    ("Sampler: Euler, Schedule type: Polyexponential", "euler", "exponential"),
+    ("Sampler: Euler, Schedule type: Polyexponential, Schedule rho: 2", "euler", "Polyexponential (rho 2)"),
     ("Sampler: Euler, Schedule type: Align Your Steps GITS", "euler", "Align Your Steps GITS"),  # kept for the error
     ("Sampler: DPM++ 3M SDE Exponential", "dpmpp_3m_sde", "exponential"),
     ("Sampler: DPM2 a", "dpm_2_a", None),

@@ -62,16 +62,20 @@ def test_cli_seamless_is_written_and_regenerated_from_the_png(tiny_model_factory
 
     from pipelines.cli import main
 
-    first, again = tmp_path / "a.png", tmp_path / "b.png"
-    assert main(["generate", "a red circle", "-o", str(first), "--model", str(tiny_model_factory()), "--seed", "3",
-                 "--steps", "3", "--seamless", "x"]) == 0
+    first, again, plain = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    model = str(tiny_model_factory())
+    assert main(["generate", "a red circle", "-o", str(first), "--model", model, "--seed", "3", "--steps", "3",
+                 "--seamless", "x"]) == 0
     assert parse_parameters(Image.open(first).info["parameters"])["seamless"] == "x"
     assert main(["generate", "--from", str(first), "-o", str(again)]) == 0
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
+    assert main(["generate", "a red circle", "-o", str(plain), "--model", model, "--seed", "3", "--steps", "3"]) == 0
+    assert Image.open(first).tobytes() != Image.open(plain).tobytes()
 
 
 @pytest.mark.parametrize("freeu, message", [((0.9, 0.2, 1.5), "four numbers"), ("a b c d", "four numbers"),
-                                            ((0.9, 0.2, float("nan"), 1.6), "freeu b1")])
+                                            ((0.9, 0.2, float("nan"), 1.6), "freeu b1"),
+                                            ((True, 0.2, 1.5, 1.6), "freeu s1"), (1.5, "four numbers")])
 def test_bad_freeu_fails_with_one_line(pipe, freeu, message):
     with pytest.raises(ValueError, match=message):
         pipe("a red circle", freeu=freeu, num_inference_steps=1, progress=False)

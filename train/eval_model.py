@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--sweep-steps must be positive, got {min(args.sweep_steps)}")
     pipe = TextToImagePipeline.from_pretrained(args.model, device=pick_device(args.device),
                                                dtype=pick_dtype(args.dtype))
+    if args.sweep == "spacings":  # a spacing this model's schedule refuses fails here, not after other runs
+        for spacing in args.sweep_spacings:
+            for steps in args.sweep_steps:
+                pipe.sigmas(steps, args.sampler, spacing)
     if args.task == "editing":
         return editing_main(pipe, args)
     if args.task == "controlnet":
