@@ -289,14 +289,16 @@ def sample_restart(model, x, sigmas, generator=None, callback=None, restart_step
 
 
 def dpmpp_multistep_update(x, sigma, sigma_next, x0_history, h_history, eta: float = 0.0,
-                           curvature_weight: float = 2.0):
+                           curvature_weight: float = 2.0, solver: str = "midpoint"):
     """The deterministic part of one DPM-Solver++ multistep update in VE variables from ``sigma`` to ``sigma_next``,
     of order ``len(x0_history)`` (1 to 3; the x0 estimates at this and the previous sigmas, newest last;
     ``h_history`` the previous steps' ``h = log(sigma / sigma')``, newest last). The exact update is
     ``x' = (sigma'/sigma) e^{-eta h} x + int (1 + eta) e^{-(1 + eta)(lambda' - u)} x0(u) du`` over
     ``lambda = -log sigma`` (Lu et al. 2022, "DPM-Solver++", eq. 8; eta = 1: the data-prediction SDE of sec. 5;
     ``h' = (1 + eta) h`` as in k-diffusion), with x0 expanded in lambda. Order 1 is DDIM; order 2 the midpoint
-    form of DPM-Solver++(2M) (diffusers' default); order 3 DPM-Solver++(3M): with ``u = (lambda - lambda_i) / h``
+    form of DPM-Solver++(2M) (diffusers' default; the slope's integral ``(1 - e^{-h'}) / 2`` taken at the
+    midpoint), or with ``solver="heun"`` its exact integral ``phi_2`` below (diffusers' and k-diffusion's "heun"
+    solver type); order 3 DPM-Solver++(3M): with ``u = (lambda - lambda_i) / h``
     the x0 estimates fit ``x0 + d1 u + d2 u^2``, whose integral is ``phi_2 d1 - 2 phi_3 d2`` with
     ``phi_2 = (e^{-h'} - 1) / h' + 1`` and ``phi_3 = phi_2 / h' - 1/2`` (about -h'/6): exact when x0 is quadratic in
     lambda. diffusers' ``DPMSolverMultistepScheduler(solver_order=3)`` and k-diffusion's / ComfyUI's 3M and 3M SDE
@@ -309,7 +311,8 @@ def dpmpp_multistep_update(x, sigma, sigma_next, x0_history, h_history, eta: flo
     out = sigma_next / sigma * torch.exp(-eta * h) * x - torch.expm1(-h_eta) * x0
     if len(x0_history) == 2:
         r = h_history[-1] / h
-        out = out - 0.5 * torch.expm1(-h_eta) / r * (x0 - x0_history[-2])
+        weight = -0.5 * torch.expm1(-h_eta) if solver == "midpoint" else torch.expm1(-h_eta) / h_eta + 1
+        out = out + weight / r * (x0 - x0_history[-2])
     elif len(x0_history) == 3:
         r0, r1 = h_history[-1] / h, h_history[-2] / h
         d1_0 = (x0 - x0_history[-2]) / r0
@@ -322,7 +325,7 @@ def dpmpp_multistep_update(x, sigma, sigma_next, x0_history, h_history, eta: flo
     return out
 
 
-def _dpmpp_multistep(model, x, sigmas, generator, callback, max_order: int, eta: float):
+def _dpmpp_multistep(model, x, sigmas, generator, callback, max_order: int, eta: float, solver: str = "midpoint"):
     """DPM-Solver++ multistep of order up to ``max_order`` (Lu et al. 2022, Algorithm 2 and its third-order
     form): :func:`dpmpp_multistep_update`, plus for ``eta > 0`` fresh noise ``sigma' sqrt(1 - e^{-2 eta h})`` (the
     data-prediction SDE's, sec. 5). The order grows by one a step while the history fills; on a sigma list of
@@ -339,7 +342,7 @@ def _dpmpp_multistep(model, x, sigmas, generator, callback, max_order: int, eta:
             x = x0
         else:
             order = min(len(x0_history), steps - i if steps < 15 else max_order)
-            x = dpmpp_multistep_update(x, sigma, sigma_next, x0_history[-order:], h_history, eta)
+            x = dpmpp_multistep_update(x, sigma, sigma_next, x0_history[-order:], h_history, eta, solver=solver)
             h = sigma.log() - sigma_next.log()
             if eta > 0:
                 x = x + randn_like(x, generator) * sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
@@ -360,6 +363,13 @@ def sample_dpmpp_2m_sde(model, x, sigmas, generator=None, callback=None, eta: fl
     """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 5; k-diffusion's midpoint variant, diffusers'
     ``sde-dpmsolver++``): the data-prediction SDE solver at second order."""
     return _dpmpp_multistep(model, x, sigmas, generator, callback, max_order=2, eta=eta)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, generator=None, callback=None, eta: float = 1.0):
+    """DPM-Solver++(2M) SDE with the slope term integrated exactly (the "heun" solver type of k-diffusion and
+    diffusers; the A1111 web UI's "DPM++ 2M SDE Heun")."""
+    return _dpmpp_multistep(model, x, sigmas, generator, callback, max_order=2, eta=eta, solver="heun")
 
 
 @torch.no_grad()
@@ -638,6 +648,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, 2, False, quantize_karras_timesteps=True, timestep_convention="dpm"),
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, 2, True, quantize_karras_timesteps=True,
                                 timestep_convention="dpm"),
+    "dpmpp_2m_sde_heun": SamplerSpec(sample_dpmpp_2m_sde_heun, 2, True, quantize_karras_timesteps=True,
+                                     timestep_convention="dpm"),
     "dpmpp_3m": SamplerSpec(sample_dpmpp_3m, 3, False, quantize_karras_timesteps=True, timestep_convention="dpm"),
     "dpmpp_3m_sde": SamplerSpec(sample_dpmpp_3m_sde, 3, True, quantize_karras_timesteps=True,
                                 timestep_convention="dpm"),

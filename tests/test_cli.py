@@ -40,7 +40,8 @@ def test_parses_a1111_text():
     ("Sampler: DPM2 a", "dpm_2_a", None),
     ("Sampler: dpmpp_2m, Schedule: trailing", "dpmpp_2m", "trailing"),  # ours
     ("Sampler: DPM++ SDE Karras", "dpmpp_sde", "karras"),
-    ("Sampler: DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Karras", None),  # one we lack: kept for the error
+    ("Sampler: DPM++ 2M SDE Heun Karras", "dpmpp_2m_sde_heun", "karras"),
+    ("Sampler: DPM adaptive", "DPM adaptive", None),  # one we lack: kept for the error
 ])
 def test_a1111_sampler_and_schedule_names_become_ours(settings, sampler, spacing):
     params = parse_parameters(f"a cat\nSteps: 20, {settings}, CFG scale: 7, Seed: 1, Size: 64x64")

@@ -119,6 +119,12 @@ STOCHASTIC_CASES = [
     # (id, our sampler, diffusers scheduler class, scheduler overrides, steps, CFG)
     ("lcm-eps", "lcm", LCMScheduler, {}, 4, 1.5),
     ("lcm-v-zerosnr", "lcm", LCMScheduler, ZERO_SNR_V, 4, 1.5),
+    ("dpmpp_2m_sde-eps-leading", "dpmpp_2m_sde", DPMSolverMultistepScheduler,
+     {"algorithm_type": "sde-dpmsolver++"}, 10, 7.5),
+    ("dpmpp_2m_sde_heun-eps-leading", "dpmpp_2m_sde_heun", DPMSolverMultistepScheduler,
+     {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, 10, 7.5),
+    ("dpmpp_2m_sde_heun-v-zerosnr", "dpmpp_2m_sde_heun", DPMSolverMultistepScheduler,
+     {**ZERO_SNR_V, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, 10, 7.5),
     ("dpm_2_a-eps-leading", "dpm_2_a", KDPM2AncestralDiscreteScheduler, {}, 6, 7.5),
     ("dpm_2_a-v-leading", "dpm_2_a", KDPM2AncestralDiscreteScheduler, {"prediction_type": "v_prediction"}, 6, 7.5),
 ]
