@@ -402,7 +402,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--sampler", help="ddpm, ddim, dpmpp_2m (default), dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m, "
                                           "dpmpp_3m_sde, dpmpp_2s_a, dpmpp_sde, euler, euler_a, heun, lms, dpm_2, "
-                                          "dpm_2_a, unipc, unipc_bh1, lcm, restart, flow_euler")
+                                          "dpm_2_a, plms, unipc, unipc_bh1, lcm, restart, flow_euler")
     parser.add_argument("--spacing", help="timestep spacing: leading, trailing, linspace, karras, exponential, "
                                           "beta, kl_optimal, align_your_steps (default: the model's)")
     parser.add_argument("--seamless", help="none (default), x, y or xy: images that tile along those axes "

@@ -68,11 +68,12 @@ A1111_SAMPLERS = {
     "DPM2 a": "dpm_2_a", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
     "DPM++ 2M SDE Heun": "dpmpp_2m_sde_heun", "DPM++ 3M SDE": "dpmpp_3m_sde",
     "DPM++ 2S a": "dpmpp_2s_a", "DPM++ SDE": "dpmpp_sde", "UniPC": "unipc_bh1", "LCM": "lcm", "Restart": "restart",
+    "PLMS": "plms",
 }
 """The A1111 web UI's sampler names and our nearest methods: the same method, not always the same numbers (its
 DPM2, DPM2 a and DPM++ 3M SDE drop the next-to-last sigma, its DPM++ 3M SDE weighs the curvature term as
 k-diffusion does, its UniPC is the bh1 variant unless "UniPC variant" says otherwise; its Restart re-spaces the main
-list by Karras whatever the schedule type). Other names (e.g. "DPM fast", "PLMS") are kept as written, and the
+list by Karras whatever the schedule type). Other names (e.g. "DPM fast", "DPM adaptive") are kept as written, and the
 pipeline's unknown-sampler error names them."""
 A1111_UPSCALERS = {
     "Latent": "latent", "Latent (antialiased)": "latent_antialiased", "Latent (bicubic)": "latent_bicubic",

@@ -323,13 +323,14 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         return self.scheduler_config.get("timestep_spacing", "leading")
 
     def sigmas(self, steps: int, sampler: str, spacing: str) -> torch.Tensor:
-        """The sigma list ``(steps + 1,)`` for a sampler. DDIM ends at the schedule's sigma_min when the folder
-        sets ``set_alpha_to_one: false`` (Stable Diffusion's configs), as diffusers' DDIMScheduler does. Restart
+        """The sigma list ``(steps + 1,)`` for a sampler. DDIM and PLMS end at the schedule's sigma_min when the
+        folder sets ``set_alpha_to_one: false`` (Stable Diffusion's configs), as diffusers' DDIMScheduler and
+        PNDMScheduler do. Restart
         spends some of the steps in its restart intervals, so its list is shorter (``restart_plan``)."""
         if sampler == "restart":
             steps = restart_plan(steps)[0]
         final = self.scheduler_config.get("final_sigmas_type", "zero")
-        if sampler == "ddim" and not self.scheduler_config.get("set_alpha_to_one", True):
+        if sampler in ("ddim", "plms") and not self.scheduler_config.get("set_alpha_to_one", True):
             final = "sigma_min"
         return self.schedule(sampler).sigma_list(steps, spacing, self.scheduler_config.get("steps_offset", 0), final,
                                                  convention=get_sampler(sampler).timestep_convention,
@@ -451,6 +452,9 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if sampler == "restart" and self.starts_at_infinite_noise:
             raise ValueError("restart's interval (sigma 0.1 to 2) is for Stable Diffusion-style schedules; use heun on "
                              "flow and zero-terminal-SNR models")
+        if sampler == "plms" and self.starts_at_infinite_noise:
+            raise ValueError("plms steps along the noise from a finite noise level; use ddim or dpmpp_2m on flow and "
+                             "zero-terminal-SNR models")
         check_guidance_scale(guidance_scale)
         for name, size in (("height", height), ("width", width)):
             check_positive_int(name, size)

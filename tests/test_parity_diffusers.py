@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
                        KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
-                       StableDiffusionPipeline, UniPCMultistepScheduler)
+                       PNDMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler)
 
 from pipelines.text_to_image import TextToImagePipeline
 
@@ -52,6 +52,12 @@ CASES = [
     # between the ends of the leading / trailing timestep list, ours between the schedule's ends.
     ("lms-eps-leading", "lms", LMSDiscreteScheduler, {}, {}, 10),
     ("lms-v-leading", "lms", LMSDiscreteScheduler, {"prediction_type": "v_prediction"}, {}, 10),
+    # PLMS: diffusers' PNDM without its Runge-Kutta warm-up (skip_prk_steps), as Stable Diffusion shipped it. Not on
+    # v: diffusers' PNDM combines the raw v outputs of earlier steps and converts the sum to eps at the current
+    # one; ours combines the eps of each step (README, "where we differ on purpose").
+    ("plms-eps-leading", "plms", PNDMScheduler, {}, {"skip_prk_steps": True}, 10),
+    ("plms-eps-leading-set_alpha_to_one", "plms", PNDMScheduler, {"set_alpha_to_one": True},
+     {"skip_prk_steps": True}, 10),
     ("dpm_2-eps-leading", "dpm_2", KDPM2DiscreteScheduler, {}, {}, 8),
     ("dpm_2-v-leading", "dpm_2", KDPM2DiscreteScheduler, {"prediction_type": "v_prediction"}, {}, 6),
 ]

@@ -355,3 +355,6 @@ def test_restart_spends_steps_as_the_web_ui_and_refuses_flow_like_schedules(pipe
         rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"))
     with pytest.raises(ValueError, match="restart's interval"):
         latents_of(zero_snr, sampler="restart")
+    with pytest.raises(ValueError, match="plms steps along the noise"):
+        latents_of(zero_snr, sampler="plms")
+    assert parse_parameters("a\nSteps: 20, Sampler: PLMS, Seed: 1")["sampler"] == "plms"
