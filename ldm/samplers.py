@@ -379,9 +379,8 @@ def sample_plms(model, x, sigmas, generator=None, callback=None):
     Adams-Bashforth combination of this step's eps and up to three earlier ones (:data:`ADAMS_BASHFORTH`, the
     constant weights of equal steps, as the paper uses them; on the uneven steps of a sigma list that makes it
     second order, tested). The first step has no history: it averages eps at both ends of a trial DDIM step (a
-    Heun step, two network calls). Only for lists that start at a finite noise
-    level (the pipeline refuses flow and zero-terminal-SNR models): at ~4e9 the step's float32 sum would
-    cancel."""
+    Heun step, two network calls). Flow models and zero-terminal-SNR schedules run it in flow time
+    (:data:`sample_flow_plms`)."""
     history = []  # eps of earlier steps, newest last
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -643,6 +642,9 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
 sample_flow_heun = in_flow_time(sample_heun)
 """Heun in flow time (diffusers' FlowMatchHeunDiscreteScheduler, ComfyUI): bounded from a flow model's first sigma,
 where the trapezoid in sigma multiplies ``x0 - x0'`` by about ``sigma / sigma'``."""
+sample_flow_plms = in_flow_time(sample_plms)
+"""PLMS in flow time: there ``(x_t - x0) / t`` is the velocity, so it is the Adams-Bashforth method on the flow
+ODE; in sigma its eps steps from a flow model's first sigma (~1.7e7) would cancel in float32."""
 sample_flow_dpm_2 = in_flow_time(sample_dpm_2)
 """DPM2 in flow time: in sigma its midpoint slope multiplies the difference of its two x0 estimates by
 ``(sigma - sigma') / sqrt(sigma sigma')``, about 24 from a zero-SNR schedule's first sigma (4096) to 7."""
@@ -694,7 +696,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "heun": SamplerSpec(sample_heun, 2, False, flow_time_fn=sample_flow_heun),
     "restart": SamplerSpec(sample_restart, 2, True),
     "lms": SamplerSpec(sample_lms, 4, False),
-    "plms": SamplerSpec(sample_plms, 2, False, timestep_convention="ddim"),
+    "plms": SamplerSpec(sample_plms, 2, False, timestep_convention="ddim", flow_time_fn=sample_flow_plms),
     "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_time_fn=sample_flow_dpm_2),
     "dpm_2_a": SamplerSpec(sample_dpm_2_ancestral, 2, True, flow_time_fn=sample_flow_dpm_2_ancestral),
     "lcm": SamplerSpec(sample_lcm, 1, True, terminal_alpha_bar=ZERO_SNR_ALPHA_BAR_EXACT, timestep_convention="lcm"),

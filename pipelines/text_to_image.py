@@ -452,9 +452,6 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if sampler == "restart" and self.starts_at_infinite_noise:
             raise ValueError("restart's interval (sigma 0.1 to 2) is for Stable Diffusion-style schedules; use heun on "
                              "flow and zero-terminal-SNR models")
-        if sampler == "plms" and self.starts_at_infinite_noise:
-            raise ValueError("plms steps along the noise from a finite noise level; use ddim or dpmpp_2m on flow and "
-                             "zero-terminal-SNR models")
         check_guidance_scale(guidance_scale)
         for name, size in (("height", height), ("width", width)):
             check_positive_int(name, size)
