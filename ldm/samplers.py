@@ -10,6 +10,7 @@ The shape follows k-diffusion's ``sampling.py`` (Crowson), the maths the papers 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -265,20 +266,25 @@ def restart_plan(steps: int) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def sample_restart(model, x, sigmas, generator=None, callback=None, restart_steps: int = 9, restart_times: int = 1,
-                   levels: tuple[float, float] = RESTART_LEVELS):
+                   levels: tuple[float, float] = RESTART_LEVELS, first_step: str = "heun"):
     """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes", Algorithm 1, as
     the A1111 web UI runs it): Heun steps (:func:`heun_step`) down the list; on reaching the list's level nearest
     ``levels[0]``, ``restart_times`` times: fresh noise up to the list's level nearest ``levels[1]``
     (:func:`renoise`, the forward process) and ``restart_steps`` Heun steps back down a Karras list (rho 7)
     between the two. The noise contracts the errors the ODE steps made above (the paper's sec. 3). No restart
-    when the list does not reach down from the upper level to the lower (e.g. a short img2img tail)."""
+    when the list does not reach down from the upper level to the lower (e.g. a short img2img tail).
+    ``first_step="euler"`` takes the first step with Euler (:data:`sample_restart_from_infinite_noise`)."""
     low = int(torch.argmin((sigmas - levels[0]).abs()))
     high = int(torch.argmin((sigmas - levels[1]).abs()))
     restart = None
     if restart_times > 0 and restart_steps > 0 and high < low:
         restart = karras_sigmas(restart_steps + 1, float(sigmas[low]), float(sigmas[high])).to(sigmas)  # (r + 1,)
     for i in range(len(sigmas) - 1):
-        x, x0 = heun_step(model, x, sigmas[i], sigmas[i + 1])
+        if i == 0 and first_step == "euler":
+            x0 = model(x, _sigma(sigmas[0], x))
+            x = x0 + (x - x0) / sigmas[0] * sigmas[1]
+        else:
+            x, x0 = heun_step(model, x, sigmas[i], sigmas[i + 1])
         if restart is not None and i + 1 == low:
             for _ in range(restart_times):
                 x = renoise(x, float(sigmas[low]), float(restart[0]), generator)
@@ -642,6 +648,10 @@ def sample_flow_euler(model, x, sigmas, generator=None, callback=None):
 sample_flow_heun = in_flow_time(sample_heun)
 """Heun in flow time (diffusers' FlowMatchHeunDiscreteScheduler, ComfyUI): bounded from a flow model's first sigma,
 where the trapezoid in sigma multiplies ``x0 - x0'`` by about ``sigma / sigma'``."""
+sample_restart_from_infinite_noise = partial(sample_restart, first_step="euler")
+"""Restart from a flow model's or a zero-terminal-SNR schedule's first sigma (~1.7e7, 4096): there Heun's
+trapezoid in sigma would multiply the first x0 estimate's error by about ``sigma / sigma'``, so the first step is
+Euler's; the restart interval (sigma 0.1 to 2) and the noise it adds are the same in those models' VE coordinates."""
 sample_flow_plms = in_flow_time(sample_plms)
 """PLMS in flow time: there ``(x_t - x0) / t`` is the velocity, so it is the Adams-Bashforth method on the flow
 ODE; in sigma its eps steps from a flow model's first sigma (~1.7e7) would cancel in float32."""
@@ -694,7 +704,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2s_a": SamplerSpec(sample_dpmpp_2s_ancestral, 2, True),
     "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, 2, True),
     "heun": SamplerSpec(sample_heun, 2, False, flow_time_fn=sample_flow_heun),
-    "restart": SamplerSpec(sample_restart, 2, True),
+    "restart": SamplerSpec(sample_restart, 2, True, flow_time_fn=sample_restart_from_infinite_noise),
     "lms": SamplerSpec(sample_lms, 4, False),
     "plms": SamplerSpec(sample_plms, 2, False, timestep_convention="ddim", flow_time_fn=sample_flow_plms),
     "dpm_2": SamplerSpec(sample_dpm_2, 2, False, flow_time_fn=sample_flow_dpm_2),

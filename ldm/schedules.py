@@ -163,16 +163,19 @@ class DiscreteSchedule:
         """Descending sigmas ``(steps + 1,)`` for a sampler. ``spacing="karras"`` gives Karras et al. 2022
         eq. 5 between the schedule's sigma_max and sigma_min with ``rho``, ``"exponential"`` and ``"beta"`` the
         lists of :func:`spaced_sigmas` between the same ends, ``"align_your_steps"`` the levels
-        :func:`align_your_steps_sigmas` made for ``family`` (``"sd1"`` or ``"sdxl"``); other spacings are
+        :func:`align_your_steps_sigmas` made for ``family`` (``"sd1"`` or ``"sdxl"``; on a zero-terminal-SNR
+        schedule the first level is its top, pure noise, instead of SD's sigma_max); other spacings are
         :meth:`timesteps` with ``convention``. ``final_sigma`` is ``"zero"`` (end on a clean sample) or
         ``"sigma_min"`` (end at the schedule's smallest sigma, like DDIM with ``set_alpha_to_one=False``)."""
+        # DDIM / DDPM's stand-in for alpha_bar = 0 (sigma ~4e9) must not set where a ramp starts: from there 19
+        # of 20 steps would sit above SD's sigma_max; start at Euler's stand-in (~4096) as diffusers
+        top = min(self.sigma_max, ((1 - ZERO_SNR_ALPHA_BAR) / ZERO_SNR_ALPHA_BAR) ** 0.5)
         if spacing == "align_your_steps" and convention != "lcm":
             self.check_align_your_steps()
             sigmas = align_your_steps_sigmas(steps, family)
+            if self.zero_terminal_snr:
+                sigmas[0] = top
         elif spacing in SIGMA_SPACINGS and convention != "lcm":  # LCM keeps its own timesteps, as LCMScheduler
-            # DDIM / DDPM's stand-in for alpha_bar = 0 (sigma ~4e9) must not set where the ramp starts: from
-            # there 19 of 20 steps would sit above SD's sigma_max; start at Euler's stand-in (~4096) as diffusers
-            top = min(self.sigma_max, ((1 - ZERO_SNR_ALPHA_BAR) / ZERO_SNR_ALPHA_BAR) ** 0.5)
             sigmas = spaced_sigmas(spacing, steps, self.sigma_min, top, rho)
         else:
             sigmas = self.t_to_sigma(torch.from_numpy(self.timesteps(steps, spacing, steps_offset, convention)))
@@ -180,10 +183,17 @@ class DiscreteSchedule:
         return append_final_sigma(sigmas, "zero" if convention == "lcm" else final_sigma, self.sigma_min)
 
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the last timestep is pure noise (Lin et al. 2023), its alpha_bar a stand-in for 0."""
+        return float(self.alphas_cumprod[-1]) <= ZERO_SNR_ALPHA_BAR
+
     def check_align_your_steps(self) -> None:
-        """Align Your Steps' levels are absolute sigmas of Stable Diffusion's schedule; refuse another one."""
+        """Align Your Steps' levels are absolute sigmas of Stable Diffusion's schedule; refuse another one (a
+        zero-terminal-SNR rescaling of it keeps sigma_min and moves only the top to infinity)."""
         levels = AYS_NOISE_LEVELS["sd1"]
-        if abs(self.sigma_max / levels[0] - 1) > 1e-2 or abs(self.sigma_min / levels[-1] - 1) > 1e-2:
+        top_differs = abs(self.sigma_max / levels[0] - 1) > 1e-2 and not self.zero_terminal_snr
+        if top_differs or abs(self.sigma_min / levels[-1] - 1) > 1e-2:
             raise ValueError(f"align_your_steps' noise levels are Stable Diffusion's (sigma {levels[0]:.4g} to "
                              f"{levels[-1]:.3g}); this schedule runs from {self.sigma_max:.4g} to "
                              f"{self.sigma_min:.3g}: use karras or kl_optimal")

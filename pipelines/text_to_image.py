@@ -449,9 +449,6 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         spacing = timestep_spacing or self.default_spacing()
         check_positive_int("num_inference_steps", num_inference_steps)
         get_sampler(sampler)
-        if sampler == "restart" and self.starts_at_infinite_noise:
-            raise ValueError("restart's interval (sigma 0.1 to 2) is for Stable Diffusion-style schedules; use heun on "
-                             "flow and zero-terminal-SNR models")
         check_guidance_scale(guidance_scale)
         for name, size in (("height", height), ("width", width)):
             check_positive_int(name, size)

@@ -220,10 +220,11 @@ INFINITE_NOISE_SCHEDULES = {
 
 
 @pytest.mark.parametrize("schedule", sorted(INFINITE_NOISE_SCHEDULES))
-@pytest.mark.parametrize("name", sorted(set(DETERMINISTIC) - {"unipc_bh1"} | {"dpm_2_a", "dpmpp_2s_a", "dpmpp_sde"}))
+@pytest.mark.parametrize("name", sorted(set(DETERMINISTIC) - {"unipc_bh1"} | {"dpm_2_a", "dpmpp_2s_a", "dpmpp_sde",
+                                                                              "restart"}))
 def test_samplers_from_infinite_noise_do_not_amplify_the_first_x0_error(name, schedule):
     """From a zero-terminal-SNR schedule's or a flow model's first sigma (4096, 1.7e7), 5 steps: an x0 error of
-    0.1 there moves the result of every deterministic sampler, ancestral DPM2, DPM++ 2S a and DPM++ SDE, as the
+    0.1 there moves the result of every deterministic sampler, ancestral DPM2, DPM++ 2S a, DPM++ SDE and Restart, as the
     pipeline picks them (the same noise in both runs), by under 0.02 (Euler 0.004; PLMS, whose Adams-Bashforth
     weights carry that first velocity into three more steps, 0.032 on the flow list). In sigma, Heun's trapezoid,
     DPM2's midpoint and ancestral DPM2's amplify it to 1.26, 0.10 and 0.50 on the zero-SNR list (the shapes model
@@ -234,7 +235,7 @@ def test_samplers_from_infinite_noise_do_not_amplify_the_first_x0_error(name, sc
     schedule = INFINITE_NOISE_SCHEDULES[schedule](spec.terminal_alpha_bar)
     bound = 0.04 if name == "plms" else 0.02  # its weights carry the first velocity three more steps: 0.032 on flow
     assert terminal_error_shift(spec.function(infinite_noise_start=True), schedule, spec.timestep_convention) < bound
-    if isinstance(schedule, DiscreteSchedule) and name in ("heun", "dpm_2", "dpm_2_a", "plms"):
+    if isinstance(schedule, DiscreteSchedule) and name in ("heun", "dpm_2", "dpm_2_a", "plms", "restart"):
         assert terminal_error_shift(spec.fn, schedule) > 0.05
     if isinstance(schedule, DiscreteSchedule) and name == "lms":
         assert terminal_error_shift(in_flow_time(spec.fn), schedule) > 0.05

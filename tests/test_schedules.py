@@ -195,9 +195,15 @@ def test_align_your_steps_interpolates_log_linearly_between_the_published_levels
     assert twenty[-2].item() == pytest.approx((0.152 * 0.029) ** 0.5, rel=1e-6)
 
 
-def test_align_your_steps_refuses_schedules_it_was_not_made_for():
+def test_align_your_steps_starts_a_zero_terminal_snr_schedule_at_pure_noise_and_refuses_others():
+    for terminal in (ZERO_SNR_ALPHA_BAR, ZERO_SNR_ALPHA_BAR_EXACT):
+        zero_snr = DiscreteSchedule.from_config({**SD, "rescale_betas_zero_snr": True}, terminal)
+        ours = zero_snr.sigma_list(10, "align_your_steps")
+        assert ours[0].item() == pytest.approx(4096, rel=1e-3)  # Euler's stand-in for infinity, as for karras
+        torch.testing.assert_close(ours[1:], DiscreteSchedule.from_config(SD).sigma_list(10, "align_your_steps")[1:])
     with pytest.raises(ValueError, match="Stable Diffusion's"):
-        DiscreteSchedule.from_config({**SD, "rescale_betas_zero_snr": True}).sigma_list(10, "align_your_steps")
+        DiscreteSchedule.from_config({**SD, "beta_schedule": "linear", "beta_end": 0.02}).sigma_list(
+            10, "align_your_steps")
     with pytest.raises(ValueError, match="rectified flow"):
         FlowSchedule(shift=3.0).sigma_list(10, "align_your_steps")
     with pytest.raises(ValueError, match="not 'svd'"):

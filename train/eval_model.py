@@ -157,10 +157,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--sweep-steps must be positive, got {min(args.sweep_steps)}")
     pipe = TextToImagePipeline.from_pretrained(args.model, device=pick_device(args.device),
                                                dtype=pick_dtype(args.dtype))
-    if args.sweep == "spacings":  # a spacing this model's schedule refuses fails here, not after other runs
-        for spacing in args.sweep_spacings:
-            for steps in args.sweep_steps:
-                pipe.sigmas(steps, args.sampler, spacing)
     if args.task == "editing":
         return editing_main(pipe, args)
     if args.task == "controlnet":
@@ -197,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         seamless = f", seamless {args.seamless}" if args.seamless != "none" else ""
         seamless += f", FreeU {' '.join(f'{v:g}' for v in args.freeu)}" if args.freeu else ""
         runs = [(f"{args.sampler}, {args.steps} steps, CFG {args.cfg}{pag}{apg}{seamless}", base)]
+    for _, settings in runs:  # what this model refuses (a spacing, a sampler) fails here, not after other runs
+        pipe.prepare("a red circle", **{k: v for k, v in settings.items() if not k.startswith("hires_")})
     rows = []
     for k, (name, settings) in enumerate(runs):
         pairs = generate_evaluation_set(pipe, args.seeds, **settings)
