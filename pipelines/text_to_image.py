@@ -214,7 +214,7 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         it (``enable_freeu``): in the first two decoder stages, the first half of the backbone's channels is
         multiplied by ``b1`` / ``b2`` and the low frequencies of the skip features by ``s1`` / ``s2``. ``None``
         turns it off. Set for each request by :meth:`prepare`; stays until the next."""
-        if self.is_mmdit:  # prepare refuses FreeU there
+        if self.is_mmdit or freeu == self.freeu:  # prepare refuses FreeU on an MMDiT; a plain UNet needs no call
             return
         if freeu is None:
             self.unet.disable_freeu()

@@ -132,7 +132,7 @@ def test_several_images_get_numbered_files_and_consecutive_seeds(tiny_model_fact
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sampler", "plms"], "unknown sampler 'plms'"),
+    (["--sampler", "dpm_fast"], "unknown sampler 'dpm_fast'"),
     (["--steps", "0"], "num_inference_steps must be"),
     (["--cfg", "nan"], "guidance_scale must be a finite number"),
     (["--size", "15"], "height must be a multiple of 2"),

@@ -451,7 +451,7 @@ def test_renoise_is_the_forward_process_between_two_levels():
 
 def test_unknown_sampler_lists_known_ones():
     with pytest.raises(ValueError, match="known: ddpm, ddim, dpmpp_2m"):
-        get_sampler("plms")
+        get_sampler("dpm_fast")
 
 
 def a1111_restart_calls(sigmas, restart_steps, restart_times):
