@@ -182,7 +182,6 @@ class DiscreteSchedule:
         # LCM ends on x0 whatever the folder's final_sigmas_type, as diffusers' LCMScheduler
         return append_final_sigma(sigmas, "zero" if convention == "lcm" else final_sigma, self.sigma_min)
 
-
     @property
     def zero_terminal_snr(self) -> bool:
         """Whether the last timestep is pure noise (Lin et al. 2023), its alpha_bar a stand-in for 0."""

@@ -196,6 +196,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
             raise ValueError(f"unknown seamless axes {axes!r}; known: {', '.join(SEAMLESS_AXES)}")
         if axes != "none" and self.is_mmdit:
             raise ValueError("seamless tiling needs a convolutional denoiser; an MMDiT has position embeddings")
+        if axes == self.seamless == "none":  # the networks as trained already: no layer to visit
+            return
         for network in (n for n in (self.unet, self.vae, self.controlnet) if n is not None):
             for conv in network.modules():
                 if not isinstance(conv, torch.nn.Conv2d) or not isinstance(conv.padding, tuple) \
@@ -224,7 +226,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         self.refresh_compiled()
 
     def refresh_compiled(self) -> None:
-        """Recompile the compiled networks whose weights or state changed since their last compile."""
+        """Recompile the compiled networks whose weights or state changed since their last compile (the apply_*
+        methods call it when they change what a compiled graph depends on)."""
         for compiled in self.compiled.values():
             compiled.refresh()
 
@@ -325,8 +328,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
     def sigmas(self, steps: int, sampler: str, spacing: str) -> torch.Tensor:
         """The sigma list ``(steps + 1,)`` for a sampler. DDIM and PLMS end at the schedule's sigma_min when the
         folder sets ``set_alpha_to_one: false`` (Stable Diffusion's configs), as diffusers' DDIMScheduler and
-        PNDMScheduler do. Restart
-        spends some of the steps in its restart intervals, so its list is shorter (``restart_plan``)."""
+        PNDMScheduler do. Restart spends some of the steps in its restart intervals, so its list is shorter
+        (``restart_plan``)."""
         if sampler == "restart":
             steps = restart_plan(steps)[0]
         final = self.scheduler_config.get("final_sigmas_type", "zero")
@@ -495,7 +498,8 @@ class TextToImagePipeline(EditingMixin, PromptToPromptMixin, LoraMixin, TextualI
         if freeu is not None and self.is_mmdit:
             raise ValueError("FreeU rescales a UNet's decoder features; this model's denoiser is an MMDiT")
         self.apply_seamless(seamless)
-        self.apply_freeu(freeu)  # both refresh the compiled networks: replaced weights or adapters, new state
+        self.apply_freeu(freeu)
+        self.refresh_compiled()  # replaced weights or adapters since the last request
         request = Request(prompts, negatives, seeds, generators, num_inference_steps, sampler, spacing,
                        float(guidance_scale), float(guidance_rescale), float(eta), height, width, output_type,
                        control, float(control_scale), clip_skip or None, emphasis, float(pag_scale), pag_layers,
